@@ -1,0 +1,430 @@
+"""The KL autoencoder: encoder -> diagonal Gaussian posterior -> decoder.
+
+Read top to bottom: the config, the building blocks (ResNet block, self-attention, down/up-sampling), the encoder and
+decoder, the posterior, and the autoencoder that ties them together. Module names are chosen so that `state_dict()`
+has exactly the keys of diffusers' `AutoencoderKL` for the same config: weights move between the two with
+`load_state_dict(strict=True)` and no renaming. Loading and saving files lives in `formats.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config: the same fields and defaults as diffusers' AutoencoderKL, so a diffusers config.json maps onto it 1:1.
+
+
+@dataclass
+class AutoencoderConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        # YAML and JSON give lists; keep tuples so configs compare and hash cleanly.
+        for name in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        # diffusers lets the block-type lists default to length 1; one entry per resolution level is what it builds.
+        levels = len(self.block_out_channels)
+        if len(self.down_block_types) == 1 and levels > 1:
+            self.down_block_types = self.down_block_types * levels
+        if len(self.up_block_types) == 1 and levels > 1:
+            self.up_block_types = self.up_block_types * levels
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when the config cannot build a model."""
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must list at least one channel count")
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ValueError(
+                    f"norm_num_groups={self.norm_num_groups} does not divide block_out_channels entry {channels} "
+                    f"(block_out_channels={list(self.block_out_channels)})"
+                )
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError(
+                f"down_block_types has {len(self.down_block_types)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)}"
+            )
+        if len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError(
+                f"up_block_types has {len(self.up_block_types)} entries but block_out_channels has "
+                f"{len(self.block_out_channels)}"
+            )
+        for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            for block_type in getattr(self, name):
+                if block_type != allowed:
+                    raise ValueError(f"{name} entry {block_type!r} is not supported (only {allowed!r})")
+        if self.act_fn not in ACTIVATIONS:
+            raise ValueError(f"act_fn {self.act_fn!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+        for name in ("latents_mean", "latents_std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.latent_channels:
+                raise ValueError(f"{name} has {len(value)} entries but latent_channels is {self.latent_channels}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.downsampling_factor
+        return (self.latent_channels, math.ceil(height / f), math.ceil(width / f))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AutoencoderConfig":
+        """Build from a diffusers config dict; bookkeeping keys (`_class_name`, ...) are dropped, unknown ones warned."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names and not k.startswith("_"))
+        if unknown:
+            warnings.warn(f"ignoring config keys this model does not use: {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "mish": nn.Mish}
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks. Every norm is GroupNorm with eps 1e-6, as in LDM and diffusers' VAE.
+
+NORM_EPS = 1e-6
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> act -> conv3x3 -> norm -> act -> conv3x3, plus a 1x1 shortcut when the channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str = "silu"):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.act = ACTIVATIONS[act_fn]()
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over all spatial positions, with a residual connection.
+
+    Linear q/k/v/out projections named as diffusers names them (`to_q`, ..., `to_out.0`); the attention itself is
+    PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels where the device has them).
+    """
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = group_norm(channels, groups)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv. LDM pads only right and bottom, so the output grid aligns with the input's top-left."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (no transposed conv, so no checkerboard artefacts)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn) for i in range(num_layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+
+
+class MidBlock(nn.Module):
+    """ResNet block, optional self-attention, ResNet block: the only place the VAE sees the whole image at once."""
+
+    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
+        super().__init__()
+        self.attentions = nn.ModuleList([SelfAttention(channels, groups)]) if add_attention else None
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, act_fn) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """Run one block, recomputing its activations in backward when gradient checkpointing is on."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
+class Encoder(nn.Module):
+    """Image [B, in, H, W] -> posterior moments [B, 2 * latent, H / f, W / f] (mean and log-variance stacked)."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        channels, groups, act = config.block_out_channels, config.norm_num_groups, config.act_fn
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(
+                channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups, act, downsample=i < len(channels) - 1
+            )
+            for i in range(len(channels))
+        )
+        self.mid_block = MidBlock(channels[-1], groups, act, config.mid_block_add_attention)
+        self.conv_norm_out = group_norm(channels[-1], groups)
+        self.conv_act = ACTIVATIONS[act]()
+        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                h = _run(resnet, h, ckpt)
+            if block.downsamplers is not None:
+                h = block.downsamplers[0](h)
+        h = _run(self.mid_block, h, ckpt)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, latent, h, w] -> image [B, out, h * f, w * f]; the mirror of the encoder with one extra ResNet per level."""
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        channels, groups, act = tuple(reversed(config.block_out_channels)), config.norm_num_groups, config.act_fn
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1)
+        self.mid_block = MidBlock(channels[0], groups, act, config.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(
+                channels[max(i - 1, 0)], channels[i], config.layers_per_block + 1, groups, act, upsample=i < len(channels) - 1
+            )
+            for i in range(len(channels))
+        )
+        self.conv_norm_out = group_norm(channels[-1], groups)
+        self.conv_act = ACTIVATIONS[act]()
+        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        ckpt = self.gradient_checkpointing
+        h = _run(self.mid_block, self.conv_in(z), ckpt)
+        for block in self.up_blocks:
+            for resnet in block.resnets:
+                h = _run(resnet, h, ckpt)
+            if block.upsamplers is not None:
+                h = block.upsamplers[0](h)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The posterior q(z | x) = N(mean, diag(exp(logvar))).
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian over latents of any shape [B, C, ...]; built from moments stacked along dim 1."""
+
+    def __init__(self, moments: torch.Tensor | None = None, *, mean: torch.Tensor | None = None,
+                 logvar: torch.Tensor | None = None):
+        if moments is not None:
+            mean, logvar = torch.chunk(moments, 2, dim=1)
+        if mean is None or logvar is None:
+            raise ValueError("DiagonalGaussian needs either moments or both mean and logvar")
+        self.mean = mean
+        # The LDM clamp: keeps exp(logvar) finite early in training when the encoder output is still wild.
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps: the reparameterization trick, so gradients reach mean and logvar."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def _kl_elements(self) -> torch.Tensor:
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar)
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) in nats per sample, summed over every latent dimension: shape [B]."""
+        return self._kl_elements().flatten(1).sum(dim=1)
+
+    def kl_per_channel(self) -> torch.Tensor:
+        """KL per sample and channel, summed over spatial positions: shape [B, C]."""
+        elements = self._kl_elements()
+        return elements.flatten(2).sum(dim=2) if elements.dim() > 2 else elements
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of x under this Gaussian, per sample: shape [B]."""
+        log_two_pi = math.log(2.0 * math.pi)
+        return 0.5 * (log_two_pi + self.logvar + (x - self.mean).pow(2) / self.var).flatten(1).sum(dim=1)
+
+    def to(self, dtype: torch.dtype) -> "DiagonalGaussian":
+        return DiagonalGaussian(mean=self.mean.to(dtype), logvar=self.logvar.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The autoencoder.
+
+
+class KLAutoencoder(nn.Module):
+    """Encoder -> DiagonalGaussian posterior -> decoder, with diffusers AutoencoderKL's state-dict layout."""
+
+    def __init__(self, config: AutoencoderConfig | dict | None = None, **config_kwargs: Any):
+        super().__init__()
+        if isinstance(config, dict):
+            config = AutoencoderConfig.from_dict(config)
+        self.config = config if config is not None else AutoencoderConfig(**config_kwargs)
+        c = self.config
+        self.encoder = Encoder(c)
+        self.decoder = Decoder(c)
+        self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
+
+    # -- the three operations -----------------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        # The posterior's exp/KL are computed in float32 even under autocast: fp16 exp(logvar) overflows.
+        return DiagonalGaussian(moments.float())
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.to(self.decoder.conv_in.weight.dtype) if not torch.is_autocast_enabled() else z
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.decode(z), posterior
+
+    # -- the latent space a diffusion model sees ----------------------------------------------------------------------
+
+    def to_diffusion_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - shift_factor) * scaling_factor: unit-variance latents, the convention of SD / SDXL / SD3 / FLUX."""
+        shift = self.config.shift_factor or 0.0
+        return (z - shift) * self.config.scaling_factor
+
+    def from_diffusion_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = self.config.shift_factor or 0.0
+        return latents / self.config.scaling_factor + shift
+
+    # -- conveniences -------------------------------------------------------------------------------------------------
+
+    @property
+    def last_decoder_layer(self) -> nn.Parameter:
+        """The decoder's output conv weight: the LDM adaptive GAN weight compares gradient norms here."""
+        return self.decoder.conv_out.weight
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.config.downsampling_factor
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.encoder.gradient_checkpointing = enabled
+        self.decoder.gradient_checkpointing = enabled
+
+    def num_parameters(self, part: str | None = None) -> int:
+        module = self if part is None else getattr(self, part)
+        return sum(p.numel() for p in module.parameters())
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> "KLAutoencoder":
+        """Load a diffusers folder, a pipeline folder (its `vae/`), an LDM single file, or a hub repo id."""
+        from kl_autoencoder.formats import load_model
+
+        return load_model(path, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
+        """Write `config.json` + `diffusion_pytorch_model.safetensors` (or one LDM-named `.safetensors`), atomically."""
+        from kl_autoencoder.formats import save_model
+
+        return save_model(self, path, format=format, dtype=dtype)
