@@ -166,8 +166,9 @@ class SelfAttention(nn.Module):
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
-        return x + out
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view, no copy
+        # `out + x` (not `x + out`) keeps the result channels-last like diffusers, so later layers match it bitwise.
+        return out + x
 
 
 class Downsample(nn.Module):
