@@ -1,0 +1,333 @@
+"""Training losses of the KL autoencoder: pixel, KL (schedule + free bits), perceptual (LPIPS) and PatchGAN.
+
+Each term is a small pure function or module; the trainer composes them, the LDM way:
+
+    loss = pixel_loss(x_hat, x, logvar=logvar) + w_p * perceptual(x_hat, x)
+           + kl_weight_at(step, ...) * kl_loss(posterior, free_bits)
+           + adaptive_gan_weight(rec, g, model.last_decoder_layer) * w_gan * generator_loss(disc(x_hat))
+
+Scale note: `pixel_loss` is a mean over every element while `kl_loss` is summed over latent dimensions (averaged over
+the batch), as in diffusers' train_autoencoderkl.py. LDM instead sums both over C, H, W, so its kl_weight of 1e-6
+corresponds to 1e-6 / (3 * H * W) here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pixel and KL terms.
+
+
+def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1",
+               logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean L1 or L2 reconstruction error; with a learned scalar `logvar`, the LDM NLL form rec / exp(logvar) + logvar.
+
+    The NLL form treats the error as the negative log-likelihood of a Laplace (l1) or Gaussian (l2) decoder whose
+    scale is learned, so the balance between reconstruction and the other terms adapts during training.
+    """
+    if reconstruction.shape != target.shape:
+        raise ValueError(f"pixel_loss: reconstruction shape {tuple(reconstruction.shape)} != target shape "
+                         f"{tuple(target.shape)}")
+    diff = reconstruction.float() - target.float()
+    if kind == "l1":
+        error = diff.abs()
+    elif kind == "l2":
+        error = diff.pow(2)
+    else:
+        raise ValueError(f"pixel_loss: kind must be 'l1' or 'l2', got {kind!r}")
+    if logvar is None:
+        return error.mean()
+    return (error / torch.exp(logvar) + logvar).mean()
+
+
+def kl_loss(posterior, free_bits: float = 0.0) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) in nats per sample, summed over latent dimensions and averaged over the batch.
+
+    With `free_bits` > 0, each channel's KL (summed over H, W and averaged over the batch) is clamped below at
+    `free_bits` nats before summing over channels (Kingma et al. 2016, "Improving VI with IAF"): a channel under its
+    budget gets no gradient, so the optimizer stops squeezing it into the prior and it is not driven to collapse.
+    For [B, D] posteriors each dimension is a channel.
+    """
+    if not (math.isfinite(free_bits) and free_bits >= 0.0):
+        raise ValueError(f"kl_loss: free_bits must be a finite number >= 0, got {free_bits!r}")
+    if free_bits == 0.0:
+        return posterior.kl().mean()
+    per_channel = posterior.kl_per_channel().mean(dim=0)
+    return per_channel.clamp(min=free_bits).sum()
+
+
+KL_SCHEDULES = ("linear", "cyclical", "constant")
+
+
+def kl_weight_at(step: int, kl_weight: float, warmup_steps: int = 0, schedule: str = "linear",
+                 cycle_steps: int | None = None) -> float:
+    """The KL weight at optimizer step `step`.
+
+    linear:    ramps 0 -> kl_weight over `warmup_steps`, then holds (no ramp when warmup_steps == 0).
+    cyclical:  Fu et al. 2019: in each cycle of `cycle_steps`, ramps 0 -> kl_weight over `warmup_steps`
+               (default: the first half of the cycle), then holds for the rest of the cycle.
+    constant:  kl_weight at every step.
+    """
+    if schedule not in KL_SCHEDULES:
+        raise ValueError(f"kl_weight_at: schedule must be one of {KL_SCHEDULES}, got {schedule!r}")
+    if step < 0:
+        raise ValueError(f"kl_weight_at: step must be >= 0, got {step}")
+    if not (math.isfinite(kl_weight) and kl_weight >= 0.0):
+        raise ValueError(f"kl_weight_at: kl_weight must be a finite number >= 0, got {kl_weight!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"kl_weight_at: warmup_steps must be >= 0, got {warmup_steps}")
+    if schedule != "cyclical" and cycle_steps is not None:
+        raise ValueError(f"kl_weight_at: cycle_steps={cycle_steps} is only used by schedule='cyclical', "
+                         f"not {schedule!r}")
+
+    if schedule == "constant":
+        if warmup_steps:
+            raise ValueError(f"kl_weight_at: schedule='constant' has no warm-up, got warmup_steps={warmup_steps}; "
+                             "use schedule='linear'")
+        return float(kl_weight)
+    if schedule == "linear":
+        ramp, position = warmup_steps, step
+    else:
+        if cycle_steps is None or cycle_steps < 2:
+            raise ValueError(f"kl_weight_at: schedule='cyclical' needs cycle_steps >= 2, got {cycle_steps!r}")
+        ramp = warmup_steps if warmup_steps else cycle_steps // 2
+        if ramp > cycle_steps:
+            raise ValueError(f"kl_weight_at: warmup_steps={warmup_steps} exceeds cycle_steps={cycle_steps}")
+        position = step % cycle_steps
+    if ramp == 0:
+        return float(kl_weight)
+    return float(kl_weight) * min(1.0, position / ramp)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perceptual loss (LPIPS).
+
+# The torchvision ImageNet weights lpips builds its backbones from.
+_TORCHVISION_WEIGHTS = {
+    "vgg": "VGG16_Weights.IMAGENET1K_V1",
+    "alex": "AlexNet_Weights.IMAGENET1K_V1",
+    "squeeze": "SqueezeNet1_1_Weights.IMAGENET1K_V1",
+}
+
+
+def backbone_checkpoint(net: str) -> tuple[str, Path]:
+    """(url, local path) of the ImageNet backbone weights for LPIPS `net`: where torchvision caches the download."""
+    if net not in _TORCHVISION_WEIGHTS:
+        raise ValueError(f"LPIPS net must be one of {tuple(_TORCHVISION_WEIGHTS)}, got {net!r}")
+    import torchvision
+
+    url = torchvision.models.get_weight(_TORCHVISION_WEIGHTS[net]).url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _load_backbone(lpips_model: nn.Module, net: str) -> None:
+    """Load torchvision's ImageNet weights into lpips' sliced backbone (`sliceK.<i>.*` <- `features.<i>.*`)."""
+    url, path = backbone_checkpoint(net)
+    try:
+        # Downloads into torch.hub's cache unless the file is already there; the hash is checked on download.
+        state = torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), progress=False,
+                                                   check_hash=True, weights_only=True)
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not load the pretrained {net} backbone for LPIPS ({type(error).__name__}: {error}). "
+            f"Without internet, download {url} elsewhere and place it at {path} "
+            f"(that is $TORCH_HOME/hub/checkpoints/{path.name}), or use pretrained=False."
+        ) from error
+    backbone = lpips_model.net
+    mapped = {}
+    for name in backbone.state_dict():
+        _, index, rest = name.split(".", 2)
+        source = f"features.{index}.{rest}"
+        if source not in state:
+            raise RuntimeError(f"{path}: key {source!r} missing; is this the torchvision {net} ImageNet checkpoint? "
+                               f"Expected the file from {url}")
+        mapped[name] = state[source]
+    backbone.load_state_dict(mapped, strict=True)
+
+
+def _freeze_as_buffers(module: nn.Module) -> None:
+    """Turn every parameter and buffer into a non-persistent buffer.
+
+    A frozen loss network then has no parameters (nothing for an optimizer, DDP or a grad-norm to pick up) and an
+    empty state_dict (the ~59 MB of VGG16 features never land in a checkpoint), while `.to(device)` still moves it.
+    """
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            delattr(sub, name)
+            sub.register_buffer(name, param.detach(), persistent=False)
+        for name, buffer in list(sub.named_buffers(recurse=False)):
+            sub.register_buffer(name, buffer, persistent=False)
+
+
+class PerceptualLoss(nn.Module):
+    """Mean LPIPS distance between images in [-1, 1], differentiable w.r.t. its inputs, with a frozen network.
+
+    pretrained: True loads the ImageNet backbone (torchvision's file in torch.hub's cache; downloaded if missing, a
+    clear error offline); False uses a random backbone (tests); "auto" tries True and falls back to random with a
+    loud warning. The linear heads are always the calibrated LPIPS v0.1 ones that ship in the lpips package.
+
+    The module is frozen and stays in eval mode (`.train()` is a no-op). It holds no parameters and an empty
+    state_dict: move it with `.to(device)`, but do not pass it to `accelerator.prepare` (DDP refuses a module
+    without trainable parameters, and there is nothing to synchronize).
+    """
+
+    def __init__(self, net: str = "vgg", pretrained: bool | str = "auto"):
+        super().__init__()
+        if pretrained not in (True, False, "auto"):
+            raise ValueError(f"PerceptualLoss: pretrained must be True, False or 'auto', got {pretrained!r}")
+        if net not in _TORCHVISION_WEIGHTS:
+            raise ValueError(f"PerceptualLoss: net must be one of {tuple(_TORCHVISION_WEIGHTS)}, got {net!r}")
+        import lpips
+
+        with warnings.catch_warnings():  # torchvision's 'pretrained is deprecated' notes from inside lpips
+            warnings.simplefilter("ignore", UserWarning)
+            # pnet_rand=True: we load the backbone ourselves, for a clear offline error and a weights_only load.
+            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        self.net = net
+        self.pretrained_loaded = False
+        if pretrained is True:
+            _load_backbone(self.lpips, net)
+            self.pretrained_loaded = True
+        elif pretrained == "auto":
+            try:
+                _load_backbone(self.lpips, net)
+                self.pretrained_loaded = True
+            except RuntimeError as error:
+                message = (f"PerceptualLoss: FALLING BACK TO A RANDOM {net} BACKBONE; the LPIPS loss will not be "
+                           f"perceptual. {error}")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                logger.warning(message)
+        _freeze_as_buffers(self)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "PerceptualLoss":
+        # Always eval: lpips' heads carry dropout, and a frozen metric must not change with the trainer's mode.
+        return super().train(False)
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # float32 with autocast off: LPIPS divides each feature vector by its L2 norm (eps 1e-10) and compares
+        # nearly equal unit vectors; in fp16 the squared VGG activations overflow and eps underflows (inf/NaN), in
+        # bf16 the 8-bit mantissa turns the small differences of a good reconstruction into rounding noise.
+        # Not under no_grad: the gradient must reach `reconstruction` (the diffusers example's bug).
+        if self.lpips.scaling_layer.shift.dtype != torch.float32:
+            raise RuntimeError("PerceptualLoss runs in float32; move it with .to(device) only, not .to(dtype)/.half()")
+        with torch.autocast(device_type=reconstruction.device.type, enabled=False):
+            distance = self.lpips(reconstruction.float(), target.float())
+        return distance.mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PatchGAN discriminator and adversarial terms.
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.Identity()
+
+
+class PatchDiscriminator(nn.Module):
+    """The pix2pix / LDM N-layer PatchGAN: a map of real/fake logits, one per overlapping patch.
+
+    `num_layers` stride-2 4x4 convs, a stride-1 conv, then a 1-channel 4x4 conv; a 256px input gives 30x30 logits,
+    each seeing a 70x70 patch (num_layers=3). `norm`:
+      "batch" (default, as LDM): per-device batch statistics. Under DDP, per-GPU batches are small, so either accept
+              noisy statistics (as LDM did) or convert with torch.nn.SyncBatchNorm.convert_sync_batchnorm.
+      "group": batch-independent, identical on any number of devices.
+      "none":  no normalization (convs get biases).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3, norm: str = "batch"):
+        super().__init__()
+        if norm not in ("batch", "group", "none"):
+            raise ValueError(f"PatchDiscriminator: norm must be 'batch', 'group' or 'none', got {norm!r}")
+        if num_layers < 1:
+            raise ValueError(f"PatchDiscriminator: num_layers must be >= 1, got {num_layers}")
+        self.num_layers = num_layers
+        bias = norm == "none"  # a norm layer right after the conv makes its bias redundant
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        width = channels
+        for n in range(1, num_layers + 1):
+            out = channels * min(2 ** n, 8)
+            stride = 2 if n < num_layers else 1
+            layers += [nn.Conv2d(width, out, 4, stride, 1, bias=bias), _norm_layer(norm, out), nn.LeakyReLU(0.2, True)]
+            width = out
+        layers.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # num_layers halvings, then two 4x4 stride-1 convs that each remove one pixel.
+        min_size = 3 * 2 ** self.num_layers
+        if min(x.shape[-2:]) < min_size:
+            raise ValueError(f"PatchDiscriminator: input {tuple(x.shape[-2:])} is smaller than {min_size}px "
+                             f"(num_layers={self.num_layers}); use fewer layers or larger images")
+        return self.main(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """LDM / DCGAN init: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: 0.5 * (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def non_saturating_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator binary cross-entropy on logits: 0.5 * (E[-log sigmoid(D(x))] + E[-log(1 - sigmoid(D(x_hat)))])."""
+    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Generator (decoder) adversarial loss: hinge -E[D(x_hat)] (as LDM), non_saturating E[-log sigmoid(D(x_hat))]."""
+    if kind == "hinge":
+        return -fake_logits.mean()
+    if kind == "non_saturating":
+        return F.softplus(-fake_logits).mean()
+    raise ValueError(f"generator_loss: kind must be 'hinge' or 'non_saturating', got {kind!r}")
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """LDM / VQGAN adaptive weight ||d rec / d W|| / (||d gan / d W|| + 1e-4), clamped to [0, max_weight], detached.
+
+    W is the decoder's last layer weight (pass the parameter tensor itself, e.g. `model.last_decoder_layer` of the
+    unwrapped model: under DDP it is the same tensor). Both graphs are retained for the backward pass that follows.
+    Under DDP each rank computes its own (local) weight, as LDM does.
+    """
+    if not last_layer.requires_grad:
+        raise RuntimeError("adaptive_gan_weight: last_layer does not require grad (is the decoder frozen?); "
+                           "disable the adaptive weight or unfreeze the decoder's last layer")
+    for name, loss in (("rec_loss", rec_loss), ("gan_loss", gan_loss)):
+        if not loss.requires_grad:
+            raise RuntimeError(f"adaptive_gan_weight: {name} has no graph (computed under no_grad?)")
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True, allow_unused=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True, allow_unused=True)[0]
+    for name, grad in (("rec_loss", rec_grad), ("gan_loss", gan_grad)):
+        if grad is None:
+            raise RuntimeError(f"adaptive_gan_weight: {name} does not depend on last_layer; pass the weight of the "
+                               "decoder's output conv (model.last_decoder_layer) used to produce the reconstruction")
+    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
