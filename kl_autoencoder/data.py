@@ -1,0 +1,692 @@
+"""Images in, `[3, R, R]` tensors in [-1, 1] out: dataset sources, transforms and bad-image skipping.
+
+Sources (``DataConfig.source``):
+  - ``"sample"``: 14 real photos shipped inside scikit-image (load offline). Fixed split: ``coffee`` and
+    ``chelsea`` are held out, the other 12 train. Training on them draws random crops at random scales
+    (from "whole shorter side" down to native pixels), so a handful of photos still gives varied batches.
+  - an image folder: a plain sorted file list (recursive, by extension). We do not use `datasets`'
+    "imagefolder" builder here: it decodes eagerly inside Arrow and one corrupt file aborts the whole
+    run, while a file list lets each read fail on its own, be counted, and be skipped.
+  - a hub dataset name: ``datasets.load_dataset(name, split=..., streaming=...)``; the image column is the
+    first column of feature type `Image`, else one named image/img/pixel_values, or ``image_column``.
+    Decoding is switched off in `datasets` (``Image(decode=False)``) so that we decode, and skip, ourselves.
+
+Small sources need many crops per epoch: training datasets repeat their images until an epoch holds at
+least ``MIN_EPOCH_ITEMS`` (256) items, so ``drop_last`` batching never yields an empty epoch.
+
+Bad images (corrupt, empty, truncated, not an image, decompression bombs): `load_image` raises
+`BadImageError`. A dataset item whose image is bad is *replaced* by the next readable image (up to
+``MAX_TRIES`` reads), so batches keep their size (steady step shapes, no rank falling out of step under
+DDP). Each item carries the files it skipped; `collate_images` puts them in ``batch["skipped_files"]`` /
+``batch["num_skipped"]``, because with DataLoader workers a counter inside the dataset lives in a worker
+process and the main process never sees it. The main process aggregates with
+``dataset.skipped.record_batch(batch)`` (a `SkipLog` counts distinct files, so recording the same skip
+twice is harmless). If no readable image is found, the item is dropped; a batch of only such items has
+``pixel_values`` of shape ``[0, 3, R, R]``: the trainer skips it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from kl_autoencoder.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+)
+MIN_EPOCH_ITEMS = 256  # a training epoch over a small source repeats images up to at least this many items
+MAX_TRIES = 8  # reads per item before giving up on finding a readable image
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")
+
+# scikit-image's bundled photos (real photographs, shipped in the wheel, no download). Grayscale ones become RGB.
+SAMPLE_TRAIN = (
+    "astronaut", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "motorcycle",
+    "camera", "coins", "moon", "grass", "gravel", "brick",
+)
+SAMPLE_HELDOUT = ("coffee", "chelsea")
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded; `path` names it, `reason` says why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A hub dataset that could not be downloaded or opened."""
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _rescale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Map high-bit-depth or float pixels to 0..255 by their range, never by clipping at 255."""
+    array = array.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = array / 257.0  # 65535 -> 255
+    elif mode == "F":
+        lo, hi = float(array.min()), float(array.max())
+        # Floats in [0, 1] are intensities; anything else (HDR, depth) is stretched to its own range.
+        scaled = array * 255.0 if lo >= 0.0 and hi <= 1.0 else (array - lo) / max(hi - lo, 1e-12) * 255.0
+    else:  # "I": 32-bit ints, most often a 16-bit file that Pillow widened
+        lo, hi = float(array.min()), float(array.max())
+        if lo >= 0 and hi <= 255:
+            scaled = array
+        elif lo >= 0 and hi <= 65535:
+            scaled = array / 257.0
+        else:
+            scaled = (array - lo) / max(hi - lo, 1.0) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels are composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_rescale_to_uint8(np.asarray(image), mode), mode="L").convert("RGB")
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Decode a file path or encoded bytes to an upright RGB image; any failure is a `BadImageError`."""
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if isinstance(source, bytes):
+        if not source:
+            raise BadImageError(name, "empty (0 bytes)")
+        stream: Any = io.BytesIO(source)
+    else:
+        try:
+            if os.path.getsize(source) == 0:
+                raise BadImageError(name, "empty file (0 bytes)")
+        except OSError as err:
+            raise BadImageError(name, f"{type(err).__name__}: {err}") from err
+        stream = source
+    try:
+        with Image.open(stream) as image:
+            image.load()  # decode everything now: truncated data fails here, not halfway through a transform
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise BadImageError(name, f"{type(err).__name__}: {err}") from err
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as upright 8-bit RGB (EXIF orientation applied, alpha on white).
+
+    Raises `BadImageError(path, reason)` for missing, empty, truncated, undecodable files and for
+    decompression bombs (Pillow's `Image.MAX_IMAGE_PIXELS` limit is kept).
+    """
+    return decode_image(path, str(path))
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float tensor [3, H, W] in [-1, 1]."""
+    # The arithmetic is done in numpy, single-threaded: torch's intra-op threads cost far more than they
+    # save on one image (~10x the CPU time on a busy 2-core machine, measured).
+    array = np.asarray(to_rgb(image), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")
+    array /= 127.5
+    array -= 1.0
+    return torch.from_numpy(array)
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """Float tensor [3, H, W] (or [1, 3, H, W]) in [-1, 1] -> 8-bit RGB PIL image (values clamped)."""
+    if tensor.dim() == 4 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor [3, H, W] or [1, 3, H, W], got shape {tuple(tensor.shape)}")
+    tensor = tensor.detach().float().cpu().clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    return Image.fromarray(tensor.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+class ImageTransform:
+    """Resize the shorter side to `resolution` and crop a `resolution` square; optional flip; to [-1, 1].
+
+    Smaller images are resized up. With `max_scale` > 1 (random crops only) the shorter side is instead
+    resized to `resolution * s`, s log-uniform in [1, max_scale] but never past the native size
+    (`max_scale=None`: up to the native size): crops then range from the whole photo to native pixels.
+    Resize and crop happen in one `Image.resize(box=...)` call, so large photos are never resized whole.
+    Randomness comes from torch's RNG, which DataLoader seeds per worker.
+    """
+
+    def __init__(self, resolution: int, random_crop: bool, random_flip: bool, max_scale: float | None = 1.0):
+        if int(resolution) < 1:
+            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+        if max_scale is not None and max_scale < 1.0:
+            raise ValueError(f"max_scale must be >= 1 or None, got {max_scale!r}")
+        self.resolution = int(resolution)
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.max_scale = max_scale
+
+    def _shorter_side_target(self, shorter: int) -> float:
+        if not self.random_crop or self.max_scale == 1.0:
+            return float(self.resolution)
+        upper = float(max(shorter, self.resolution))
+        if self.max_scale is not None:
+            upper = min(upper, self.resolution * self.max_scale)
+        u = torch.rand(()).item()
+        return math.exp(math.log(self.resolution) + u * (math.log(upper) - math.log(self.resolution)))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        width, height = image.size
+        crop = min(width, height) * self.resolution / self._shorter_side_target(min(width, height))
+        if self.random_crop:
+            left = torch.rand(()).item() * (width - crop)
+            top = torch.rand(()).item() * (height - crop)
+        else:
+            left, top = (width - crop) / 2, (height - crop) / 2
+        size = (self.resolution, self.resolution)
+        image = image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + crop, top + crop))
+        if self.random_flip and torch.rand(()).item() < 0.5:
+            image = ImageOps.mirror(image)
+        return image_to_tensor(image)
+
+
+def build_transform(
+    resolution: int, random_crop: bool, random_flip: bool, max_scale: float | None = 1.0
+) -> ImageTransform:
+    """The training (random crop/flip) or evaluation (centre crop) transform: PIL -> [3, R, R] in [-1, 1]."""
+    return ImageTransform(resolution, random_crop, random_flip, max_scale)
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+@lru_cache(maxsize=None)
+def _sample_array(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name == "motorcycle":
+        return skimage.data.stereo_motorcycle()[0]  # left view; the right one is near-identical
+    return getattr(skimage.data, name)()
+
+
+def sample_images(split: str = "train") -> list[tuple[str, Image.Image]]:
+    """The built-in photos as (name, RGB image): split "train" (12), "heldout" (2) or "all" (14)."""
+    names = {"train": SAMPLE_TRAIN, "heldout": SAMPLE_HELDOUT, "all": SAMPLE_TRAIN + SAMPLE_HELDOUT}.get(split)
+    if names is None:
+        raise ValueError(f"unknown sample split {split!r}; expected 'train', 'heldout' or 'all'")
+    return [(name, to_rgb(Image.fromarray(_sample_array(name)))) for name in names]
+
+
+def iter_image_folder(folder: str | os.PathLike) -> list[Path]:
+    """All image files under `folder` (recursive, extension matched case-insensitively), sorted."""
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{str(root)!r} is not a folder of images")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise FileNotFoundError(
+            f"no image files in {str(root)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return paths
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else that is not on disk is a missing folder."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source or os.path.exists(source)
+
+
+def load_hub_dataset(name: str, split: str = "train", streaming: bool = False, cache_dir: str | None = None):
+    """`datasets.load_dataset` with a clear error when the dataset cannot be fetched (offline, typo, split)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
+    except Exception as err:  # offline, unknown name, unknown split: all surface as different types
+        raise DatasetUnavailableError(
+            f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: "
+            f"{type(err).__name__}: {err}\n"
+            "If this machine is offline the dataset could not be downloaded: download it where there is a "
+            "network (it is then read from the cache, see data.cache_dir), or put the images in a local folder "
+            "and set data.source to that folder (or use data.source=sample for the built-in photos)."
+        ) from err
+
+
+def find_image_column(features: Any, image_column: str | None = None) -> str:
+    """The image column of a `datasets` feature dict: `image_column` if given, else the first `Image`
+    feature, else the first of image/img/pixel_values. A clear error lists the columns otherwise."""
+    import datasets
+
+    columns = list(features or {})
+    if image_column is not None:
+        if image_column not in columns:
+            raise KeyError(f"image column {image_column!r} not in the dataset; its columns are {columns}")
+        return image_column
+    for column in columns:
+        if isinstance(features[column], datasets.Image):
+            return column
+    for column in IMAGE_COLUMN_NAMES:
+        if column in columns:
+            return column
+    raise KeyError(
+        f"no image column found (no column of type Image, none named {', '.join(IMAGE_COLUMN_NAMES)}); "
+        f"the dataset's columns are {columns}: set data.image_column"
+    )
+
+
+def decode_hub_value(value: Any, name: str) -> Image.Image:
+    """One image-column value of a `datasets` row -> RGB image: undecoded {"bytes", "path"}, PIL, or array."""
+    if isinstance(value, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(value))
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return decode_image(value["bytes"], value.get("path") or name)
+        if value.get("path"):
+            return decode_image(value["path"])
+        raise BadImageError(name, "image entry has neither bytes nor path")
+    if isinstance(value, (bytes, str)):
+        return decode_image(value, name)
+    try:
+        array = np.asarray(value)
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.dtype != np.uint8:
+            array = _rescale_to_uint8(array, "F")
+        return to_rgb(Image.fromarray(array))
+    except Exception as err:
+        raise BadImageError(name, f"cannot interpret value of type {type(value).__name__} as an image: {err}") from err
+
+
+def _is_encoded_image(value: Any) -> bool:
+    return isinstance(value, Image.Image) or (isinstance(value, dict) and ("bytes" in value or "path" in value))
+
+
+def _undecoded(hf_dataset: Any, column: str) -> Any:
+    """Switch off `datasets`' own decoding of an Image column so a corrupt file is ours to skip."""
+    import datasets
+
+    features = hf_dataset.features
+    if features is not None and isinstance(features.get(column), datasets.Image):
+        return hf_dataset.cast_column(column, datasets.Image(decode=False))
+    return hf_dataset
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+class SkipLog:
+    """Distinct files skipped as unreadable, with the reason; safe to share between threads."""
+
+    def __init__(self):
+        self._reasons: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: str, reason: str) -> None:
+        with self._lock:
+            if path not in self._reasons:
+                logger.warning("skipping unreadable image %s (%s)", path, reason)
+            self._reasons[path] = reason
+
+    def record_batch(self, batch: dict) -> None:
+        """Aggregate a collated batch's skips in the main process (they happened in a worker)."""
+        for path, reason in zip(batch.get("skipped_files", ()), batch.get("skip_reasons", ())):
+            self.add(path, reason)
+
+    @property
+    def files(self) -> list[str]:
+        with self._lock:
+            return sorted(self._reasons)
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._reasons)
+
+    @property
+    def count(self) -> int:
+        return len(self._reasons)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"SkipLog(count={self.count})"
+
+
+class ImageDataset(Dataset):
+    """Map-style dataset of `num_images` images repeated `repeats` times; subclasses implement `load`.
+
+    Items are {"pixel_values": [3, R, R], "path": name, "skipped": [(name, reason), ...]}; an unreadable
+    image is replaced by the next one (see the module docstring); `pixel_values` is None if none was found.
+    """
+
+    def __init__(self, transform: ImageTransform, repeats: int = 1):
+        self.transform = transform
+        self.resolution = transform.resolution
+        self.repeats = max(1, int(repeats))
+        self.skipped = SkipLog()
+
+    @property
+    def num_images(self) -> int:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_images * self.repeats
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        skipped = []
+        for offset in range(min(MAX_TRIES, self.num_images)):
+            image_index = (index + offset) % self.num_images
+            try:
+                image = self.load(image_index)
+            except BadImageError as err:
+                skipped.append((err.path, err.reason))
+                if get_worker_info() is None:  # in a worker this copy of the log is lost: the batch carries it
+                    self.skipped.add(err.path, err.reason)
+                continue
+            return {"pixel_values": self.transform(image), "path": self.name(image_index), "skipped": skipped}
+        return {"pixel_values": None, "path": None, "skipped": skipped}
+
+
+class ImageFolderDataset(ImageDataset):
+    """Image files read lazily from disk, each read able to fail on its own."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: ImageTransform, repeats: int = 1):
+        super().__init__(transform, repeats)
+        if not paths:
+            raise ValueError("ImageFolderDataset needs at least one image path")
+        self.paths = [str(p) for p in paths]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
+
+    def load(self, index: int) -> Image.Image:
+        return load_image(self.paths[index])
+
+
+class PhotoListDataset(ImageDataset):
+    """Images already in memory (the built-in sample photos)."""
+
+    def __init__(self, photos: Sequence[tuple[str, Image.Image]], transform: ImageTransform, repeats: int = 1):
+        super().__init__(transform, repeats)
+        if not photos:
+            raise ValueError("PhotoListDataset needs at least one photo")
+        self.photos = list(photos)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.photos)
+
+    def name(self, index: int) -> str:
+        return self.photos[index][0]
+
+    def load(self, index: int) -> Image.Image:
+        return self.photos[index][1]
+
+
+class HFImageDataset(ImageDataset):
+    """A map-style `datasets.Dataset`, image column decoded by us."""
+
+    def __init__(self, hf_dataset: Any, column: str, transform: ImageTransform, repeats: int = 1, prefix: str = ""):
+        super().__init__(transform, repeats)
+        if len(hf_dataset) == 0:
+            raise ValueError(f"dataset {prefix or '(in memory)'} has no rows")
+        self.hf_dataset = _undecoded(hf_dataset.select_columns([column]), column)
+        self.column = column
+        self.prefix = prefix
+
+    @property
+    def num_images(self) -> int:
+        return len(self.hf_dataset)
+
+    def name(self, index: int) -> str:
+        return f"{self.prefix}[{index}]"
+
+    def load(self, index: int) -> Image.Image:
+        return decode_hub_value(self.hf_dataset[index][self.column], self.name(index))
+
+
+class HFIterableImageDataset(IterableDataset):
+    """A streaming `datasets.IterableDataset`, image column decoded by us.
+
+    Inside DataLoader workers `datasets` hands each worker its own shards (found via `get_worker_info`),
+    so each example comes out once; workers beyond `num_shards` stay idle. Across processes (DDP), split
+    first with `datasets.distributed.split_dataset_by_node` (the trainer's job).
+    """
+
+    def __init__(self, hf_dataset: Any, transform: ImageTransform, image_column: str | None = None, prefix: str = ""):
+        super().__init__()
+        # Streams may not know their features before the first row: then the column is found on it.
+        self.column = find_image_column(hf_dataset.features, image_column) if hf_dataset.features else None
+        self.hf_dataset = _undecoded(hf_dataset, self.column) if self.column else hf_dataset
+        self.image_column = image_column
+        self.transform = transform
+        self.resolution = transform.resolution
+        self.prefix = prefix
+        self.skipped = SkipLog()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle a shuffled stream differently each epoch."""
+        if hasattr(self.hf_dataset, "set_epoch"):
+            self.hf_dataset.set_epoch(epoch)
+
+    def _column_of(self, example: dict) -> str:
+        if self.column is None:  # features unknown until the first row: infer them from its values
+            import datasets
+
+            inferred = {key: datasets.Image() if _is_encoded_image(value) else None for key, value in example.items()}
+            self.column = find_image_column(inferred, self.image_column)
+        return self.column
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        tag = f"w{worker.id}:" if worker is not None else ""
+        for position, example in enumerate(self.hf_dataset):
+            name = f"{self.prefix}[{tag}{position}]"
+            try:
+                image = decode_hub_value(example[self._column_of(example)], name)
+            except BadImageError as err:
+                if worker is None:
+                    self.skipped.add(err.path, err.reason)
+                yield {"pixel_values": None, "path": None, "skipped": [(err.path, err.reason)]}
+                continue
+            yield {"pixel_values": self.transform(image), "path": name, "skipped": []}
+
+
+def dataset_from_hf(
+    hf_dataset: Any,
+    transform: ImageTransform,
+    image_column: str | None = None,
+    repeats: int = 1,
+    name: str = "",
+) -> HFImageDataset | HFIterableImageDataset:
+    """Wrap a `datasets.Dataset` (map-style) or `datasets.IterableDataset` (streaming) as a torch dataset."""
+    import datasets
+
+    if isinstance(hf_dataset, datasets.IterableDataset):
+        return HFIterableImageDataset(hf_dataset, transform, image_column, prefix=name)
+    column = find_image_column(hf_dataset.features, image_column)
+    return HFImageDataset(hf_dataset, column, transform, repeats=repeats, prefix=name)
+
+
+def _repeats_for(num_images: int, train: bool) -> int:
+    return max(1, math.ceil(MIN_EPOCH_ITEMS / num_images)) if train else 1
+
+
+def build_dataset(
+    data_cfg: DataConfig, split: str | None = None, train: bool | None = None
+) -> ImageDataset | HFIterableImageDataset:
+    """The torch dataset described by `data_cfg`; items hold `pixel_values` [3, R, R] in [-1, 1].
+
+    `split` defaults to `data_cfg.split` ("train"/"heldout"/"all" for "sample", the hub split for hub
+    datasets, ignored for folders). `train` (default: split starts with "train") turns on random
+    crop/flip per `data_cfg` and the virtual epoch length; otherwise centre crops, one pass.
+    """
+    split = split or data_cfg.split
+    train = split.startswith("train") if train is None else train
+    resolution = data_cfg.resolution
+    random_crop, random_flip = (data_cfg.random_crop, data_cfg.random_flip) if train else (False, False)
+    source = str(data_cfg.source)
+
+    if source == "sample" or source.startswith("sample:"):
+        photos = sample_images(source.partition(":")[2] or split)[: data_cfg.max_images]
+        # Multi-scale crops: from the whole photo down to native pixels, for variety from 12 photos.
+        transform = build_transform(resolution, random_crop, random_flip, max_scale=None)
+        return PhotoListDataset(photos, transform, repeats=_repeats_for(len(photos), train))
+
+    transform = build_transform(resolution, random_crop, random_flip)
+    if _looks_like_path(source):
+        paths = iter_image_folder(source)[: data_cfg.max_images]
+        return ImageFolderDataset(paths, transform, repeats=_repeats_for(len(paths), train))
+
+    hf = load_hub_dataset(source, split=split, streaming=data_cfg.streaming, cache_dir=data_cfg.cache_dir)
+    if data_cfg.streaming:
+        if data_cfg.max_images:
+            hf = hf.take(data_cfg.max_images)
+        if train:
+            hf = hf.shuffle(seed=0, buffer_size=1000)
+        return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}")
+    if data_cfg.max_images:
+        hf = hf.select(range(min(data_cfg.max_images, len(hf))))
+    repeats = _repeats_for(len(hf), train)
+    return dataset_from_hf(hf, transform, data_cfg.image_column, repeats, name=f"{source}/{split}")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def collate_images(items: Sequence[dict], resolution: int | None = None) -> dict:
+    """Stack readable items; report the files skipped while building them.
+
+    Returns {"pixel_values": [B, 3, R, R], "paths", "num_skipped", "skipped_files", "skip_reasons"};
+    B may be 0 when no item was readable (then the trainer skips the batch).
+    """
+    good = [item for item in items if item["pixel_values"] is not None]
+    skipped = [pair for item in items for pair in item["skipped"]]
+    if good:
+        pixel_values = torch.stack([item["pixel_values"] for item in good])
+    else:
+        side = resolution or 0
+        pixel_values = torch.zeros(0, 3, side, side)
+    return {
+        "pixel_values": pixel_values,
+        "paths": [item["path"] for item in good],
+        "num_skipped": len(skipped),
+        "skipped_files": [path for path, _ in skipped],
+        "skip_reasons": [reason for _, reason in skipped],
+    }
+
+
+def default_num_workers() -> int:
+    """DataLoader workers for this machine: none on 1-2 cores (a worker would fight the training step
+    for the only other core), else one per core but one, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(cores - 1, 8)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int | None = None,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """A DataLoader with the skip-aware collate; seeded shuffling; `drop_last` defaults to `shuffle`
+    (training). Streaming datasets are not shuffled here (their stream is, in `build_dataset`)."""
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    iterable = isinstance(dataset, IterableDataset)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and not iterable,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        collate_fn=partial(collate_images, resolution=getattr(dataset, "resolution", None)),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        drop_last=shuffle if drop_last is None else drop_last,
+    )
+
+
+def load_eval_images(
+    source: str, resolution: int, num_images: int | None = None, split: str = "train"
+) -> tuple[list[str], torch.Tensor]:
+    """Centre-cropped evaluation images: (names, [N, 3, R, R] in [-1, 1]).
+
+    `source`: "sample" (all 14 built-in photos: reconstruction quality is not judged on held-out data
+    alone; "sample:heldout" / "sample:train" pick one part), an image folder (unreadable files are skipped
+    with a warning) or a hub dataset name (`split`, streamed when `num_images` is set).
+    """
+    transform = build_transform(resolution, random_crop=False, random_flip=False)
+    named: list[tuple[str, Image.Image]] = []
+    if source == "sample" or source.startswith("sample:"):
+        named = sample_images(source.partition(":")[2] or "all")[:num_images]
+    elif _looks_like_path(source):
+        for path in iter_image_folder(source):
+            if num_images is not None and len(named) >= num_images:
+                break
+            try:
+                named.append((str(path), load_image(path)))
+            except BadImageError as err:
+                logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
+        if not named:
+            raise FileNotFoundError(f"no readable images in {source!r}")
+    else:
+        hf = load_hub_dataset(source, split=split, streaming=num_images is not None)
+        if num_images is not None:
+            hf = hf.take(num_images)
+        column = find_image_column(hf.features, None) if hf.features else "image"
+        for index, row in enumerate(_undecoded(hf, column)):
+            name = f"{source}/{split}[{index}]"
+            try:
+                named.append((name, decode_hub_value(row[column], name)))
+            except BadImageError as err:
+                logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
+        if not named:
+            raise ValueError(f"no readable images in dataset {source!r} split {split!r}")
+    return [name for name, _ in named], torch.stack([transform(image) for _, image in named])
