@@ -60,6 +60,7 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an export should read like any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +83,7 @@ def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o755)
     old = path.with_name(f".{path.name}.old")
     try:
         write_fn(tmp)

@@ -1,0 +1,30 @@
+"""Evaluate autoencoders: metrics.json, report.md and pictures in one folder.
+
+    python eval/evaluate.py --model PATH [PATH ...] --data SOURCE --out DIR [--resolution 256] [--num-images N]
+                            [--batch-size B] [--sample] [--write-config [--write-latent-stats]]
+
+The same as `kl-autoencoder evaluate`; everything lives in kl_autoencoder/evaluation.py.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from kl_autoencoder import evaluation  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = evaluation.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        evaluation.run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

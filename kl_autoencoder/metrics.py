@@ -1,0 +1,456 @@
+"""Reconstruction and latent-space metrics for a KL autoencoder.
+
+Image metrics take batches in [0, 1] of shape [N, C, H, W] and return one value per image ([N]):
+
+* `psnr`     10 log10(R^2 / MSE); exactly equal images give +inf (see `summarize` for how that is reported).
+* `ssim`     Wang et al. 2004: 11-tap Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, population covariances,
+             computed per channel on the "valid" region and averaged over channels and pixels. This is
+             skimage's `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+             channel_axis=...)`.
+* `ms_ssim`  Wang et al. 2003: contrast-structure at every scale, luminance only at the coarsest, 2x2 average
+             pooling between scales, the standard five weights; negative terms clamped at 0 (as torchmetrics'
+             default `normalize="relu"`), otherwise a fractional power of a negative number is NaN.
+
+Perceptual and distribution metrics need pretrained networks that cannot be downloaded here, so they are
+objects that either work or say why not: `LPIPSMetric` (the `lpips` package on top of torchvision's ImageNet
+VGG16 / AlexNet) and `FIDMetric` (torchmetrics' FrechetInceptionDistance on torch-fidelity's Inception). Neither
+ever produces a number from random weights unless a test forces a network in.
+
+Latent statistics (`LatentStatistics`, `latent_statistics`) are streamed: running float64 moments, so an
+evaluation over many images never keeps every latent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------------
+# PSNR, SSIM, MS-SSIM.
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"image batches differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.dim() != 4:
+        raise ValueError(f"expected image batches [N, C, H, W], got shape {tuple(a.shape)}")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image: [N]. Identical images give +inf."""
+    _check_pair(a, b)
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
+    return (10.0 * torch.log10(data_range**2 / mse)).float()  # mse == 0 -> +inf, by IEEE division
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Normalized 1-D Gaussian taps centred on the middle one (scipy's gaussian_filter with the same radius)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter over H and W of [N, C, H, W], valid region only (no padding)."""
+    c = x.shape[1]
+    k = taps.to(x)
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+
+
+def _ssim_maps(a: torch.Tensor, b: torch.Tensor, data_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSIM map and the contrast-structure map, both over the valid region: [N, C, H - 10, W - 10]."""
+    if min(a.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {tuple(a.shape[-2:])}")
+    a, b = a.double(), b.double()
+    taps = gaussian_window()
+    mu_a, mu_b = _blur(a, taps), _blur(b, taps)
+    var_a = _blur(a * a, taps) - mu_a**2
+    var_b = _blur(b * b, taps) - mu_b**2
+    cov = _blur(a * b, taps) - mu_a * mu_b
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    cs = (2 * cov + c2) / (var_a + var_b + c2)
+    luminance = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
+    return luminance * cs, cs
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image, averaged over channels and pixels: [N]. Identical images give 1."""
+    _check_pair(a, b)
+    ssim_map, _ = _ssim_maps(a, b, data_range)
+    return ssim_map.flatten(1).mean(dim=1).float()
+
+
+def ms_ssim_scales(height: int, width: int, max_scales: int = len(MS_SSIM_WEIGHTS)) -> int:
+    """How many MS-SSIM scales fit: the coarsest image (side // 2^(scales-1)) must still hold an 11-pixel window.
+
+    256 px and up get the standard 5 scales (the coarsest is 16 px); 64 px gets 3; below 11 px it is an error.
+    """
+    side = min(height, width)
+    if side < SSIM_WINDOW:
+        raise ValueError(f"MS-SSIM needs images at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {height}x{width}")
+    scales = 1
+    while scales < max_scales and side // 2**scales >= SSIM_WINDOW:
+        scales += 1
+    return scales
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0,
+            weights: tuple[float, ...] = MS_SSIM_WEIGHTS) -> torch.Tensor:
+    """Multi-scale SSIM per image: [N].
+
+    Images too small for all scales (below 176 px for five) use the first `ms_ssim_scales(H, W)` weights,
+    renormalized to sum to 1, so the value stays in [0, 1] and comparable in spirit; the report says so.
+    """
+    _check_pair(a, b)
+    scales = ms_ssim_scales(*a.shape[-2:], max_scales=len(weights))
+    w = torch.tensor(weights[:scales], dtype=torch.float64)
+    w = w / w.sum()
+    terms = []
+    a, b = a.double(), b.double()
+    for scale in range(scales):
+        ssim_map, cs = _ssim_maps(a, b, data_range)
+        value = ssim_map if scale == scales - 1 else cs
+        terms.append(value.flatten(1).mean(dim=1).clamp_min(0.0))
+        if scale < scales - 1:
+            a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
+    stacked = torch.stack(terms, dim=1)  # [N, scales]
+    return torch.prod(stacked ** w.to(stacked), dim=1).float()
+
+
+def summarize(values: torch.Tensor | list[float]) -> dict[str, Any]:
+    """{"mean", "std"} of per-image values, never NaN.
+
+    Infinite values (PSNR of an exact reconstruction) are counted in "num_infinite" and left out of mean/std, with a
+    note; if every value is infinite the mean is +inf. Standard deviation is the population one (ddof 0).
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        raise ValueError("cannot summarize an empty list of values")
+    if torch.isnan(v).any():
+        raise ValueError(f"{int(torch.isnan(v).sum())} of {v.numel()} values are NaN")
+    finite = v[torch.isfinite(v)]
+    out: dict[str, Any] = {}
+    if finite.numel():
+        out["mean"] = float(finite.mean())
+        out["std"] = float(finite.std(correction=0))
+    else:
+        out["mean"] = float(v[0])  # all +inf (or all -inf)
+        out["std"] = 0.0
+    infinite = v.numel() - finite.numel()
+    if infinite:
+        out["num_infinite"] = infinite
+        out["note"] = (f"{infinite} of {v.numel()} values are infinite (exact reconstruction)"
+                       + (", excluded from mean/std" if finite.numel() else ""))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Unit activity (Burda et al. 2016): a latent unit is active when its posterior mean changes with the input.
+
+
+def unit_activity(means: torch.Tensor) -> torch.Tensor:
+    """Per-channel activity of posterior means `means` [N, C, ...]: shape [C].
+
+    Variance across the N images (population variance, ddof 0) of the posterior mean at each latent position,
+    averaged over the spatial positions. For [N, D] inputs (an MLP VAE) each dimension is its own unit.
+    """
+    if means.dim() < 2:
+        raise ValueError(f"expected posterior means [N, C, ...], got shape {tuple(means.shape)}")
+    variance = means.double().var(dim=0, correction=0)  # [C, ...]
+    return variance.flatten(1).mean(dim=1) if variance.dim() > 1 else variance
+
+
+def active_units(means: torch.Tensor, threshold: float = 0.01) -> int:
+    """Number of units whose activity (see `unit_activity`) exceeds `threshold`."""
+    return int((unit_activity(means) > threshold).sum())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Streaming latent statistics.
+
+
+class Posterior(Protocol):
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+
+class _Moments:
+    """Running count / mean / sum of squared deviations (Chan et al.'s parallel update) over dim 0, in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().cpu()
+        n = x.shape[0]
+        batch_mean = x.mean(dim=0)
+        batch_m2 = (x - batch_mean).pow(2).sum(dim=0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
+            return
+        if batch_mean.shape != self.mean.shape:
+            raise ValueError(f"latent shape changed during accumulation: {tuple(self.mean.shape)} then "
+                             f"{tuple(batch_mean.shape)} (evaluate all images at one resolution)")
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta.pow(2) * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return self.m2 / self.count
+
+
+class LatentStatistics:
+    """Streams posteriors and reports what a diffusion model trained on these latents needs to know.
+
+    `update(posterior)` takes anything with `.mean` and `.logvar` of shape [B, C, ...]. The latent values whose
+    moments give `scaling_factor` / `shift_factor` / `latents_mean` / `latents_std` are samples z ~ q(z | x) (what
+    latent diffusion trains on), drawn with a seeded generator, or the `latents` passed in. `keep` > 0 keeps a
+    uniform random sample of up to `keep` latent vectors (all channels of one position) for histograms.
+    """
+
+    def __init__(self, threshold: float = 0.01, seed: int = 0, keep: int = 0):
+        self.threshold = threshold
+        self.keep = keep
+        self.generator = torch.Generator().manual_seed(seed)  # posterior samples
+        self.key_generator = torch.Generator().manual_seed(seed + 1)  # which latents are kept: independent of the above
+        self.mean_moments = _Moments()    # posterior means per latent position [C, ...]: unit activity
+        self.latent_moments = _Moments()  # z per channel, every position and image pooled: [C]
+        self.std_sum: torch.Tensor | None = None  # sum over images of the per-channel average posterior std
+        self.kl_sum: torch.Tensor | None = None   # sum over images of per-channel KL (summed over positions)
+        self.mean_channel_moments = _Moments()  # posterior means per channel, pooled: [C]
+        self.kept = torch.empty(0)       # [<= keep, C] latent vectors: the ones with the smallest random keys,
+        self.kept_keys = torch.empty(0)  # which makes them a uniform sample of everything seen (bottom-k sampling)
+
+    @staticmethod
+    def _channels_last(x: torch.Tensor) -> torch.Tensor:
+        """[B, C, ...] -> [B * positions, C] so per-channel moments pool images and positions alike."""
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+    def update(self, posterior: Posterior, latents: torch.Tensor | None = None) -> None:
+        mean = posterior.mean.detach().float().cpu()
+        logvar = posterior.logvar.detach().float().cpu()
+        if latents is None:
+            noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * noise
+        latents = latents.detach().float().cpu()
+        self.mean_moments.update(mean)
+        self.mean_channel_moments.update(self._channels_last(mean))
+        self.latent_moments.update(self._channels_last(latents))
+        spatial = tuple(range(2, mean.dim()))
+        kl = 0.5 * (mean.double().pow(2) + logvar.double().exp() - 1.0 - logvar.double())
+        kl = kl.sum(dim=spatial) if spatial else kl  # [B, C]
+        std = torch.exp(0.5 * logvar.double())
+        std = std.mean(dim=spatial) if spatial else std
+        self.kl_sum = kl.sum(0) if self.kl_sum is None else self.kl_sum + kl.sum(0)
+        self.std_sum = std.sum(0) if self.std_sum is None else self.std_sum + std.sum(0)
+        if self.keep:
+            flat = self._channels_last(latents)
+            keys = torch.cat([self.kept_keys, torch.rand(flat.shape[0], generator=self.key_generator)])
+            values = torch.cat([self.kept.view(-1, flat.shape[1]), flat])
+            order = torch.argsort(keys)[: self.keep]
+            self.kept, self.kept_keys = values[order], keys[order]
+
+    @property
+    def num_images(self) -> int:
+        return self.mean_moments.count
+
+    def kept_latents(self, scaling_factor: float, shift_factor: float) -> torch.Tensor:
+        """The kept latent vectors mapped to diffusion scale, (z - shift) * scale: [K, C]."""
+        if not self.kept.numel():
+            raise ValueError("no latents were kept: build LatentStatistics(keep=...) with keep > 0")
+        return (self.kept - shift_factor) * scaling_factor
+
+    def result(self) -> dict[str, Any]:
+        """Plain-Python dict (JSON-ready) of the statistics so far; see the module docstring for definitions."""
+        if self.num_images == 0:
+            raise ValueError("LatentStatistics.result() called before any update()")
+        z = self.latent_moments
+        channel_mean, channel_var = z.mean, z.variance
+        # Every channel pools the same number of values, so the global moments follow from the per-channel ones.
+        shift = channel_mean.mean()
+        total_var = (channel_var + (channel_mean - shift).pow(2)).mean()
+        activity = self.mean_moments.variance
+        activity = activity.flatten(1).mean(dim=1) if activity.dim() > 1 else activity
+        collapsed = [int(c) for c in torch.nonzero(activity <= self.threshold).flatten()]
+        kl_per_channel = self.kl_sum / self.num_images
+        return {
+            "num_images": self.num_images,
+            "scaling_factor": float(1.0 / total_var.sqrt()) if total_var > 0 else float("inf"),
+            "shift_factor": float(shift),
+            "latents_mean": channel_mean.tolist(),
+            "latents_std": channel_var.sqrt().tolist(),
+            "channel_mean": self.mean_channel_moments.mean.tolist(),
+            "channel_std": self.mean_channel_moments.variance.sqrt().tolist(),
+            "posterior_std": (self.std_sum / self.num_images).tolist(),
+            "kl_per_channel": kl_per_channel.tolist(),
+            "kl_total": float(kl_per_channel.sum()),
+            "unit_activity": activity.tolist(),
+            "active_units": len(activity) - len(collapsed),
+            "activity_threshold": self.threshold,
+            "collapsed_channels": collapsed,
+        }
+
+
+LATENT_STATISTICS_DOC = {
+    "scaling_factor": "1 / std of all latent values z ~ q(z|x) (every image, channel, position)",
+    "shift_factor": "mean of all latent values z ~ q(z|x)",
+    "latents_mean": "per-channel mean of z ~ q(z|x)",
+    "latents_std": "per-channel std of z ~ q(z|x)",
+    "channel_mean": "per-channel mean of the posterior means mu(x)",
+    "channel_std": "per-channel std of the posterior means mu(x)",
+    "posterior_std": "per-channel average posterior std sigma(x)",
+    "kl_per_channel": "nats: KL(q || N(0, I)) summed over a channel's positions, averaged over images",
+    "kl_total": "nats per image: the sum of kl_per_channel",
+    "unit_activity": "per channel: variance across images of mu(x) at each position, averaged over positions",
+    "active_units": "channels with unit_activity > activity_threshold",
+}
+
+
+@dataclass
+class PosteriorMoments:
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+
+def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, threshold: float = 0.01,
+                      latents: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
+    """`LatentStatistics` over one batch of posterior moments [N, C, ...] (see `LATENT_STATISTICS_DOC`)."""
+    stats = LatentStatistics(threshold=threshold, seed=seed)
+    stats.update(PosteriorMoments(means, logvars), latents)
+    return stats.result()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pretrained-network metrics: they work offline only when the weights are already in the torch hub cache.
+
+TORCHVISION_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+INCEPTION_FID_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception (TF port)
+
+
+def hub_checkpoint(filename: str) -> Path:
+    """Where torch.hub (and so torchvision / torch-fidelity) caches a downloaded checkpoint."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+class LPIPSMetric:
+    """LPIPS distance per image with the `lpips` package on torchvision's ImageNet backbone.
+
+    `available` is False, with `reason`, when the backbone weights are not cached (nothing is downloaded: a random
+    backbone would give a meaningless number). `network` forces an `lpips.LPIPS` in; tests use that to compare
+    against the package with `pnet_rand=True`.
+    """
+
+    def __init__(self, net: str = "alex", device: str | torch.device = "cpu", network: torch.nn.Module | None = None):
+        if net not in TORCHVISION_BACKBONE_FILES:
+            raise ValueError(f"LPIPS net must be one of {sorted(TORCHVISION_BACKBONE_FILES)}, got {net!r}")
+        self.net = net
+        self.network = network
+        self.reason: str | None = None
+        if network is None:
+            weights = hub_checkpoint(TORCHVISION_BACKBONE_FILES[net])
+            if not weights.is_file():
+                self.reason = (f"LPIPS needs the pretrained torchvision {net} backbone: {weights} is missing "
+                               f"(copy it there from a machine with internet access)")
+                return
+            import lpips
+
+            self.network = lpips.LPIPS(net=net, verbose=False)
+        self.network = self.network.to(device).eval().requires_grad_(False)
+
+    @property
+    def available(self) -> bool:
+        return self.network is not None
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image for images in [0, 1]: [N]."""
+        if self.network is None:
+            raise RuntimeError(f"LPIPS is unavailable: {self.reason}")
+        _check_pair(a, b)
+        device = next(self.network.parameters()).device
+        a, b = a.to(device).float() * 2 - 1, b.to(device).float() * 2 - 1
+        return self.network(a, b).flatten().cpu()
+
+
+def _torch_fidelity_available() -> bool:
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FIDMetric:
+    """Reconstruction FID (rFID): Frechet distance between Inception features of originals and reconstructions.
+
+    Uses torchmetrics' FrechetInceptionDistance with torch-fidelity's FID Inception (`pip install torch-fidelity`)
+    and its weights from the torch hub cache; otherwise `available` is False with a `reason`. `feature` forces a
+    feature extractor in (a module mapping [N, 3, H, W] floats in [0, 1] to [N, D]; tests only).
+    With few images rFID is biased upwards and noisy: compare models on the same image set only.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", feature: torch.nn.Module | None = None):
+        self.reason: str | None = None
+        self.metric = None
+        if feature is None:
+            weights = hub_checkpoint(INCEPTION_FID_FILE)
+            if not _torch_fidelity_available():
+                self.reason = "rFID needs torch-fidelity (pip install torch-fidelity), which is not installed"
+                return
+            if not weights.is_file():
+                self.reason = (f"rFID needs torch-fidelity's Inception weights: {weights} is missing "
+                               f"(copy it there from a machine with internet access)")
+                return
+        from torchmetrics.image.fid import FrechetInceptionDistance  # slow import: only when it will be used
+
+        if feature is None:
+            self.metric = FrechetInceptionDistance(feature=2048, normalize=True,
+                                                   feature_extractor_weights_path=str(weights))
+        else:
+            self.metric = FrechetInceptionDistance(feature=feature, normalize=True)
+        self.metric = self.metric.to(device)
+
+    @property
+    def available(self) -> bool:
+        return self.metric is not None
+
+    @torch.no_grad()
+    def update(self, real: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        """Add a batch of originals and their reconstructions, both in [0, 1]."""
+        if self.metric is None:
+            raise RuntimeError(f"rFID is unavailable: {self.reason}")
+        device = self.metric.device
+        self.metric.update(real.to(device).float(), real=True)
+        self.metric.update(reconstruction.to(device).float(), real=False)
+
+    def compute(self) -> float:
+        if self.metric is None:
+            raise RuntimeError(f"rFID is unavailable: {self.reason}")
+        return float(self.metric.compute())
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model space -> [0, 1] metric space, clamped (decoders overshoot a little)."""
+    return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+__all__ = [
+    "psnr", "ssim", "ms_ssim", "ms_ssim_scales", "summarize", "unit_activity", "active_units",
+    "LatentStatistics", "latent_statistics", "LATENT_STATISTICS_DOC", "LPIPSMetric", "FIDMetric",
+    "hub_checkpoint", "to_unit_range", "gaussian_window",
+]

@@ -1,0 +1,260 @@
+"""metrics.py against independent references: skimage.metrics, torchmetrics, lpips, numpy / scipy closed forms."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from kl_autoencoder import metrics as M
+from kl_autoencoder.model import DiagonalGaussian, KLAutoencoder
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds contention on a busy 2-core machine (50x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def photo_batch(size: int, noise: tuple[float, ...] = (0.02, 0.05, 0.1)) -> tuple[np.ndarray, np.ndarray]:
+    """Real photos (centre crops, [N, H, W, 3] float64 in [0, 1]) and noisy, clipped copies of them."""
+    rng = np.random.default_rng(0)
+    photos = []
+    for image in (skdata.astronaut(), skdata.coffee(), skdata.chelsea()):
+        h, w = image.shape[:2]
+        top, left = (h - size) // 2, (w - size) // 2
+        photos.append(image[top:top + size, left:left + size] / 255.0)
+    clean = np.stack(photos)
+    noisy = np.stack([np.clip(p + rng.normal(0, s, p.shape), 0, 1) for p, s in zip(clean, noise)])
+    return clean, noisy
+
+
+def to_torch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+
+
+def skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    return structural_similarity(a, b, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False, data_range=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- PSNR / SSIM
+
+
+def test_psnr_and_ssim_match_skimage_on_noisy_photos():
+    clean, noisy = photo_batch(96)
+    a, b = to_torch(clean), to_torch(noisy)
+    # skimage sees the same float32 values our tensors hold
+    clean32, noisy32 = a.permute(0, 2, 3, 1).double().numpy(), b.permute(0, 2, 3, 1).double().numpy()
+    expected_psnr = [peak_signal_noise_ratio(c, n, data_range=1.0) for c, n in zip(clean32, noisy32)]
+    expected_ssim = [skimage_ssim(c, n) for c, n in zip(clean32, noisy32)]
+    np.testing.assert_allclose(M.psnr(a, b).numpy(), expected_psnr, rtol=1e-5)
+    np.testing.assert_allclose(M.ssim(a, b).numpy(), expected_ssim, atol=1e-5)
+    # more noise, lower scores: the three photos got increasing noise
+    assert np.all(np.diff(expected_psnr) < 0)
+
+
+def test_psnr_and_ms_ssim_match_torchmetrics():
+    tmf = pytest.importorskip("torchmetrics.functional.image")
+    clean, noisy = photo_batch(192)  # 192 px: all five MS-SSIM scales (the coarsest is 12 px)
+    a, b = to_torch(clean), to_torch(noisy)
+    expected = tmf.peak_signal_noise_ratio(b, a, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    torch.testing.assert_close(M.psnr(b, a), expected.float(), rtol=1e-5, atol=1e-4)
+    # torchmetrics also scores the reflect-padded border that Wang et al.'s "valid" filtering (ours, skimage's)
+    # leaves out; at the 12-pixel coarsest scale that moves the result by a few 1e-4.
+    expected = tmf.multiscale_structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")
+    torch.testing.assert_close(M.ms_ssim(b, a), expected.float(), atol=1e-3, rtol=0)
+    # one scale with weight 1 is plain SSIM: exact agreement with skimage
+    expected_ssim = [skimage_ssim(x, y) for x, y in zip(b.permute(0, 2, 3, 1).double().numpy(),
+                                                       a.permute(0, 2, 3, 1).double().numpy())]
+    np.testing.assert_allclose(M.ms_ssim(b, a, weights=(1.0,)).numpy(), expected_ssim, atol=1e-5)
+
+
+def skimage_ms_ssim(a: np.ndarray, b: np.ndarray, weights: tuple[float, ...]) -> float:
+    """MS-SSIM of two [H, W, 3] images from skimage's SSIM: with K1 huge the luminance term is 1, leaving the
+    contrast-structure term; 2x2 mean pooling between scales; weights renormalized to sum to 1."""
+    w = np.asarray(weights) / np.sum(weights)
+    value = 1.0
+    for scale, weight in enumerate(w):
+        last = scale == len(w) - 1
+        kwargs = dict(channel_axis=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+        term = structural_similarity(a, b, **kwargs) if last else structural_similarity(a, b, K1=1e4, **kwargs)
+        value *= max(term, 0.0) ** weight
+        h, w_ = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+        a, b = (x[:h, :w_].reshape(h // 2, 2, w_ // 2, 2, 3).mean(axis=(1, 3)) for x in (a, b))
+    return value
+
+
+@pytest.mark.parametrize("size, scales", [(64, 3), (192, 5)])
+def test_ms_ssim_matches_a_skimage_built_reference(size, scales):
+    clean, noisy = photo_batch(size)
+    a, b = to_torch(clean), to_torch(noisy)
+    assert M.ms_ssim_scales(size, size) == scales
+    a64, b64 = (x.permute(0, 2, 3, 1).double().numpy() for x in (a, b))
+    expected = [skimage_ms_ssim(x, y, M.MS_SSIM_WEIGHTS[:scales]) for x, y in zip(b64, a64)]
+    np.testing.assert_allclose(M.ms_ssim(b, a).numpy(), expected, atol=1e-5)
+
+
+def test_ms_ssim_scale_rule_and_small_image_error():
+    assert M.ms_ssim_scales(256, 256) == 5 and M.ms_ssim_scales(32, 32) == 2 and M.ms_ssim_scales(11, 40) == 1
+    with pytest.raises(ValueError, match="at least 11x11"):
+        M.ms_ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+def test_identical_images_give_infinite_psnr_and_unit_ssim():
+    clean, noisy = photo_batch(48)
+    a = to_torch(clean)
+    assert torch.isinf(M.psnr(a, a)).all() and (M.psnr(a, a) > 0).all()
+    torch.testing.assert_close(M.ssim(a, a), torch.ones(3))
+    torch.testing.assert_close(M.ms_ssim(a, a), torch.ones(3))
+    mixed = M.summarize(M.psnr(a, torch.cat([a[:1], to_torch(noisy)[1:]])))
+    assert mixed["num_infinite"] == 1 and np.isfinite(mixed["mean"]) and np.isfinite(mixed["std"])
+    assert "excluded" in mixed["note"]
+    exact = M.summarize(M.psnr(a, a))
+    assert exact["mean"] == float("inf") and exact["std"] == 0.0
+    with pytest.raises(ValueError, match="NaN"):
+        M.summarize([1.0, float("nan")])
+
+
+def test_image_metrics_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ in shape"):
+        M.psnr(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 8))
+
+
+# ---------------------------------------------------------------------------------------------------- unit activity
+
+
+def test_unit_activity_is_variance_across_images_averaged_over_positions():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(50, 3, 4, 4, generator=g) * torch.tensor([0.0, 0.05, 1.0]).view(1, 3, 1, 1)
+    means = means + torch.tensor([5.0, -2.0, 0.3]).view(1, 3, 1, 1)  # offsets must not count as activity
+    expected = means.double().numpy().var(axis=0).mean(axis=(1, 2))
+    np.testing.assert_allclose(M.unit_activity(means).numpy(), expected, rtol=1e-10)
+    assert M.active_units(means) == 1  # variances 0, 0.0025, 1 against threshold 0.01
+    assert M.active_units(means, threshold=0.001) == 2
+    flat = torch.randn(30, 5, generator=g)  # [N, D]: one unit per dimension
+    np.testing.assert_allclose(M.unit_activity(flat).numpy(), flat.double().numpy().var(axis=0), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------- latent statistics
+
+
+def test_streamed_latent_statistics_match_one_shot_and_numpy():
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(24, 4, 3, 5, generator=g) * 2 + 0.5
+    logvars = torch.randn(24, 4, 3, 5, generator=g) * 0.3 - 1
+    latents = means + torch.exp(0.5 * logvars) * torch.randn(means.shape, generator=g)
+    stats = M.LatentStatistics()
+    for rows in (slice(0, 5), slice(5, 6), slice(6, 24)):  # uneven batches
+        stats.update(DiagonalGaussian(mean=means[rows], logvar=logvars[rows]), latents[rows])
+    streamed, one_shot = stats.result(), M.latent_statistics(means, logvars, latents=latents)
+    for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "kl_per_channel", "unit_activity"):
+        np.testing.assert_allclose(streamed[key], one_shot[key], rtol=1e-9)
+    z = latents.double().numpy()
+    assert streamed["shift_factor"] == pytest.approx(z.mean(), rel=1e-9)
+    assert streamed["scaling_factor"] == pytest.approx(1 / z.std(), rel=1e-9)
+    np.testing.assert_allclose(streamed["latents_mean"], z.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(streamed["latents_std"], z.std(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(streamed["channel_std"], means.double().numpy().std(axis=(0, 2, 3)), rtol=1e-9)
+    # per-channel KL: the model's own closed form, averaged over images
+    kl = DiagonalGaussian(mean=means, logvar=logvars).kl_per_channel().double().mean(0)
+    np.testing.assert_allclose(streamed["kl_per_channel"], kl.numpy(), rtol=1e-5)
+    assert streamed["num_images"] == 24 and streamed["active_units"] == 4 and streamed["collapsed_channels"] == []
+    # the kept histogram sample: `keep` latent vectors drawn from every batch, scaled like diffusion latents
+    kept_stats = M.LatentStatistics(keep=100)
+    for rows in (slice(0, 12), slice(12, 24)):
+        kept_stats.update(DiagonalGaussian(mean=means[rows], logvar=logvars[rows]), latents[rows])
+    flat = latents.movedim(1, -1).reshape(-1, 4)
+    kept = kept_stats.kept_latents(2.0, 0.5) / 2.0 + 0.5
+    assert kept.shape == (100, 4)
+    rows = [int(torch.nonzero((flat - k).abs().max(dim=1).values < 1e-5)[0]) for k in kept]
+    assert len(set(rows)) == 100 and min(rows) < len(flat) // 2 <= max(rows)
+    with pytest.raises(ValueError, match="shape changed"):
+        stats.update(DiagonalGaussian(mean=means[:, :, :2], logvar=logvars[:, :, :2]))
+
+
+def test_measured_scaling_and_shift_normalize_a_models_latents():
+    torch.manual_seed(0)
+    model = KLAutoencoder(tiny_config()).eval()
+    with torch.no_grad():
+        model.encoder.conv_out.weight.mul_(4)  # spread the posterior means so z is far from N(0, 1) before scaling
+        model.encoder.conv_out.bias.add_(0.7)
+        images = torch.rand(12, 3, 32, 32) * 2 - 1
+        posterior = model.encode(images)
+    stats = M.LatentStatistics(seed=0)
+    stats.update(posterior)
+    result = stats.result()
+    model.config.scaling_factor, model.config.shift_factor = result["scaling_factor"], result["shift_factor"]
+    raw = posterior.sample(torch.Generator().manual_seed(123))  # fresh samples, not the ones measured
+    assert abs(raw.mean()) > 0.2 or abs(raw.std() - 1) > 0.2  # the check below is not trivially true
+    scaled = model.to_diffusion_latents(raw)
+    assert abs(float(scaled.mean())) < 0.05
+    assert abs(float(scaled.std()) - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------------- LPIPS, rFID
+
+
+def test_lpips_metric_matches_lpips_package_on_same_weights():
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    network = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    reference = copy.deepcopy(network).eval()
+    clean, noisy = photo_batch(64)
+    a, b = to_torch(clean), to_torch(noisy)
+    metric = M.LPIPSMetric("alex", network=network)
+    assert metric.available and metric.reason is None
+    distances = metric(a, b)
+    with torch.no_grad():
+        expected = reference(a * 2 - 1, b * 2 - 1).flatten()
+    assert distances.shape == (3,)
+    torch.testing.assert_close(distances, expected, rtol=1e-5, atol=1e-6)
+    assert float(metric(a, a).abs().max()) < 1e-6
+
+
+def test_lpips_and_rfid_report_a_reason_instead_of_downloading(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache
+    for net, filename in M.TORCHVISION_BACKBONE_FILES.items():
+        metric = M.LPIPSMetric(net)
+        assert not metric.available and filename in metric.reason and str(tmp_path) in metric.reason
+        with pytest.raises(RuntimeError, match="unavailable"):
+            metric(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+    fid = M.FIDMetric()
+    assert not fid.available
+    assert "torch-fidelity" in fid.reason or M.INCEPTION_FID_FILE in fid.reason
+
+
+class PooledFeatures(torch.nn.Module):
+    """A fixed, tiny feature extractor: 2x2 average colour -> 12 features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_rfid_with_injected_features_matches_closed_form():
+    pytest.importorskip("torchmetrics")
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 3, 16, 16, generator=g)
+    fake = (real * 0.8 + 0.15 * torch.rand(40, 3, 16, 16, generator=g)).clamp(0, 1)
+    fid = M.FIDMetric(feature=PooledFeatures())
+    for rows in (slice(0, 16), slice(16, 40)):
+        fid.update(real[rows], fake[rows])
+    features = PooledFeatures()
+    expected = frechet_distance(features(real).double().numpy(), features(fake).double().numpy())
+    assert fid.compute() == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    assert expected > 1e-3
