@@ -1,0 +1,42 @@
+"""Train or fine-tune a KL autoencoder from a YAML config plus dotted overrides.
+
+    python training/train.py --config configs/quickstart.yaml train.max_steps=200
+    accelerate launch --multi_gpu --num_processes 2 training/train.py --config configs/kl-f8.yaml
+    python training/train.py --config configs/quickstart.yaml train.resume=latest   # continue a stopped run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
+from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 optim.lr=2e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        export_dir = train(cfg)
+    except TrainingInterrupted:
+        return 0  # the trainer printed where the checkpoint is and how to resume
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
