@@ -2,8 +2,15 @@
 
 import os
 
-import pytest
-import torch
+# One thread per process: on a 2-core machine two OpenMP threads spin against each other (and against the
+# subprocesses some tests start) and make small tensor work many times slower. Set before torch is imported so
+# subprocesses inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Nothing may reach the network during tests; libraries that would try fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
