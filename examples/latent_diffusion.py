@@ -1,0 +1,130 @@
+"""Latent diffusion on our autoencoder: train a tiny DDPM in the VAE's latent space, sample, decode to a PNG grid.
+
+The diffusion model never sees pixels: random crops of the built-in sample photos are encoded once into diffusion
+latents ((z - shift) * scaling_factor, unit variance by design), a small UNet learns to predict the noise added to
+them, and ancestral DDPM sampling produces latents that the VAE decoder turns into images.
+
+    python examples/latent_diffusion.py --vae outputs/quickstart/vae            # a few hundred steps
+    python examples/latent_diffusion.py --vae outputs/quickstart/vae --quick    # ~20 s smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vae", default="outputs/quickstart/vae", help="exported VAE folder (diffusers format)")
+    p.add_argument("--steps", type=int, default=400, help="training steps of the diffusion UNet")
+    p.add_argument("--quick", action="store_true", help="tiny run for tests: few steps, small crops, few samples")
+    p.add_argument("--resolution", type=int, default=64, help="pixel size of the training crops")
+    p.add_argument("--num-crops", type=int, default=512, help="random crops encoded once before training")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--out", default="outputs/latent_diffusion/samples.png")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.resolution, args.num_crops, args.num_samples = min(args.steps, 20), 32, 64, 4
+        args.batch_size = min(args.batch_size, 16)
+    return args
+
+
+def random_crops(num: int, size: int, rng: random.Random) -> torch.Tensor:
+    """`num` random size x size crops (with horizontal flips) of the built-in sample photos, in [-1, 1]."""
+    from kl_autoencoder.data import image_to_tensor, sample_images
+
+    photos = [image_to_tensor(image) for _, image in sample_images("train")]
+    crops = []
+    for _ in range(num):
+        photo = rng.choice(photos)
+        top, left = rng.randint(0, photo.shape[1] - size), rng.randint(0, photo.shape[2] - size)
+        crop = photo[:, top:top + size, left:left + size]
+        crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
+    return torch.stack(crops)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    return torch.cat([vae.to_diffusion_latents(vae.encode(pixels[i:i + batch_size]).mode())
+                      for i in range(0, len(pixels), batch_size)])
+
+
+def build_unet(latent_channels: int, latent_size: int, width: int = 32):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+                       layers_per_block=1, block_out_channels=(width, 2 * width), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def train(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator) -> list[float]:
+    """The DDPM objective: predict the noise added at a uniformly drawn timestep."""
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        x0 = latents[torch.randint(len(latents), (batch_size,), generator=generator)]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def sample(unet, scheduler, shape: tuple[int, ...], num_steps: int, generator: torch.Generator) -> torch.Tensor:
+    scheduler.set_timesteps(num_steps)
+    x = torch.randn(shape, generator=generator)
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x, generator=generator).prev_sample
+    return x
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not Path(args.vae).exists():
+        print(f"error: no VAE at {args.vae}: run the README main command first (it exports outputs/quickstart/vae), "
+              "or pass --vae PATH", file=sys.stderr)
+        return 2
+    from diffusers import DDPMScheduler
+    from torchvision.utils import make_grid
+
+    from kl_autoencoder import KLAutoencoder
+    from kl_autoencoder.data import tensor_to_image
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    vae = KLAutoencoder.from_pretrained(args.vae).eval()
+    latents = encode_latents(vae, random_crops(args.num_crops, args.resolution, random.Random(args.seed)))
+    print(f"{len(latents)} training latents of shape {tuple(latents.shape[1:])}, std {latents.std():.3f}")
+
+    scheduler = DDPMScheduler(num_train_timesteps=100 if args.quick else 1000, clip_sample=False)
+    unet = build_unet(latents.shape[1], latents.shape[-1], width=16 if args.quick else 32)
+    losses = train(unet, scheduler, latents, args.steps, args.batch_size, generator)
+    window = max(1, len(losses) // 10)
+    print(f"loss_first={sum(losses[:window]) / window:.4f}")
+    print(f"loss_last={sum(losses[-window:]) / window:.4f}")
+
+    unet.eval()
+    z = sample(unet, scheduler, (args.num_samples, *latents.shape[1:]), 10 if args.quick else 50, generator)
+    with torch.no_grad():
+        images = vae.decode(vae.from_diffusion_latents(z)).clamp(-1, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensor_to_image(make_grid(images, nrow=int(len(images) ** 0.5), padding=2, pad_value=1.0)).save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
