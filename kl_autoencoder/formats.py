@@ -370,6 +370,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, config: Autoe
         state = to_diffusers_state_dict(read_state_dict(local))
         if config is None and (local.parent / CONFIG_NAME).is_file() and local.name == WEIGHTS_NAME:
             config = read_config(local.parent)
+        if config is None:
+            config = _embedded_config(local)
         if isinstance(config, dict):
             config = AutoencoderConfig.from_dict(config)
         model_config = config if config is not None else infer_config(state)
@@ -382,6 +384,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, config: Autoe
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _embedded_config(path: Path) -> dict | None:
+    """The config our LDM export stores in the safetensors header, if this file has one."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        text = (f.metadata() or {}).get("kl_autoencoder_config")
+    return json.loads(text) if text else None
 
 
 def _looks_like_repo_id(text: str) -> bool:
@@ -429,7 +442,9 @@ def save_model(model: KLAutoencoder, path: str | Path, format: str = "diffusers"
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors") if path.suffix else path / "vae.safetensors"
         ldm_state = diffusers_to_ldm(state)
-        atomic_write(path, lambda tmp: save_file(ldm_state, tmp, metadata={"format": "pt"}))
+        # The config rides along in the header, so our loader rebuilds the exact model (others ignore it).
+        metadata = {"format": "pt", "kl_autoencoder_config": json.dumps(model.config.to_dict())}
+        atomic_write(path, lambda tmp: save_file(ldm_state, tmp, metadata=metadata))
         _verify_export(to_diffusers_state_dict(load_file(path)), state, path)
         return path
     raise ValueError(f"unknown export format {format!r}; choose 'diffusers' or 'ldm'")

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from kl_autoencoder.config import ModelSection, TrainConfig, save_config
+from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder import losses as L
 
@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the folder complete
 NAN_STEPS_ENV = "KLAE_TEST_NAN_STEPS"  # test hook: "3,4,5" makes the loss NaN at those optimizer steps
+# Test hook: seconds to pause after a checkpoint's temp folder is fully written, before it is renamed into place
+# (lets a test SIGKILL the run in the middle of a checkpoint write). Unset in normal use.
+SLOW_CHECKPOINT_ENV = "KLAE_TEST_SLOW_CHECKPOINT"
+TMP_PREFIX = ".tmp-"  # temp folders: a checkpoint being written, or an old one being deleted
 
 
 class NonFiniteLossError(RuntimeError):
@@ -394,7 +398,7 @@ def list_checkpoints(root: Path, warn: bool = True) -> list[Path]:
         return []
     complete = []
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".tmp-") or (path.name.startswith(CHECKPOINT_PREFIX) and not is_complete_checkpoint(path)):
+        if path.name.startswith(TMP_PREFIX) or (path.name.startswith(CHECKPOINT_PREFIX) and not is_complete_checkpoint(path)):
             if warn:
                 warnings.warn(f"ignoring incomplete checkpoint folder {path} (interrupted write)", stacklevel=2)
             continue
@@ -460,26 +464,67 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders, to disk (accelerate's save_state does not)."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        if path.is_dir():
+            _fsync_dir(path)
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder that looks complete:
+    rename it to a temp name first (atomic), then delete."""
+    trash = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainingState, needed_bytes: int) -> Path:
-    """accelerate's save_state into a temp folder, renamed when complete; `latest` updated; old ones pruned."""
+    """accelerate's save_state into a temp folder, flushed and renamed when complete; then `latest` is moved and
+    old checkpoints are pruned. A kill at any point leaves the previous complete checkpoint and pointer usable."""
     root = checkpoint_root(cfg)
     final = root / f"{CHECKPOINT_PREFIX}{state.step:07d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
         check_disk_space(root, needed_bytes)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run (we are the only writer)
+            logger.info("removing %s left by an interrupted checkpoint write", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_text_atomic(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        fsync_tree(tmp)
+        pause = float(os.environ.get(SLOW_CHECKPOINT_ENV, "0") or 0)
+        if pause > 0:
+            print(f"{SLOW_CHECKPOINT_ENV}: pausing {pause}s before renaming {tmp}", flush=True)
+            time.sleep(pause)
+        if final.exists():  # re-reached after resuming from an older pointer
+            remove_folder(final)
         os.replace(tmp, final)
+        _fsync_dir(root)  # the rename is on disk before `latest` names it
         write_text_atomic(root / "latest", final.name + "\n")
+        _fsync_dir(root)
         for old in list_checkpoints(root, warn=False)[:-cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_folder(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -516,7 +561,7 @@ def build_model(section: ModelSection) -> KLAutoencoder:
         differs = {k: v for k, v in section.architecture.items()
                    if k not in ("scaling_factor", "shift_factor", "sample_size") and _plain(v) != _plain(current.get(k))}
         if differs:
-            raise ValueError(f"model.architecture {differs} contradicts the pretrained model's config "
+            raise ConfigError(f"model.architecture {differs} contradicts the pretrained model's config "
                              f"({section.pretrained}); drop model.architecture when fine-tuning")
     else:
         model = KLAutoencoder(AutoencoderConfig.from_dict(dict(section.architecture)))
@@ -666,10 +711,6 @@ def train(cfg: TrainConfig) -> Path:
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     output_dir = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
     print(f"[rank {rank}/{world}] training on {device} (mixed precision: {cfg.train.mixed_precision})", flush=True)
     set_seed(cfg.train.seed)  # same initial weights on every rank
     if cfg.train.tf32 and torch.cuda.is_available():
@@ -709,6 +750,12 @@ def train(cfg: TrainConfig) -> Path:
     ckpt_bytes += 2 * sum(p.numel() * 4 for p in params)
     if discriminator is not None:
         ckpt_bytes += 2 * sum(p.numel() * 4 for p in discriminator.parameters())
+
+    # -- output folder: created only now, so a bad model.pretrained (or perceptual weights) leaves nothing behind --
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
 
     # -- resume ------------------------------------------------------------------------------------------------------
     state = TrainingState()
@@ -779,6 +826,8 @@ def train(cfg: TrainConfig) -> Path:
                             inner_opt.found_inf = nonfinite.float()
                             optimizer.step()
                             del inner_opt.found_inf
+                        elif accelerator.scaler is not None:
+                            optimizer.step()  # fp16: the GradScaler skips a non-finite step itself and lowers its scale
                         elif not nonfinite.item():  # non-fused optimizer: one host sync to skip
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -793,7 +842,7 @@ def train(cfg: TrainConfig) -> Path:
                                 d_inner.found_inf = (~d_finite).float()
                                 d_optimizer.step()
                                 del d_inner.found_inf
-                            elif d_finite.item():
+                            elif accelerator.scaler is not None or d_finite.item():  # the scaler skips inf itself
                                 d_optimizer.step()
                             d_optimizer.zero_grad(set_to_none=True)
                         logs.update(d_logs)

@@ -55,7 +55,8 @@ def test_ldm_export_round_trip_and_key_names(tiny_model, tmp_path):
     assert "encoder.down.0.block.0.norm1.weight" in keys
     assert "decoder.up.1.block.0.conv1.weight" in keys  # LDM numbers decoder levels from the bottom
     assert load_file(path)["encoder.mid.attn_1.q.weight"].dim() == 4  # attention as 1x1 convs
-    loaded = KLAutoencoder.from_pretrained(path, config=tiny_model.config)
+    loaded = KLAutoencoder.from_pretrained(path)  # config read from the file's header
+    assert loaded.config == tiny_model.config
     assert_same_outputs(loaded, tiny_model)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
+from kl_autoencoder.formats import WeightsError  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 
 
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         export_dir = train(cfg)
+    except (ConfigError, WeightsError) as e:  # e.g. model.pretrained that does not load: found before training
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingInterrupted:
         return 0  # the trainer printed where the checkpoint is and how to resume
     except NonFiniteLossError as e:
