@@ -675,12 +675,27 @@ def export_model(model: KLAutoencoder, ema: EMA | None, cfg: TrainConfig, device
 # ----------------------------------------------------------------------------------------------- the loop
 
 
+def kept_metric_lines(text: str, start_step: int) -> str:
+    """The complete lines of an earlier metrics.jsonl up to `start_step`: a run killed mid-write leaves a partial
+    last line, and the steps after its last checkpoint are trained (and logged) again after resuming."""
+    kept = []
+    for line in text.split("\n")[:-1]:  # the text after the last newline is a partial line
+        try:
+            if json.loads(line)["step"] <= start_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return "".join(kept)
+
+
 class MetricsWriter:
     """metrics.jsonl (one JSON line per logged step) + TensorBoard through accelerate's tracker."""
 
-    def __init__(self, accelerator, output_dir: Path):
+    def __init__(self, accelerator, output_dir: Path, start_step: int = 0):
         self.accelerator = accelerator
         self.path = output_dir / "metrics.jsonl"
+        if accelerator.is_main_process and self.path.exists():
+            write_text_atomic(self.path, kept_metric_lines(self.path.read_text(), start_step))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)
@@ -769,7 +784,7 @@ def train(cfg: TrainConfig) -> Path:
     batches = iterate_batches(dataset, cfg, rank, world, state.batches_seen)
     skip_log = getattr(dataset, "skipped", None)
     accelerator.init_trackers("tensorboard")
-    metrics = MetricsWriter(accelerator, output_dir)
+    metrics = MetricsWriter(accelerator, output_dir, start_step=state.step)
 
     nan_steps = nan_steps_from_env()
     inner_opt = getattr(optimizer, "optimizer", optimizer)
