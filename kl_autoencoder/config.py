@@ -174,14 +174,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from kl_autoencoder.formats import atomic_write_text  # formats imports the model; keep config import-light
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

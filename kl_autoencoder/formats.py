@@ -38,7 +38,8 @@ class WeightsError(ValueError):
 # Atomic writes
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -49,6 +50,16 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to disk."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        if path.is_dir():
+            fsync_dir(path)
+            continue
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
@@ -66,7 +77,7 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -87,10 +98,7 @@ def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None]) -> Path
     old = path.with_name(f".{path.name}.old")
     try:
         write_fn(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as f:
-                    os.fsync(f.fileno())
+        fsync_tree(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -98,7 +106,7 @@ def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None]) -> Path
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
+from kl_autoencoder.formats import atomic_write_text, fsync_dir, fsync_tree
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder import losses as L
 
@@ -455,37 +456,6 @@ def check_disk_space(folder: Path, needed: int) -> None:
                       f"{free / 2**20:.0f} MiB free; free space or lower train.keep_checkpoints")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable (no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, then the folders, to disk (accelerate's save_state does not)."""
-    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
-        if path.is_dir():
-            _fsync_dir(path)
-            continue
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
 def remove_folder(path: Path) -> None:
     """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder that looks complete:
     rename it to a temp name first (atomic), then delete."""
@@ -511,7 +481,7 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainingState, needed_
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text_atomic(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
+        atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
         fsync_tree(tmp)
         pause = float(os.environ.get(SLOW_CHECKPOINT_ENV, "0") or 0)
         if pause > 0:
@@ -520,9 +490,9 @@ def save_checkpoint(accelerator, cfg: TrainConfig, state: TrainingState, needed_
         if final.exists():  # re-reached after resuming from an older pointer
             remove_folder(final)
         os.replace(tmp, final)
-        _fsync_dir(root)  # the rename is on disk before `latest` names it
-        write_text_atomic(root / "latest", final.name + "\n")
-        _fsync_dir(root)
+        fsync_dir(root)  # the rename is on disk before `latest` names it
+        atomic_write_text(root / "latest", final.name + "\n")
+        fsync_dir(root)
         for old in list_checkpoints(root, warn=False)[:-cfg.train.keep_checkpoints]:
             remove_folder(old)
     accelerator.wait_for_everyone()
@@ -695,7 +665,7 @@ class MetricsWriter:
         self.accelerator = accelerator
         self.path = output_dir / "metrics.jsonl"
         if accelerator.is_main_process and self.path.exists():
-            write_text_atomic(self.path, kept_metric_lines(self.path.read_text(), start_step))
+            atomic_write_text(self.path, kept_metric_lines(self.path.read_text(), start_step))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         self.accelerator.log(values, step=step)
@@ -936,7 +906,7 @@ def train(cfg: TrainConfig) -> Path:
     export_dir = Path(cfg.train.output_dir) / "vae"
     if accelerator.is_main_process:
         export_dir = export_model(raw_model, ema, cfg, device)
-        write_text_atomic(output_dir / "summary.json", json.dumps({
+        atomic_write_text(output_dir / "summary.json", json.dumps({
             "steps": state.step, "skipped_images": skipped, "skipped_files": skip_log.files if skip_log else [],
             "nonfinite_steps": state.nonfinite_total, "export": str(export_dir)}, indent=2))
         accelerator.print(f"exported {export_dir}")
