@@ -16,15 +16,6 @@ LATENT_KEYS = ("scaling_factor", "shift_factor", "channel_mean", "channel_std", 
                "kl_per_channel", "active_units", "collapsed_channels")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds contention on a busy 2-core machine (50x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def informative_model() -> KLAutoencoder:
     """Random weights, but the posterior mean clearly depends on the image (every channel well above threshold)."""
     torch.manual_seed(0)

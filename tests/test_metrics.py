@@ -13,15 +13,6 @@ from kl_autoencoder.model import DiagonalGaussian, KLAutoencoder
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds contention on a busy 2-core machine (50x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def photo_batch(size: int, noise: tuple[float, ...] = (0.02, 0.05, 0.1)) -> tuple[np.ndarray, np.ndarray]:
     """Real photos (centre crops, [N, H, W, 3] float64 in [0, 1]) and noisy, clipped copies of them."""
     rng = np.random.default_rng(0)
