@@ -1,0 +1,69 @@
+"""The reference a peer would benchmark against: diffusers `AutoencoderKL` + `lpips.LPIPS` + `torch.optim.AdamW`.
+
+Written plainly, the way the diffusers training example does it, with no speed tricks: default (contiguous) memory
+format, fp32, eager mode, the default AdamW implementation, `zero_grad()` with its defaults. The LPIPS network is
+frozen (`requires_grad_(False)`), as any sensible peer would, so the comparison is not won by skipping VGG weight
+gradients that nobody needs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+
+def build_reference_vae(architecture: dict[str, Any]):
+    """A diffusers AutoencoderKL with the given config (random init; load weights with `load_state_dict`)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**architecture)
+
+
+def build_reference_lpips(net: str = "vgg") -> torch.nn.Module:
+    """lpips.LPIPS with a random backbone (offline) and the calibrated linear heads, frozen, in eval mode."""
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    return model.eval().requires_grad_(False)
+
+
+def reference_training_step(vae, lpips_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            pixel_values: torch.Tensor, kl_weight: float = 1e-6, perceptual_weight: float = 1.0,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step: encode, sample, decode, L1 + LPIPS + KL, backward, AdamW step, zero_grad. Returns the loss."""
+    posterior = vae.encode(pixel_values).latent_dist
+    z = posterior.sample(generator=generator)
+    reconstruction = vae.decode(z).sample
+    rec_loss = torch.nn.functional.l1_loss(reconstruction, pixel_values)
+    perceptual = lpips_model(reconstruction, pixel_values).mean()
+    kl = posterior.kl().mean()
+    loss = rec_loss + perceptual_weight * perceptual + kl_weight * kl
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach()
+
+
+@torch.no_grad()
+def reference_encode(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Posterior mode (the latent a diffusion pipeline would cache)."""
+    return vae.encode(pixel_values).latent_dist.mode()
+
+
+@torch.no_grad()
+def reference_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents).sample
+
+
+@torch.no_grad()
+def reference_decode_tiled(vae, latents: torch.Tensor) -> torch.Tensor:
+    """diffusers' own tiling (tiles of `sample_size` pixels, 25% overlap); switched off again afterwards."""
+    vae.enable_tiling()
+    try:
+        return vae.decode(latents).sample
+    finally:
+        vae.disable_tiling()

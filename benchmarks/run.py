@@ -1,0 +1,454 @@
+"""Ours vs the diffusers reference, side by side in one process, on identical architecture, weights, data and batch.
+
+    python benchmarks/run.py                                   # CPU, configs/quickstart.yaml, 3 repeats
+    python benchmarks/run.py --device cuda --resolution 256 --batch-size 8 --repeats 5 --json out.json
+    python benchmarks/run.py --checkpointing                   # + gradient-checkpointing memory study
+
+Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alternating who goes first; medians):
+  train    forward + L1 + LPIPS + KL + backward + AdamW step; ours = KLAutoencoder + trainer.training_step +
+           fast path (fastpath.FastPath.for_device), reference = benchmarks/reference.py (plain diffusers + lpips)
+  encode   posterior mode under inference_mode;  decode: latents -> images
+  tiled    decode of a latent 4x the training resolution per side, ours tiling.decode_tiled vs diffusers
+           enable_tiling() with the same tile (config sample_size = resolution) and 25% overlap
+  data     kl_autoencoder.data build_dataset/build_dataloader images/s on the sample source (ours only)
+Peak memory: CUDA: max_memory_allocated above the pre-step baseline. CPU: torch.profiler(profile_memory=True,
+record_shapes=True, with_stack=True) over one warm step and its memory timeline: the high-water mark of the running
+sum of tensors created minus destroyed (bytes held by tensors the step creates; weights, optimizer state and batch
+that existed before it are excluded, identically for both sides).
+FLOPs per image from torch.utils.flop_counter on one eager step; MFU (GPU only) = FLOPs/s / --peak-flops.
+The ratio column is ours / reference computed from the medians shown (speed: higher is better; memory: lower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from kl_autoencoder.fastpath import (FastPath, apply_fast_path, autocast, make_adamw, prepare_loss_network,
+                                     to_model_input)  # noqa: E402
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
+
+import reference as ref  # noqa: E402  (benchmarks/reference.py)
+
+TINY_ARCHITECTURE = dict(block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4,
+                         mid_block_add_attention=False)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
+                      ) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured round-robin (the order alternates each round); warm-up calls excluded."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Bytes held by tensors the call allocates, at their high-water mark (see the module docstring)."""
+    fn()  # warm: optimizer state, caches and lazy buffers exist before we measure
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    running = peak = 0
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda event: event[0]):
+        if action == Action.CREATE:  # PREEXISTING tensors (weights, optimizer state, the batch) are not counted
+            running += size
+        elif action == Action.DESTROY:
+            running -= size
+        peak = max(peak, running)
+    return peak
+
+
+def flops_of(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    architecture: dict[str, Any]
+    resolution: int
+    batch_size: int
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    lpips_net: str = "vgg"
+    fast: FastPath = field(default_factory=FastPath)
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
+    """Architecture, resolution and batch from the config (command-line values win)."""
+    architecture: dict[str, Any] = dict(TINY_ARCHITECTURE)
+    resolution, batch_size, kl_weight = 32, 2, 1e-6
+    if not args.tiny:
+        from kl_autoencoder.config import load_config
+
+        cfg = load_config(args.config)
+        architecture = dict(cfg.model.architecture)
+        resolution, batch_size, kl_weight = cfg.data.resolution, cfg.train.batch_size, cfg.loss.kl_weight
+    levels = len(architecture.get("block_out_channels", [64]))
+    architecture.setdefault("down_block_types", ["DownEncoderBlock2D"] * levels)
+    architecture.setdefault("up_block_types", ["UpDecoderBlock2D"] * levels)
+    device = torch.device(args.device)
+    overrides = {}
+    if args.no_compile:
+        overrides["compile"] = False
+    if args.compile:
+        overrides["compile"] = True
+    return Setup(device=device, architecture=architecture, resolution=args.resolution or resolution,
+                 batch_size=args.batch_size or batch_size, kl_weight=kl_weight,
+                 lpips_net=args.lpips_net or ("alex" if args.tiny else "vgg"),
+                 fast=FastPath.for_device(device, **overrides))
+
+
+def sample_batch(resolution: int, batch_size: int, tiny: bool) -> torch.Tensor:
+    """A real batch of the built-in photos (random noise for --tiny, which must not depend on the data module)."""
+    if tiny:
+        return torch.rand(batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    from kl_autoencoder.config import DataConfig
+    from kl_autoencoder.data import build_dataloader, build_dataset
+
+    dataset = build_dataset(DataConfig(source="sample", resolution=resolution), split="train")
+    loader = build_dataloader(dataset, batch_size, shuffle=True, seed=0, num_workers=0)
+    return next(iter(loader))["pixel_values"]
+
+
+def copy_lpips_weights(source: torch.nn.Module, perceptual: torch.nn.Module) -> None:
+    """Give our PerceptualLoss exactly the reference lpips weights (ours holds them as non-persistent buffers)."""
+    values = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    with torch.no_grad():
+        for name, buffer in perceptual.lpips.named_buffers():
+            buffer.copy_(values[name])
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    ours: float
+    reference: float | None
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float | None:
+        """ours / reference from the values as printed, so the table's arithmetic checks out by eye."""
+        if self.reference is None or float(format_value(self.reference)) == 0:
+            return None
+        return float(format_value(self.ours)) / float(format_value(self.reference))
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any]) -> None:
+    from kl_autoencoder.losses import PerceptualLoss
+    from kl_autoencoder.trainer import LossWeights, training_step
+
+    torch.manual_seed(0)
+    ref_vae = ref.build_reference_vae(s.architecture).to(s.device)
+    ref_lpips = ref.build_reference_lpips(s.lpips_net).to(s.device)
+    ours = KLAutoencoder(AutoencoderConfig.from_dict(s.architecture))
+    ours.load_state_dict(ref_vae.state_dict())
+    ours.to(s.device)
+    perceptual = PerceptualLoss(s.lpips_net, pretrained=False).to(s.device)
+    copy_lpips_weights(ref_lpips, perceptual)
+    prepare_loss_network(perceptual, s.fast)
+    model = apply_fast_path(ours, s.fast, s.device)
+    ours_opt = make_adamw(ours.parameters(), lr=1e-4, fused=s.fast.fused_adamw)
+    ref_opt = torch.optim.AdamW(ref_vae.parameters(), lr=1e-4)
+    weights = LossWeights(pixel="l1", perceptual_weight=s.perceptual_weight, kl_weight=s.kl_weight)
+    x = x.to(s.device)
+    x_ours = to_model_input(x, s.fast)
+    ours_gen = torch.Generator(device=s.device).manual_seed(0)
+    ref_gen = torch.Generator(device=s.device).manual_seed(0)
+
+    def ours_step() -> None:
+        with autocast(s.device, s.fast):
+            loss, _ = training_step(model, x_ours, perceptual, weights, generator=ours_gen)
+        loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+
+    def ref_step() -> None:
+        ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, s.perceptual_weight, ref_gen)
+
+    warmup = 2 if s.fast.compile else 1
+    times = interleaved_times({"ours": ours_step, "reference": ref_step}, repeats, s.device, warmup)
+    b = x.shape[0]
+    rows.append(Row("train step", "images/s", b / median(times["ours"]), b / median(times["reference"])))
+    extras["train_seconds"] = times
+    if not extras.get("skip_memory"):
+        rows.append(Row("train step peak memory", "MiB", peak_memory_bytes(ours_step, s.device) / 2**20,
+                        peak_memory_bytes(ref_step, s.device) / 2**20, higher_is_better=False))
+    # FLOPs from the reference step (eager; same math as ours), counted once per image.
+    flops = flops_of(ref_step) / b
+    extras["train_flops_per_image"] = flops
+    if s.device.type == "cuda":
+        peak = extras["peak_flops"]
+        rows.append(Row("train MFU (bf16 peak)", "%", 100 * flops * rows[0].ours / peak,
+                        100 * flops * rows[0].reference / peak))
+    del ref_opt, ours_opt
+
+
+def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any],
+                    tiled: bool = True) -> None:
+    from kl_autoencoder.tiling import decode_tiled
+
+    torch.manual_seed(0)
+    architecture = dict(s.architecture, sample_size=s.resolution)  # diffusers tiles by config sample_size
+    ref_vae = ref.build_reference_vae(architecture).to(s.device).eval()
+    ours = KLAutoencoder(AutoencoderConfig.from_dict(architecture))
+    ours.load_state_dict(ref_vae.state_dict())
+    ours.to(s.device).eval()
+    apply_fast_path(ours, replace(s.fast, compile=False, gradient_checkpointing=False), s.device)
+    x = x.to(s.device)
+    x_ours = to_model_input(x, s.fast)
+    with torch.inference_mode():
+        z = ref.reference_encode(ref_vae, x)
+    z_ours = to_model_input(z, s.fast)
+
+    def ours_encode() -> None:
+        with torch.inference_mode(), autocast(s.device, s.fast):
+            ours.encode(x_ours).mode()
+
+    def ours_decode() -> None:
+        with torch.inference_mode(), autocast(s.device, s.fast):
+            ours.decode(z_ours)
+
+    b = x.shape[0]
+    for name, ours_fn, ref_fn in (("encode", ours_encode, lambda: ref.reference_encode(ref_vae, x)),
+                                  ("decode", ours_decode, lambda: ref.reference_decode(ref_vae, z))):
+        times = interleaved_times({"ours": ours_fn, "reference": ref_fn}, repeats, s.device)
+        rows.append(Row(name, "images/s", b / median(times["ours"]), b / median(times["reference"])))
+        extras[f"{name}_seconds"] = times
+        if not extras.get("skip_memory"):
+            rows.append(Row(f"{name} peak memory", "MiB", peak_memory_bytes(ours_fn, s.device) / 2**20,
+                            peak_memory_bytes(ref_fn, s.device) / 2**20, higher_is_better=False))
+    if not tiled:
+        return
+    # One large image: 4x the resolution per side, tiles of `resolution` pixels with 25% overlap (diffusers' split).
+    f = ours.config.downsampling_factor
+    big = torch.randn(1, ours.config.latent_channels, 4 * s.resolution // f, 4 * s.resolution // f,
+                      generator=torch.Generator().manual_seed(1)).to(s.device)
+    big_ours = to_model_input(big, s.fast)
+    overlap = s.resolution // 4 // f * f
+
+    def ours_tiled() -> None:
+        with torch.inference_mode(), autocast(s.device, s.fast):
+            decode_tiled(ours, big_ours, s.resolution, overlap)
+
+    times = interleaved_times({"ours": ours_tiled, "reference": lambda: ref.reference_decode_tiled(ref_vae, big)},
+                              repeats, s.device)
+    side = 4 * s.resolution
+    rows.append(Row(f"tiled decode {side}x{side}", "images/s", 1 / median(times["ours"]),
+                    1 / median(times["reference"])))
+    extras["tiled_seconds"] = times
+    if not extras.get("skip_memory"):
+        rows.append(Row(f"tiled decode {side}x{side} peak memory", "MiB",
+                        peak_memory_bytes(ours_tiled, s.device) / 2**20,
+                        peak_memory_bytes(lambda: ref.reference_decode_tiled(ref_vae, big), s.device) / 2**20,
+                        higher_is_better=False))
+
+
+def bench_data(s: Setup, batches: int, rows: list[Row]) -> None:
+    """Images/s of the training input pipeline alone (decode, crop, flip, collate) with the default workers."""
+    from kl_autoencoder.config import DataConfig
+    from kl_autoencoder.data import build_dataloader, build_dataset
+
+    dataset = build_dataset(DataConfig(source="sample", resolution=s.resolution), split="train")
+    loader = build_dataloader(dataset, s.batch_size, shuffle=True, seed=0)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up excluded
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += next(iterator)["pixel_values"].shape[0]
+    rows.append(Row("data pipeline", "images/s", images / (time.perf_counter() - start), None))
+
+
+def bench_checkpointing(device: torch.device, rows: list[Row], sizes: tuple[int, ...] = (512, 1024),
+                        channels: tuple[int, ...] = (16, 32, 64, 64)) -> None:
+    """Forward + backward peak memory at batch 1, plain vs gradient checkpointing (ratio = checkpointed / plain)."""
+    arch = AutoencoderConfig(block_out_channels=channels, norm_num_groups=8, layers_per_block=2,
+                             down_block_types=("DownEncoderBlock2D",) * len(channels),
+                             up_block_types=("UpDecoderBlock2D",) * len(channels))
+    for size in sizes:
+        torch.manual_seed(0)
+        model = KLAutoencoder(arch).to(device)
+        x = torch.rand(1, 3, size, size, device=device) * 2 - 1
+
+        def step() -> None:
+            recon, posterior = model(x)
+            ((recon - x).abs().mean() + 1e-6 * posterior.kl().mean()).backward()
+            model.zero_grad(set_to_none=True)
+
+        plain = peak_memory_bytes(step, device)
+        start = time.perf_counter()
+        step()
+        plain_time = time.perf_counter() - start
+        model.enable_gradient_checkpointing(True)
+        checkpointed = peak_memory_bytes(step, device)
+        start = time.perf_counter()
+        step()
+        ckpt_time = time.perf_counter() - start
+        label = f"fwd+bwd {size}x{size} b1, {list(channels)} x2 layers"
+        rows.append(Row(f"{label}: checkpointed vs plain peak memory", "MiB", checkpointed / 2**20, plain / 2**20,
+                        higher_is_better=False))
+        rows.append(Row(f"{label}: checkpointed vs plain time", "s", ckpt_time, plain_time, higher_is_better=False))
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """One line per measurement: ours, reference and ours/reference from exactly the numbers shown."""
+    lines = ["| measurement | unit | ours | reference | ours / reference |", "|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
+        lines.append(f"| {row.name} | {row.unit} | {format_value(row.ours)} | {format_value(row.reference)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def ratio_line(rows: list[Row]) -> str:
+    parts = [f"{row.name}: {row.ratio:.2f}x" for row in rows if row.ratio is not None]
+    return "ratio ours/reference (speed: higher is better; memory: lower is better) -- " + ", ".join(parts)
+
+
+def machine_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = ", load average %.1f/%.1f/%.1f" % os.getloadavg()
+    return f"{what}{load}; torch {torch.__version__}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--tiny", action="store_true", help="a tiny model on noise (harness self-test)")
+    p.add_argument("--only", default="train,encode,data", help="comma list of: train, encode (encode/decode/tiled), data")
+    p.add_argument("--lpips-net", default=None, choices=["vgg", "alex", "squeeze"],
+                   help="LPIPS backbone (default vgg; alex with --tiny)")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-tiled", action="store_true")
+    p.add_argument("--compile", action="store_true", help="force torch.compile on")
+    p.add_argument("--no-compile", action="store_true", help="force torch.compile off")
+    p.add_argument("--checkpointing", action="store_true", help="add the gradient-checkpointing memory study")
+    p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for MFU (H100 SXM: 989e12)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    s = load_setup(args)
+    if s.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    x = sample_batch(s.resolution, s.batch_size, args.tiny)
+    rows: list[Row] = []
+    extras: dict[str, Any] = {"skip_memory": args.no_memory, "peak_flops": args.peak_flops}
+    sections = {part.strip() for part in args.only.split(",") if part.strip()}
+    if "train" in sections:
+        bench_training(s, x, args.repeats, rows, extras)
+    if "encode" in sections:
+        bench_inference(s, x, args.repeats, rows, extras, tiled=not args.no_tiled)
+    if "data" in sections:
+        bench_data(s, 2 if args.tiny else 10, rows)
+    if args.checkpointing:
+        bench_checkpointing(s.device, rows)
+    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(s.device)}\n"
+              f"command: python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+              f"architecture {s.architecture['block_out_channels']}, {s.resolution}x{s.resolution}, batch "
+              f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}; fast path: {s.fast}")
+    flops = extras.get("train_flops_per_image")
+    if flops:
+        header += f"\ntrain FLOPs per image: {flops / 1e9:.3g} GFLOP"
+        if s.device.type != "cuda":
+            header += " (MFU reported on GPU only)"
+    table = markdown_table(rows)
+    print(header, table, "", ratio_line(rows), sep="\n", flush=True)
+    result = {
+        "header": header,
+        "rows": [dict(name=r.name, unit=r.unit, ours=r.ours, reference=r.reference, ratio=r.ratio) for r in rows],
+        "seconds": {k: v for k, v in extras.items() if k.endswith("_seconds")},
+        "train_flops_per_image": flops,
+    }
+    if args.json:
+        from kl_autoencoder.formats import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The fast path: switchable speed settings for training and inference, each measured in BENCHMARKS.md.
+
+    fast = FastPath.for_device(device)            # the measured defaults for this device type
+    model = apply_fast_path(model, fast)          # channels_last, checkpointing, torch.compile (with eager fallback)
+    prepare_loss_network(perceptual, fast)        # LPIPS' VGG in the same layout
+    optimizer = make_adamw(model.parameters(), lr=1e-4, fused=fast.fused_adamw)
+    with autocast(device, fast):
+        loss, logs = training_step(model, to_model_input(x, fast), perceptual, weights)
+
+Every switch changes speed or memory, never the math: tests/test_fastpath.py checks each one against the plain
+path (same outputs and gradients in fp32; bf16 within its rounding). What stays fixed whatever the switches: the
+posterior and every loss in fp32 (model.encode and losses.py cast), fused SDPA attention (model.py), and
+`zero_grad(set_to_none=True)` with no host-device sync inside the step (the trainer).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import shutil
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Speed switches. The defaults are the plain path; `FastPath.for_device` gives the measured choice."""
+
+    channels_last: bool = False  # NHWC activations and weights: oneDNN / cuDNN convs skip layout reorders
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on GPU; None = fp32 everywhere
+    tf32: bool = False  # TF32 tensor-core matmuls/convs on Ampere+ GPUs (no effect on CPU)
+    compile: bool = False  # torch.compile (fuses GroupNorm+SiLU and the elementwise tails); eager fallback
+    compile_mode: str | None = None  # e.g. "max-autotune" on GPU; None = inductor's default
+    fused_adamw: bool = False  # one multi-tensor AdamW kernel (CUDA, and CPU in recent torch)
+    gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~30% time
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, **overrides: Any) -> "FastPath":
+        """The settings BENCHMARKS.md measured as fastest on this device type (any field overridable)."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            fast = cls(channels_last=True, autocast_dtype=torch.bfloat16, tf32=True, compile=compiler_available(device),
+                       fused_adamw=True)
+        else:
+            # CPU (AVX2/AVX-512 without AMX): bf16 is emulated and slower than fp32, and inductor's compile time
+            # (minutes) outweighs its gain in short runs, so: channels_last + fused AdamW.
+            fast = cls(channels_last=True, fused_adamw=fused_adamw_supported(device))
+        return replace(fast, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------ capability checks
+
+
+def compiler_available(device: torch.device | str) -> bool:
+    """Whether torch.compile's default backend can generate code here: Triton on CUDA, a C++ compiler on CPU."""
+    device = torch.device(device)
+    try:
+        importlib.import_module("torch._dynamo")
+    except Exception:  # a torch build without dynamo
+        return False
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+
+            return bool(has_triton())
+        except Exception:
+            return False
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+def fused_adamw_supported(device: torch.device | str) -> bool:
+    """Whether `torch.optim.AdamW(fused=True)` accepts parameters on this device (CPU support is recent)."""
+    device = torch.device(device)
+    try:
+        probe = torch.zeros(1, device=device, requires_grad=True)
+        torch.optim.AdamW([probe], fused=True)
+        return True
+    except (RuntimeError, ValueError, TypeError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ applying it
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions (10-bit mantissa inputs, fp32 accumulation)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def apply_fast_path(model: nn.Module, fast: FastPath, device: torch.device | str | None = None) -> nn.Module:
+    """Apply the model-side switches in place; return the module to call (compiled when `fast.compile`).
+
+    The returned module shares parameters with `model`; keep `model` for state_dict/export (a compiled module's
+    keys carry an `_orig_mod.` prefix).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if fast.tf32 and device.type == "cuda":
+        set_tf32(True)
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if fast.gradient_checkpointing:
+        if not hasattr(model, "enable_gradient_checkpointing"):
+            raise TypeError(f"{type(model).__name__} has no enable_gradient_checkpointing(); cannot checkpoint")
+        model.enable_gradient_checkpointing(True)
+    if fast.compile:
+        return compile_with_fallback(model, device, mode=fast.compile_mode)
+    return model
+
+
+def prepare_loss_network(module: nn.Module, fast: FastPath) -> nn.Module:
+    """Put a frozen loss network (LPIPS' VGG) in the model's layout, in place.
+
+    With channels_last the reconstruction reaching LPIPS is NHWC; if VGG's weights stayed NCHW, every conv would
+    re-layout its weight on each call (measured: LPIPS fwd+bwd 1.5x slower than with NHWC weights on CPU).
+    """
+    if fast.channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def to_model_input(x: torch.Tensor, fast: FastPath) -> torch.Tensor:
+    """The batch in the layout the model runs in (one copy when channels_last, none otherwise)."""
+    return x.contiguous(memory_format=torch.channels_last) if fast.channels_last and x.dim() == 4 else x
+
+
+def autocast(device: torch.device | str, fast: FastPath) -> ContextManager:
+    """Autocast to `fast.autocast_dtype` on this device, or a no-op context for fp32."""
+    device = torch.device(device)
+    if fast.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=fast.autocast_dtype)
+
+
+def make_adamw(params: Iterable[nn.Parameter], lr: float, fused: bool = False, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW, fused when asked and supported by the parameters' device (else torch's default implementation)."""
+    params = list(params)
+    if fused and params and fused_adamw_supported(params[0].device):
+        return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
+    return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
+class CompiledWithFallback(nn.Module):
+    """torch.compile'd module that falls back to eager, with one warning, if compiling fails at the first call.
+
+    Compilation errors only surface when the compiled function first runs, so the fallback is decided there; an
+    error that eager mode also raises is re-raised from the eager call, so real bugs are not hidden.
+    """
+
+    def __init__(self, module: nn.Module, compiled: Callable[..., Any]):
+        super().__init__()
+        self.module = module  # `unwrap()` in the trainer follows `.module`
+        self._compiled: Callable[..., Any] | None = compiled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as error:  # compiler missing/broken: backend errors have no common base class
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:300]}); running eager",
+                              RuntimeWarning, stacklevel=2)
+                self._compiled = None
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # encode/decode/config/... of the wrapped model
+            return getattr(self.module, name)
+
+
+def compile_with_fallback(model: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:
+    """torch.compile `model` (forward; encode/decode through `compile_method`) or return it unchanged, with a warning,
+    when no compiler is available here."""
+    if not compiler_available(device):
+        warnings.warn(f"torch.compile is unavailable on {device} (no Triton / C++ compiler); running eager",
+                      RuntimeWarning, stacklevel=2)
+        return model
+    return CompiledWithFallback(model, torch.compile(model, mode=mode))
+
+
+def compile_method(fn: Callable[..., Any], device: torch.device | str, mode: str | None = None) -> Callable[..., Any]:
+    """torch.compile a function such as `model.encode` / `model.decode`, falling back to eager at the first failure."""
+    if not compiler_available(device):
+        return fn
+    compiled = torch.compile(fn, mode=mode)
+    state = {"compiled": compiled}
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if state["compiled"] is not None:
+            try:
+                return state["compiled"](*args, **kwargs)
+            except Exception as error:
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:300]}); running eager",
+                              RuntimeWarning, stacklevel=2)
+                state["compiled"] = None
+        return fn(*args, **kwargs)
+
+    return run

@@ -1,0 +1,72 @@
+"""The benchmark harness: interleaving, memory measurement and table bookkeeping, plus a tiny end-to-end run."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import run as bench  # noqa: E402  (benchmarks/run.py)
+
+
+def test_interleaved_times_alternate_order_and_exclude_warmup():
+    calls = []
+    fns = {"ours": lambda: calls.append("ours"), "reference": lambda: calls.append("reference")}
+    times = bench.interleaved_times(fns, repeats=3, device=torch.device("cpu"), warmup=1)
+    assert calls == ["ours", "reference",  # warm-up
+                     "ours", "reference", "reference", "ours", "ours", "reference"]
+    assert [len(v) for v in times.values()] == [3, 3]
+
+
+def test_peak_memory_counts_the_high_water_mark_of_new_tensors():
+    held = torch.zeros(1 << 20)  # pre-existing: not counted
+
+    def step():
+        a = torch.ones(1 << 18)  # 1 MiB
+        b = torch.ones(1 << 19)  # 2 MiB, while a is alive -> peak 3 MiB
+        del a, b
+        c = torch.ones(1 << 18)  # 1 MiB after both are freed
+        return c.sum() + held[0]
+
+    peak = bench.peak_memory_bytes(step, torch.device("cpu"))
+    assert 3 * 2**20 <= peak < 3 * 2**20 + 64 * 1024
+
+
+def parse_table(text):
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] not in ("measurement", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_table_ratio_is_computed_from_the_medians_shown():
+    rows = [bench.Row("train step", "images/s", 12.3456, 9.87654), bench.Row("decode", "images/s", 150.4, 99.6),
+            bench.Row("data pipeline", "images/s", 500.0, None)]
+    table = parse_table(bench.markdown_table(rows))
+    assert table["train step"] == ["images/s", "12.3", "9.88", f"{12.3 / 9.88:.2f}x"]
+    assert table["decode"] == ["images/s", "150", "99.6", f"{150 / 99.6:.2f}x"]
+    assert table["data pipeline"][2:] == ["-", "-"]
+    assert bench.ratio_line(rows).endswith("train step: 1.24x, decode: 1.51x")
+
+
+def test_tiny_end_to_end_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(["--tiny", "--repeats", "1", "--only", "train,encode", "--no-memory", "--json", str(out)])
+    printed = capsys.readouterr().out
+    table = parse_table(printed)
+    for name in ("train step", "encode", "decode", "tiled decode 128x128"):
+        unit, ours, reference, ratio = table[name]
+        assert float(ours) > 0 and float(reference) > 0
+        assert ratio == f"{float(ours) / float(reference):.2f}x"
+    # medians shown come from the raw timings: images/s = batch / median seconds
+    seconds = result["seconds"]["train_seconds"]
+    assert float(table["train step"][1]) == float(bench.format_value(2 / seconds["ours"][0]))
+    assert printed.strip().splitlines()[-1].startswith("ratio ours/reference")
+    saved = json.loads(out.read_text())
+    assert [r["name"] for r in saved["rows"]] == [r["name"] for r in result["rows"]]
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["header"])  # dated
+    assert saved["train_flops_per_image"] > 0
