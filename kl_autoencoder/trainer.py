@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
+from kl_autoencoder.fastpath import FastPath, compile_with_fallback, prepare_loss_network
 from kl_autoencoder.formats import atomic_write_text, fsync_dir, fsync_tree
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder import losses as L
@@ -707,6 +708,8 @@ def train(cfg: TrainConfig) -> Path:
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
         perceptual = L.PerceptualLoss(cfg.loss.perceptual_net, cfg.loss.perceptual_pretrained).to(device)
+        # VGG in the model's layout: NCHW weights under NHWC inputs re-layout every conv weight on each call.
+        prepare_loss_network(perceptual, FastPath(channels_last=cfg.model.channels_last))
     logvar = LogVar().to(device) if cfg.loss.learned_logvar else None
     discriminator = None
     if cfg.loss.gan.enabled:
@@ -717,7 +720,7 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = make_adamw(params, cfg.optim.lr, cfg, device)
     schedule = LRSchedule(optimizer, cfg)
     if cfg.model.compile:
-        model = torch.compile(model)
+        model = compile_with_fallback(model, device)  # eager, with a warning, where no compiler is available
     if discriminator is not None:
         discriminator.to(device)
         d_optimizer = make_adamw(list(discriminator.parameters()), cfg.loss.gan.disc_lr or cfg.optim.lr, cfg, device)
