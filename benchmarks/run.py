@@ -288,15 +288,21 @@ def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ex
     big_ours = to_model_input(big, s.fast)
     overlap = s.resolution // 4 // f * f
 
-    def ours_tiled() -> None:
+    def ours_tiled() -> None:  # the same work as enable_tiling(): per-tile statistics, linear blend
+        with torch.inference_mode(), autocast(s.device, s.fast):
+            decode_tiled(ours, big_ours, s.resolution, overlap, norm_passes=0)
+
+    def ours_tiled_global() -> None:  # the default: + one pass measuring whole-image GroupNorm statistics
         with torch.inference_mode(), autocast(s.device, s.fast):
             decode_tiled(ours, big_ours, s.resolution, overlap)
 
-    times = interleaved_times({"ours": ours_tiled, "reference": lambda: ref.reference_decode_tiled(ref_vae, big)},
-                              repeats, s.device)
+    times = interleaved_times({"ours": ours_tiled, "ours_global": ours_tiled_global,
+                               "reference": lambda: ref.reference_decode_tiled(ref_vae, big)}, repeats, s.device)
     side = 4 * s.resolution
     rows.append(Row(f"tiled decode {side}x{side}", "images/s", 1 / median(times["ours"]),
                     1 / median(times["reference"])))
+    rows.append(Row(f"tiled decode {side}x{side}, global norms (default)", "images/s",
+                    1 / median(times["ours_global"]), 1 / median(times["reference"])))
     extras["tiled_seconds"] = times
     if not extras.get("skip_memory"):
         rows.append(Row(f"tiled decode {side}x{side} peak memory", "MiB",
