@@ -3,6 +3,7 @@
     python benchmarks/run.py                                   # CPU, configs/quickstart.yaml, 3 repeats
     python benchmarks/run.py --device cuda --resolution 256 --batch-size 8 --repeats 5 --json out.json
     python benchmarks/run.py --checkpointing                   # + gradient-checkpointing memory study
+    python benchmarks/run.py --fast channels_last=true         # one fast-path switch flipped (before/after)
 
 Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alternating who goes first; medians):
   train    forward + L1 + LPIPS + KL + backward + AdamW step; ours = KLAutoencoder + trainer.training_step +
@@ -124,7 +125,8 @@ class Setup:
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0
     lpips_net: str = "vgg"
-    fast: FastPath = field(default_factory=FastPath)
+    fast: FastPath = field(default_factory=FastPath)  # inference (encode/decode/tiled)
+    train_fast: FastPath = field(default_factory=FastPath)  # the training step
 
 
 def load_setup(args: argparse.Namespace) -> Setup:
@@ -141,7 +143,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
     architecture.setdefault("down_block_types", ["DownEncoderBlock2D"] * levels)
     architecture.setdefault("up_block_types", ["UpDecoderBlock2D"] * levels)
     device = torch.device(args.device)
-    overrides = {}
+    overrides = dict(fast_override(item) for item in args.fast)
     if args.no_compile:
         overrides["compile"] = False
     if args.compile:
@@ -149,7 +151,30 @@ def load_setup(args: argparse.Namespace) -> Setup:
     return Setup(device=device, architecture=architecture, resolution=args.resolution or resolution,
                  batch_size=args.batch_size or batch_size, kl_weight=kl_weight,
                  lpips_net=args.lpips_net or ("alex" if args.tiny else "vgg"),
-                 fast=FastPath.for_device(device, **overrides))
+                 fast=FastPath.for_device(device, **overrides),
+                 train_fast=FastPath.for_device(device, training=True, **overrides))
+
+
+def fast_override(item: str) -> tuple[str, Any]:
+    """'channels_last=false' -> ('channels_last', False): one FastPath field for --fast (measure a switch on/off)."""
+    key, sep, text = item.partition("=")
+    fields = FastPath.__dataclass_fields__
+    if not sep or key not in fields:
+        raise SystemExit(f"--fast {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+    lowered = text.strip().lower()
+    if key == "autocast_dtype":
+        if lowered in ("none", "null", "fp32", "float32"):
+            return key, None
+        if not hasattr(torch, lowered) or not isinstance(getattr(torch, lowered), torch.dtype):
+            raise SystemExit(f"--fast {item!r}: not a torch dtype (bfloat16, float16, none)")
+        return key, getattr(torch, lowered)
+    if key == "compile_mode":
+        return key, None if lowered in ("none", "null") else text
+    if lowered in ("1", "true", "yes", "on"):
+        return key, True
+    if lowered in ("0", "false", "no", "off"):
+        return key, False
+    raise SystemExit(f"--fast {item!r}: {key} takes true or false")
 
 
 def sample_batch(resolution: int, batch_size: int, tiny: bool) -> torch.Tensor:
@@ -207,18 +232,18 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     ours.to(s.device)
     perceptual = PerceptualLoss(s.lpips_net, pretrained=False).to(s.device)
     copy_lpips_weights(ref_lpips, perceptual)
-    prepare_loss_network(perceptual, s.fast)
-    model = apply_fast_path(ours, s.fast, s.device)
-    ours_opt = make_adamw(ours.parameters(), lr=1e-4, fused=s.fast.fused_adamw)
+    prepare_loss_network(perceptual, s.train_fast)
+    model = apply_fast_path(ours, s.train_fast, s.device)
+    ours_opt = make_adamw(ours.parameters(), lr=1e-4, fused=s.train_fast.fused_adamw)
     ref_opt = torch.optim.AdamW(ref_vae.parameters(), lr=1e-4)
     weights = LossWeights(pixel="l1", perceptual_weight=s.perceptual_weight, kl_weight=s.kl_weight)
     x = x.to(s.device)
-    x_ours = to_model_input(x, s.fast)
+    x_ours = to_model_input(x, s.train_fast)
     ours_gen = torch.Generator(device=s.device).manual_seed(0)
     ref_gen = torch.Generator(device=s.device).manual_seed(0)
 
     def ours_step() -> None:
-        with autocast(s.device, s.fast):
+        with autocast(s.device, s.train_fast):
             loss, _ = training_step(model, x_ours, perceptual, weights, generator=ours_gen)
         loss.backward()
         ours_opt.step()
@@ -227,7 +252,7 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     def ref_step() -> None:
         ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, s.perceptual_weight, ref_gen)
 
-    warmup = 2 if s.fast.compile else 1
+    warmup = 2 if s.train_fast.compile else 1
     times = interleaved_times({"ours": ours_step, "reference": ref_step}, repeats, s.device, warmup)
     b = x.shape[0]
     rows.append(Row("train step", "images/s", b / median(times["ours"]), b / median(times["reference"])))
@@ -405,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LPIPS backbone (default vgg; alex with --tiny)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-tiled", action="store_true")
+    p.add_argument("--fast", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one FastPath switch, e.g. --fast channels_last=true (repeatable)")
     p.add_argument("--compile", action="store_true", help="force torch.compile on")
     p.add_argument("--no-compile", action="store_true", help="force torch.compile off")
     p.add_argument("--checkpointing", action="store_true", help="add the gradient-checkpointing memory study")
@@ -435,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(s.device)}\n"
               f"command: python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"architecture {s.architecture['block_out_channels']}, {s.resolution}x{s.resolution}, batch "
-              f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}; fast path: {s.fast}")
+              f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}\nfast path, training: {s.train_fast}"
+              f"\nfast path, inference: {s.fast}")
     flops = extras.get("train_flops_per_image")
     if flops:
         header += f"\ntrain FLOPs per image: {flops / 1e9:.3g} GFLOP"

@@ -37,9 +37,10 @@ def _device(name: str | None) -> torch.device:
 
 
 def _load(path: str, device: str | None = None):
+    from kl_autoencoder.fastpath import prepare_for_inference
     from kl_autoencoder.model import KLAutoencoder
 
-    return KLAutoencoder.from_pretrained(path).to(_device(device)).eval()
+    return prepare_for_inference(KLAutoencoder.from_pretrained(path), _device(device))
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

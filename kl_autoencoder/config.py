@@ -38,7 +38,7 @@ class ModelSection:
     freeze_encoder: bool = False  # train the decoder only (encoder + quant_conv frozen), as sd-vae-ft-mse
     gradient_checkpointing: bool = False
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None  # None = FastPath.for_device: NHWC on CUDA, NCHW on CPU
 
 
 @dataclass

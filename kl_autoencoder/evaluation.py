@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kl_autoencoder import metrics as M
+from kl_autoencoder.fastpath import prepare_for_inference
 from kl_autoencoder.formats import atomic_write, atomic_write_text
 
 GRID_IMAGES = 4        # first images shown in reconstructions.png
@@ -139,7 +140,7 @@ def load_model_for_eval(path: str, device: torch.device):
         model = KLAutoencoder.from_pretrained(path)
     except Exception as err:  # any failure to load is the user's path, said with the reason
         raise EvaluationError(f"could not load model {path!r}: {err}") from err
-    return model.to(device).eval()
+    return prepare_for_inference(model, device)
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """The fast path: switchable speed settings for training and inference, each measured in BENCHMARKS.md.
 
-    fast = FastPath.for_device(device)            # the measured defaults for this device type
+    fast = FastPath.for_device(device, training=True)  # the measured defaults for this device and job
     model = apply_fast_path(model, fast)          # channels_last, checkpointing, torch.compile (with eager fallback)
-    prepare_loss_network(perceptual, fast)        # LPIPS' VGG in the same layout
+    prepare_loss_network(perceptual, fast)        # LPIPS' VGG in NHWC
     optimizer = make_adamw(model.parameters(), lr=1e-4, fused=fast.fused_adamw)
     with autocast(device, fast):
         loss, logs = training_step(model, to_model_input(x, fast), perceptual, weights)
+    model = prepare_for_inference(model, device)  # encode/decode: eval mode, the inference layout
 
 Every switch changes speed or memory, never the math: tests/test_fastpath.py checks each one against the plain
 path (same outputs and gradients in fp32; bf16 within its rounding). What stays fixed whatever the switches: the
@@ -31,7 +32,8 @@ from torch import nn
 class FastPath:
     """Speed switches. The defaults are the plain path; `FastPath.for_device` gives the measured choice."""
 
-    channels_last: bool = False  # NHWC activations and weights: oneDNN / cuDNN convs skip layout reorders
+    channels_last: bool = False  # the model in NHWC: oneDNN/cuDNN convs without reorders; slow GroupNorm bwd on CPU
+    loss_channels_last: bool = False  # the frozen LPIPS VGG in NHWC: ~1.2x on CPU (oneDNN), the GPU layout too
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on GPU; None = fp32 everywhere
     tf32: bool = False  # TF32 tensor-core matmuls/convs on Ampere+ GPUs (no effect on CPU)
     compile: bool = False  # torch.compile (fuses GroupNorm+SiLU and the elementwise tails); eager fallback
@@ -40,16 +42,20 @@ class FastPath:
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~30% time
 
     @classmethod
-    def for_device(cls, device: torch.device | str, **overrides: Any) -> "FastPath":
-        """The settings BENCHMARKS.md measured as fastest on this device type (any field overridable)."""
+    def for_device(cls, device: torch.device | str, training: bool = False, **overrides: Any) -> "FastPath":
+        """The settings BENCHMARKS.md measured as fastest on this device type, for training or inference (any field
+        overridable)."""
         device = torch.device(device)
         if device.type == "cuda":
-            fast = cls(channels_last=True, autocast_dtype=torch.bfloat16, tf32=True, compile=compiler_available(device),
-                       fused_adamw=True)
+            fast = cls(channels_last=True, loss_channels_last=True, autocast_dtype=torch.bfloat16, tf32=True,
+                       compile=compiler_available(device), fused_adamw=True)
         else:
             # CPU (AVX2/AVX-512 without AMX): bf16 is emulated and slower than fp32, and inductor's compile time
-            # (minutes) outweighs its gain in short runs, so: channels_last + fused AdamW.
-            fast = cls(channels_last=True, fused_adamw=fused_adamw_supported(device))
+            # (minutes) outweighs its gain in short runs. NHWC pays for inference and for VGG's wide convs, but not
+            # for training the VAE: GroupNorm's backward is 1.5-3x slower in NHWC on CPU. So the model is NHWC for
+            # inference and NCHW for training; LPIPS is NHWC; fused AdamW.
+            fast = cls(channels_last=not training, loss_channels_last=True,
+                       fused_adamw=fused_adamw_supported(device))
         return replace(fast, **overrides)
 
 
@@ -113,13 +119,25 @@ def apply_fast_path(model: nn.Module, fast: FastPath, device: torch.device | str
     return model
 
 
-def prepare_loss_network(module: nn.Module, fast: FastPath) -> nn.Module:
-    """Put a frozen loss network (LPIPS' VGG) in the model's layout, in place.
+def prepare_for_inference(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` on `device`, in eval mode and the measured inference layout (NHWC on CPU and CUDA), in place.
 
-    With channels_last the reconstruction reaching LPIPS is NHWC; if VGG's weights stayed NCHW, every conv would
-    re-layout its weight on each call (measured: LPIPS fwd+bwd 1.5x slower than with NHWC weights on CPU).
+    Not compiled: inductor's minutes of compile time outweigh its gain on a folder of images.
     """
-    if fast.channels_last:
+    model.to(device).eval()
+    if FastPath.for_device(device).channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def prepare_loss_network(module: nn.Module, fast: FastPath) -> nn.Module:
+    """Put a frozen loss network (LPIPS' VGG) in NHWC when `fast.loss_channels_last`, in place.
+
+    Its first conv then turns the reconstruction NHWC (whatever the model's layout) and every later layer stays so.
+    The weights are what matter: an NHWC input meeting NCHW weights re-layouts the weight in every conv call
+    (measured on CPU: LPIPS fwd+bwd 1.5x slower than with NHWC weights).
+    """
+    if fast.loss_channels_last:
         module.to(memory_format=torch.channels_last)
     return module
 

@@ -524,7 +524,7 @@ def make_accelerator(cfg: TrainConfig):
     )
 
 
-def build_model(section: ModelSection) -> KLAutoencoder:
+def build_model(section: ModelSection, channels_last: bool = False) -> KLAutoencoder:
     """A fresh model from `architecture`, or a pretrained one (fp32 weights either way)."""
     if section.pretrained:
         model = KLAutoencoder.from_pretrained(section.pretrained)
@@ -543,7 +543,7 @@ def build_model(section: ModelSection) -> KLAutoencoder:
                 module.requires_grad_(False)
     if section.gradient_checkpointing:
         model.enable_gradient_checkpointing(True)
-    if section.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -704,12 +704,13 @@ def train(cfg: TrainConfig) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     # -- modules, optimizers -----------------------------------------------------------------------------------------
-    model = build_model(cfg.model)
+    fast = FastPath.for_device(device, training=True)
+    channels_last = fast.channels_last if cfg.model.channels_last is None else cfg.model.channels_last
+    model = build_model(cfg.model, channels_last)
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
         perceptual = L.PerceptualLoss(cfg.loss.perceptual_net, cfg.loss.perceptual_pretrained).to(device)
-        # VGG in the model's layout: NCHW weights under NHWC inputs re-layout every conv weight on each call.
-        prepare_loss_network(perceptual, FastPath(channels_last=cfg.model.channels_last))
+        prepare_loss_network(perceptual, fast)  # VGG in NHWC: faster on CPU and GPU whatever the model's layout
     logvar = LogVar().to(device) if cfg.loss.learned_logvar else None
     discriminator = None
     if cfg.loss.gan.enabled:
@@ -791,7 +792,7 @@ def train(cfg: TrainConfig) -> Path:
                     if batch["pixel_values"].shape[0] > 0:
                         break
                 x = batch["pixel_values"].to(device, non_blocking=True)
-                if cfg.model.channels_last:
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 generator = torch.Generator(device=device).manual_seed(
                     (cfg.train.seed * 1_000_003 + step * 1009 + micro) * 131 + rank)

@@ -70,3 +70,23 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert [r["name"] for r in saved["rows"]] == [r["name"] for r in result["rows"]]
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", saved["header"])  # dated
     assert saved["train_flops_per_image"] > 0
+
+
+def test_fast_override_parses_each_kind_of_switch_and_names_bad_input():
+    import pytest
+
+    assert bench.fast_override("channels_last=false") == ("channels_last", False)
+    assert bench.fast_override("loss_channels_last=on") == ("loss_channels_last", True)
+    assert bench.fast_override("autocast_dtype=bfloat16") == ("autocast_dtype", torch.bfloat16)
+    assert bench.fast_override("autocast_dtype=none") == ("autocast_dtype", None)
+    assert bench.fast_override("compile_mode=max-autotune") == ("compile_mode", "max-autotune")
+    with pytest.raises(SystemExit, match="channel_last"):
+        bench.fast_override("channel_last=true")  # misspelt field: named, with the valid ones
+    with pytest.raises(SystemExit, match="true or false"):
+        bench.fast_override("channels_last=maybe")
+    with pytest.raises(SystemExit, match="torch dtype"):
+        bench.fast_override("autocast_dtype=float99")
+    setup = bench.load_setup(bench.parse_args(["--tiny", "--fast", "channels_last=false"]))
+    assert not setup.fast.channels_last and not setup.train_fast.channels_last
+    setup = bench.load_setup(bench.parse_args(["--tiny"]))
+    assert setup.fast.channels_last and not setup.train_fast.channels_last  # CPU: NHWC inference, NCHW training

@@ -40,6 +40,8 @@ def test_yaml_and_overrides_build_typed_config(tmp_path):
     assert cfg.train.resume == "latest"
     assert cfg.model.architecture["block_out_channels"] == (8, 16)
     assert cfg.model.architecture["latent_channels"] == 16
+    assert cfg.model.channels_last is None  # the device's measured layout unless set
+    assert load_config(path, TINY + ["model.channels_last=true"]).model.channels_last is True
     # round trip through the saved form
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg))))
     assert again == cfg
@@ -76,6 +78,7 @@ def test_override_syntax_errors():
     ({}, ["train.ema.decay=1.5"], "train.ema.decay", "(0, 1)"),
     ({}, ["train.resume=/no/such/ckpt"], "train.resume", "checkpoint folder"),
     ({}, ["model.architecture.act_fn=tanhh"], "model.architecture", "act_fn"),
+    ({}, ["model.channels_last=fast"], "model.channels_last", "bool"),
 ])
 def test_bad_values_name_the_key(tmp_path, data, overrides, key, extra):
     message = error_of(tmp_path, data, overrides)
@@ -113,6 +116,7 @@ def test_shipped_configs_load_and_validate(name, tmp_path):
         assert cfg.model.freeze_encoder and cfg.loss.pixel == "l2"
     if name == "kl-f8-c16":
         assert cfg.model.architecture["latent_channels"] == 16
+    assert cfg.model.channels_last is None  # the device's measured layout unless set
     if name == "kl-f8":
         assert cfg.model.architecture["block_out_channels"] == (128, 256, 512, 512)
         assert cfg.loss.gan.enabled and cfg.loss.gan.disc_start == 50001

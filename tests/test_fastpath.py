@@ -98,17 +98,19 @@ def test_fused_adamw_matches_default_adamw():
     assert all(p.grad is None for p in fast_model.parameters())  # set_to_none
 
 
-def test_whole_training_step_same_loss_and_gradients_with_fast_path():
+@pytest.mark.parametrize("model_channels_last", [True, False], ids=["model-nhwc", "model-nchw"])
+def test_whole_training_step_same_loss_and_gradients_with_fast_path(model_channels_last):
     from kl_autoencoder.losses import PerceptualLoss
     from kl_autoencoder.trainer import LossWeights, training_step
 
     torch.manual_seed(0)
     perceptual = PerceptualLoss("alex", pretrained=False)  # same code path as vgg, a fraction of the time
     weights = LossWeights(perceptual_weight=1.0, kl_weight=1e-3)
-    perceptual_fast = prepare_loss_network(copy.deepcopy(perceptual), FastPath(channels_last=True))
+    perceptual_fast = prepare_loss_network(copy.deepcopy(perceptual), FastPath(loss_channels_last=True))
     conv_weights = [b for b in perceptual_fast.buffers() if b.dim() == 4]
     assert conv_weights and all(b.is_contiguous(memory_format=torch.channels_last) for b in conv_weights)
-    plain, fast_model, call, fast = make_pair(channels_last=True)
+    # model-nchw is the CPU training default: an NCHW reconstruction into the NHWC loss network.
+    plain, fast_model, call, fast = make_pair(channels_last=model_channels_last, loss_channels_last=True)
     results = []
     for model, fn, x, lpips in ((plain, plain, X, perceptual),
                                 (fast_model, call, to_model_input(X, fast), perceptual_fast)):
@@ -149,6 +151,26 @@ def test_compile_unavailable_returns_model_unchanged(monkeypatch):
 
 def test_device_defaults():
     cpu = FastPath.for_device("cpu")
-    assert cpu.channels_last and cpu.autocast_dtype is None and not cpu.compile
-    gpu = FastPath.for_device("cuda", compile=False)
-    assert gpu.autocast_dtype == torch.bfloat16 and gpu.tf32 and gpu.channels_last and not gpu.compile
+    assert cpu.channels_last and cpu.loss_channels_last and cpu.autocast_dtype is None and not cpu.compile
+    # Training on CPU keeps the VAE NCHW (GroupNorm's NHWC backward is slow there) and LPIPS' VGG NHWC.
+    cpu_train = FastPath.for_device("cpu", training=True)
+    assert not cpu_train.channels_last and cpu_train.loss_channels_last
+    for training in (False, True):
+        gpu = FastPath.for_device("cuda", training=training, compile=False)
+        assert gpu.autocast_dtype == torch.bfloat16 and gpu.tf32 and gpu.channels_last and not gpu.compile
+        assert gpu.loss_channels_last
+
+
+def test_prepare_for_inference_same_outputs_in_the_inference_layout():
+    from kl_autoencoder.fastpath import prepare_for_inference
+
+    plain, fast_model, _, _ = make_pair()
+    plain.eval()
+    fast_model.train()
+    assert prepare_for_inference(fast_model, "cpu") is fast_model
+    assert not fast_model.training
+    assert fast_model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = plain.decode(plain.encode(X).mode())
+        actual = fast_model.decode(fast_model.encode(X).mode())  # NCHW input: the first conv converts it
+    assert_rel_close(actual, expected, 1e-4)
