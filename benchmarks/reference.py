@@ -39,9 +39,10 @@ def reference_training_step(vae, lpips_model: torch.nn.Module, optimizer: torch.
     z = posterior.sample(generator=generator)
     reconstruction = vae.decode(z).sample
     rec_loss = torch.nn.functional.l1_loss(reconstruction, pixel_values)
-    perceptual = lpips_model(reconstruction, pixel_values).mean()
     kl = posterior.kl().mean()
-    loss = rec_loss + perceptual_weight * perceptual + kl_weight * kl
+    loss = rec_loss + kl_weight * kl
+    if perceptual_weight > 0:
+        loss = loss + perceptual_weight * lpips_model(reconstruction, pixel_values).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()

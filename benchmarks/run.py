@@ -4,6 +4,8 @@
     python benchmarks/run.py --device cuda --resolution 256 --batch-size 8 --repeats 5 --json out.json
     python benchmarks/run.py --checkpointing                   # + gradient-checkpointing memory study
     python benchmarks/run.py --fast channels_last=true         # one fast-path switch flipped (before/after)
+    python benchmarks/run.py --only train --breakdown          # + the step without LPIPS, and LPIPS alone
+    python benchmarks/run.py --device cuda --config configs/kl-f8.yaml --only encode --tiled-size 4096 --tile-size 512
 
 Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alternating who goes first; medians):
   train    forward + L1 + LPIPS + KL + backward + AdamW step; ours = KLAutoencoder + trainer.training_step +
@@ -265,13 +267,44 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     extras["train_flops_per_image"] = flops
     if s.device.type == "cuda":
         peak = extras["peak_flops"]
-        rows.append(Row("train MFU (bf16 peak)", "%", 100 * flops * rows[0].ours / peak,
-                        100 * flops * rows[0].reference / peak))
+        step_row = next(r for r in rows if r.name == "train step")
+        rows.append(Row("train MFU (bf16 peak)", "%", 100 * flops * step_row.ours / peak,
+                        100 * flops * step_row.reference / peak))
+    if extras.get("breakdown") and s.perceptual_weight > 0:
+        # Where the step's time goes: the same step without LPIPS, and LPIPS alone (forward + backward to the
+        # reconstruction), each side in its own layout. Explains how far the whole-step ratio can move.
+        no_lpips = replace(weights, perceptual_weight=0.0)
+
+        def ours_vae_step() -> None:
+            with autocast(s.device, s.train_fast):
+                loss, _ = training_step(model, x_ours, None, no_lpips, generator=ours_gen)
+            loss.backward()
+            ours_opt.step()
+            ours_opt.zero_grad(set_to_none=True)
+
+        def ref_vae_step() -> None:
+            ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, 0.0, ref_gen)
+
+        def lpips_call(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], image: torch.Tensor
+                       ) -> Callable[[], None]:
+            def call() -> None:
+                reconstruction = image.detach().clone().requires_grad_(True)
+                loss_fn(reconstruction, x).backward()
+            return call
+
+        parts = {"vae_ours": ours_vae_step, "vae_reference": ref_vae_step,
+                 "lpips_ours": lpips_call(perceptual, x_ours),
+                 "lpips_reference": lpips_call(lambda a, b: ref_lpips(a, b).mean(), x)}
+        part_times = interleaved_times(parts, repeats, s.device, warmup)
+        for label, key in (("train step without LPIPS", "vae"), ("LPIPS forward + backward", "lpips")):
+            rows.append(Row(label, "images/s", b / median(part_times[f"{key}_ours"]),
+                            b / median(part_times[f"{key}_reference"])))
+        extras["breakdown_seconds"] = part_times
     del ref_opt, ours_opt
 
 
 def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any],
-                    tiled: bool = True) -> None:
+                    tiled: bool = True, tiled_size: int | None = None, tile_size: int | None = None) -> None:
     from kl_autoencoder.tiling import decode_tiled
 
     torch.manual_seed(0)
@@ -306,34 +339,44 @@ def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ex
                             peak_memory_bytes(ref_fn, s.device) / 2**20, higher_is_better=False))
     if not tiled:
         return
-    # One large image: 4x the resolution per side, tiles of `resolution` pixels with 25% overlap (diffusers' split).
+    # One large image (default 4x the resolution per side), tiles of `tile` pixels (default the resolution) with
+    # 25% overlap: diffusers' split, where the tile is the config's sample_size.
     f = ours.config.downsampling_factor
-    big = torch.randn(1, ours.config.latent_channels, 4 * s.resolution // f, 4 * s.resolution // f,
+    side = tiled_size or 4 * s.resolution
+    tile = tile_size or s.resolution
+    if side % f or tile % f:
+        raise SystemExit(f"--tiled-size {side} and --tile-size {tile} must be multiples of the downsampling factor {f}")
+    big = torch.randn(1, ours.config.latent_channels, side // f, side // f,
                       generator=torch.Generator().manual_seed(1)).to(s.device)
     big_ours = to_model_input(big, s.fast)
-    overlap = s.resolution // 4 // f * f
+    overlap = tile // 4 // f * f
+    ref_vae.tile_sample_min_size = tile  # diffusers: the tile is the config sample_size unless set like this
+    ref_vae.tile_latent_min_size = tile // f
 
     def ours_tiled() -> None:  # the same work as enable_tiling(): per-tile statistics, linear blend
         with torch.inference_mode(), autocast(s.device, s.fast):
-            decode_tiled(ours, big_ours, s.resolution, overlap, norm_passes=0)
+            decode_tiled(ours, big_ours, tile, overlap, norm_passes=0)
 
     def ours_tiled_global() -> None:  # the default: + one pass measuring whole-image GroupNorm statistics
         with torch.inference_mode(), autocast(s.device, s.fast):
-            decode_tiled(ours, big_ours, s.resolution, overlap)
+            decode_tiled(ours, big_ours, tile, overlap)
 
-    times = interleaved_times({"ours": ours_tiled, "ours_global": ours_tiled_global,
-                               "reference": lambda: ref.reference_decode_tiled(ref_vae, big)}, repeats, s.device)
-    side = 4 * s.resolution
-    rows.append(Row(f"tiled decode {side}x{side}", "images/s", 1 / median(times["ours"]),
-                    1 / median(times["reference"])))
-    rows.append(Row(f"tiled decode {side}x{side}, global norms (default)", "images/s",
+    def ref_tiled() -> None:
+        ref.reference_decode_tiled(ref_vae, big)
+
+    times = interleaved_times({"ours": ours_tiled, "ours_global": ours_tiled_global, "reference": ref_tiled},
+                              repeats, s.device)
+    label = f"tiled decode {side}x{side}" + (f" (tile {tile})" if tile_size else "")
+    rows.append(Row(label, "images/s", 1 / median(times["ours"]), 1 / median(times["reference"])))
+    rows.append(Row(f"{label}, global norms (default)", "images/s",
                     1 / median(times["ours_global"]), 1 / median(times["reference"])))
     extras["tiled_seconds"] = times
     if not extras.get("skip_memory"):
-        rows.append(Row(f"tiled decode {side}x{side} peak memory", "MiB",
-                        peak_memory_bytes(ours_tiled, s.device) / 2**20,
-                        peak_memory_bytes(lambda: ref.reference_decode_tiled(ref_vae, big), s.device) / 2**20,
+        ref_peak = peak_memory_bytes(ref_tiled, s.device) / 2**20
+        rows.append(Row(f"{label} peak memory", "MiB", peak_memory_bytes(ours_tiled, s.device) / 2**20, ref_peak,
                         higher_is_better=False))
+        rows.append(Row(f"{label}, global norms (default) peak memory", "MiB",
+                        peak_memory_bytes(ours_tiled_global, s.device) / 2**20, ref_peak, higher_is_better=False))
 
 
 def bench_data(s: Setup, batches: int, rows: list[Row]) -> None:
@@ -430,11 +473,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LPIPS backbone (default vgg; alex with --tiny)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-tiled", action="store_true")
+    p.add_argument("--tiled-size", type=int, default=None,
+                   help="side of the tiled-decode image in pixels (default 4x the resolution), e.g. 4096")
+    p.add_argument("--tile-size", type=int, default=None, help="tile side in pixels (default the resolution)")
     p.add_argument("--fast", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one FastPath switch, e.g. --fast channels_last=true (repeatable)")
     p.add_argument("--compile", action="store_true", help="force torch.compile on")
     p.add_argument("--no-compile", action="store_true", help="force torch.compile off")
     p.add_argument("--checkpointing", action="store_true", help="add the gradient-checkpointing memory study")
+    p.add_argument("--breakdown", action="store_true",
+                   help="add the train step without LPIPS and LPIPS alone, both sides (where the time goes)")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for MFU (H100 SXM: 989e12)")
     return p.parse_args(argv)
 
@@ -449,12 +497,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--device cuda: no CUDA device is available")
     x = sample_batch(s.resolution, s.batch_size, args.tiny)
     rows: list[Row] = []
-    extras: dict[str, Any] = {"skip_memory": args.no_memory, "peak_flops": args.peak_flops}
+    extras: dict[str, Any] = {"skip_memory": args.no_memory, "peak_flops": args.peak_flops,
+                              "breakdown": args.breakdown}
     sections = {part.strip() for part in args.only.split(",") if part.strip()}
     if "train" in sections:
         bench_training(s, x, args.repeats, rows, extras)
     if "encode" in sections:
-        bench_inference(s, x, args.repeats, rows, extras, tiled=not args.no_tiled)
+        bench_inference(s, x, args.repeats, rows, extras, tiled=not args.no_tiled, tiled_size=args.tiled_size,
+                        tile_size=args.tile_size)
     if "data" in sections:
         bench_data(s, 2 if args.tiny else 10, rows)
     if args.checkpointing:

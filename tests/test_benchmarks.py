@@ -55,16 +55,21 @@ def test_table_ratio_is_computed_from_the_medians_shown():
 
 def test_tiny_end_to_end_run(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    result = bench.main(["--tiny", "--repeats", "1", "--only", "train,encode", "--no-memory", "--json", str(out)])
+    result = bench.main(["--tiny", "--repeats", "1", "--only", "train,encode", "--no-memory", "--breakdown",
+                         "--json", str(out)])
     printed = capsys.readouterr().out
     table = parse_table(printed)
-    for name in ("train step", "encode", "decode", "tiled decode 128x128"):
+    for name in ("train step", "train step without LPIPS", "LPIPS forward + backward", "encode", "decode",
+                 "tiled decode 128x128"):
         unit, ours, reference, ratio = table[name]
         assert float(ours) > 0 and float(reference) > 0
         assert ratio == f"{float(ours) / float(reference):.2f}x"
     # medians shown come from the raw timings: images/s = batch / median seconds
     seconds = result["seconds"]["train_seconds"]
     assert float(table["train step"][1]) == float(bench.format_value(2 / seconds["ours"][0]))
+    parts = result["seconds"]["breakdown_seconds"]
+    assert sorted(parts) == ["lpips_ours", "lpips_reference", "vae_ours", "vae_reference"]
+    assert float(table["LPIPS forward + backward"][2]) == float(bench.format_value(2 / parts["lpips_reference"][0]))
     assert printed.strip().splitlines()[-1].startswith("ratio ours/reference")
     saved = json.loads(out.read_text())
     assert [r["name"] for r in saved["rows"]] == [r["name"] for r in result["rows"]]
@@ -90,3 +95,37 @@ def test_fast_override_parses_each_kind_of_switch_and_names_bad_input():
     assert not setup.fast.channels_last and not setup.train_fast.channels_last
     setup = bench.load_setup(bench.parse_args(["--tiny"]))
     assert setup.fast.channels_last and not setup.train_fast.channels_last  # CPU: NHWC inference, NCHW training
+
+
+def test_reference_step_skips_lpips_at_weight_zero_and_uses_it_otherwise():
+    import reference as ref
+
+    torch.manual_seed(0)
+    vae = ref.build_reference_vae(dict(bench.TINY_ARCHITECTURE,
+                                       down_block_types=["DownEncoderBlock2D"] * 2,
+                                       up_block_types=["UpDecoderBlock2D"] * 2))
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    calls = []
+
+    def lpips_model(a, b):
+        calls.append(a.shape)
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    ref.reference_training_step(vae, lpips_model, optimizer, x, perceptual_weight=0.0)
+    assert calls == []
+    ref.reference_training_step(vae, lpips_model, optimizer, x, perceptual_weight=1.0)
+    assert calls == [x.shape]
+
+
+def test_tiled_row_takes_image_and_tile_sizes(capsys):
+    import pytest
+
+    result = bench.main(["--tiny", "--repeats", "1", "--only", "encode", "--tiled-size", "64", "--tile-size", "32"])
+    names = [row["name"] for row in result["rows"]]
+    assert "tiled decode 64x64 (tile 32)" in names
+    assert "tiled decode 64x64 (tile 32), global norms (default) peak memory" in names
+    memory = {row["name"]: row for row in result["rows"]}["tiled decode 64x64 (tile 32) peak memory"]
+    assert memory["ours"] > 0 and memory["reference"] > 0
+    with pytest.raises(SystemExit, match="multiples of the downsampling factor 2"):
+        bench.main(["--tiny", "--repeats", "1", "--only", "encode", "--no-memory", "--tiled-size", "33"])
