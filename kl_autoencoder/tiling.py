@@ -126,6 +126,10 @@ class _GlobalGroupNorm:
     Afterwards the layers normalise with the recorded mean / variance. Memory stays bounded by the tile (the
     statistics are [B, groups] per layer); each extra pass costs one more tiled forward. The first recording sees
     tile-local statistics in earlier layers; a second pass records with the first pass's estimates applied.
+
+    The GroupNorms' forward is replaced while active (not hooked): with known statistics a GroupNorm is one
+    per-(sample, channel) scale and shift, a single pass over the activation instead of a native GroupNorm whose
+    output would be thrown away.
     """
 
     def __init__(self, module: torch.nn.Module, passes: int):
@@ -135,15 +139,15 @@ class _GlobalGroupNorm:
         self.sums: dict[torch.nn.Module, list[torch.Tensor]] = {}
         self.stats: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
-        self.handles = []
 
     def __enter__(self) -> "_GlobalGroupNorm":
-        self.handles = [m.register_forward_hook(self._hook) for m in self.norms]
+        for m in self.norms:
+            m.forward = lambda x, m=m: self._forward(m, x)  # instance attribute: shadows GroupNorm.forward
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+        for m in self.norms:
+            del m.forward
 
     def start_recording(self) -> None:
         self.recording, self.sums = True, {}
@@ -154,26 +158,33 @@ class _GlobalGroupNorm:
             mean = total / count
             self.stats[m] = (mean, (total_sq / count - mean.square()).clamp_min(0.0))
 
-    def _hook(self, m: torch.nn.GroupNorm, inputs: tuple[torch.Tensor], output: torch.Tensor):
-        x = inputs[0].float()
+    def _record(self, m: torch.nn.GroupNorm, x: torch.Tensor) -> None:
         b, c, h, w = x.shape
-        grouped = x.view(b, m.num_groups, c // m.num_groups, h, w)
+        weight = self.weight.to(device=x.device, dtype=torch.float32)[None, None]
+        mode = "area" if weight.shape[-1] > w else "nearest"
+        weight = F.interpolate(weight, size=(h, w), mode=mode)[0, 0]
+        x = x.float()
+        # Weighted sums per (sample, channel), then per group.
+        per_channel = [torch.einsum("bchw,hw->bc", x, weight), torch.einsum("bchw,hw->bc", x.square(), weight)]
+        sums = [s.view(b, m.num_groups, -1).sum(-1) for s in per_channel] + [weight.sum() * (c // m.num_groups)]
+        previous = self.sums.get(m)
+        self.sums[m] = sums if previous is None else [p + s for p, s in zip(previous, sums)]
+
+    def _forward(self, m: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         if self.recording:
-            weight = self.weight.to(device=x.device, dtype=torch.float32)[None, None]
-            mode = "area" if weight.shape[-1] > w else "nearest"
-            weight = F.interpolate(weight, size=(h, w), mode=mode)[0, 0]
-            sums = [(grouped * weight).sum((2, 3, 4)), (grouped.square() * weight).sum((2, 3, 4)),
-                    weight.sum() * (c // m.num_groups)]
-            previous = self.sums.get(m)
-            self.sums[m] = sums if previous is None else [p + s for p, s in zip(previous, sums)]
-        if m not in self.stats:
-            return None  # first recording pass: tile-local statistics
+            self._record(m, x)
+        if m not in self.stats:  # first recording pass: tile-local statistics
+            return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
         mean, var = self.stats[m]
-        normed = (grouped - mean[:, :, None, None, None]) * torch.rsqrt(var[:, :, None, None, None] + m.eps)
-        normed = normed.view(b, c, h, w)
+        per_group = x.shape[1] // m.num_groups
+        scale = torch.rsqrt(var + m.eps).repeat_interleave(per_group, dim=1)  # [B, C]
+        shift = -mean.repeat_interleave(per_group, dim=1) * scale
         if m.affine:
-            normed = normed * m.weight.float()[None, :, None, None] + m.bias.float()[None, :, None, None]
-        return normed.to(output.dtype)
+            scale = scale * m.weight.float()
+            shift = shift * m.weight.float() + m.bias.float()
+        # fp32 like GroupNorm under autocast; the input's dtype otherwise (as GroupNorm itself).
+        dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return torch.addcmul(shift[:, :, None, None], x.float(), scale[:, :, None, None]).to(dtype)
 
 
 def _run_blended(fn, module, x, tile, overlap, unit, out_per_unit, norm_passes: int) -> torch.Tensor:

@@ -56,6 +56,26 @@ def test_whole_image_group_norm_statistics_make_tiles_exact():
     assert (local - full_mean).abs().max() > 0.1
     torch.testing.assert_close(tiled, full_mean, rtol=0, atol=1e-4)
     torch.testing.assert_close(decode_tiled(model, x, 16, 4, norm_passes=1), model.decode(x), rtol=0, atol=1e-4)
+    assert "forward" not in model.encoder.__dict__  # GroupNorm's own forward is back after tiling
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_global_statistics_under_bf16_autocast_and_in_channels_last(affine):
+    torch.manual_seed(0)
+    model = LocalAutoencoder(group_norm=True)
+    if not affine:
+        model.decoder = nn.GroupNorm(1, 3, affine=False)
+    else:
+        with torch.no_grad():
+            model.decoder.weight.uniform_(0.5, 2.0)
+            model.decoder.bias.uniform_(-1.0, 1.0)
+    z = (torch.randn(1, 3, 48, 64) * torch.linspace(0.2, 3, 64)).contiguous(memory_format=torch.channels_last)
+    full = model.decode(z)
+    torch.testing.assert_close(decode_tiled(model, z, 16, 4, norm_passes=1), full, rtol=0, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiled = decode_tiled(model, z.bfloat16(), 16, 4, norm_passes=1)
+    assert tiled.dtype == torch.float32
+    assert (tiled - full).abs().max() / full.abs().max() < 2e-2
 
 
 @pytest.mark.parametrize("length", [1, 7, 32, 33, 64, 100, 257])
