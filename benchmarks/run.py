@@ -131,6 +131,13 @@ class Setup:
     train_fast: FastPath = field(default_factory=FastPath)  # the training step
 
 
+def with_block_types(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The architecture with one down/up block type per level, as diffusers' AutoencoderKL needs them spelt out."""
+    levels = len(architecture.get("block_out_channels", [64]))
+    return {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            **architecture}
+
+
 def load_setup(args: argparse.Namespace) -> Setup:
     """Architecture, resolution and batch from the config (command-line values win)."""
     architecture: dict[str, Any] = dict(TINY_ARCHITECTURE)
@@ -141,9 +148,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
         cfg = load_config(args.config)
         architecture = dict(cfg.model.architecture)
         resolution, batch_size, kl_weight = cfg.data.resolution, cfg.train.batch_size, cfg.loss.kl_weight
-    levels = len(architecture.get("block_out_channels", [64]))
-    architecture.setdefault("down_block_types", ["DownEncoderBlock2D"] * levels)
-    architecture.setdefault("up_block_types", ["UpDecoderBlock2D"] * levels)
+    architecture = with_block_types(architecture)
     device = torch.device(args.device)
     overrides = dict(fast_override(item) for item in args.fast)
     if args.no_compile:

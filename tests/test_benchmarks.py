@@ -129,3 +129,18 @@ def test_tiled_row_takes_image_and_tile_sizes(capsys):
     assert memory["ours"] > 0 and memory["reference"] > 0
     with pytest.raises(SystemExit, match="multiples of the downsampling factor 2"):
         bench.main(["--tiny", "--repeats", "1", "--only", "encode", "--no-memory", "--tiled-size", "33"])
+
+
+def test_tiled_memory_script_measures_each_method_in_a_subprocess(tmp_path):
+    import tiled_memory  # benchmarks/tiled_memory.py
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model:\n  architecture:\n    block_out_channels: [8, 16]\n    norm_num_groups: 4\n"
+                      "    layers_per_block: 1\n    mid_block_add_attention: false\n"
+                      "data:\n  resolution: 32\n")
+    out = tmp_path / "tiled.json"
+    results = tiled_memory.main(["--config", str(config), "--sizes", "64", "--tile", "32", "--json", str(out)])
+    assert [r["method"] for r in results] == ["ours", "ours-plain", "diffusers"]
+    for r in results:  # each decoded a 64x64 image (asserted in the subprocess) and was timed
+        assert r["size"] == 64 and r["tile"] == 32 and r["seconds"] > 0 and r["peak_mib"] >= 0
+    assert json.loads(out.read_text()) == results
