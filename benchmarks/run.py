@@ -249,15 +249,24 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     ours_gen = torch.Generator(device=s.device).manual_seed(0)
     ref_gen = torch.Generator(device=s.device).manual_seed(0)
 
-    def ours_step() -> None:
-        with autocast(s.device, s.train_fast):
-            loss, _ = training_step(model, x_ours, perceptual, weights, generator=ours_gen)
-        loss.backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
+    def steps(perceptual_weight: float) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(ours, reference) training steps at this perceptual weight (0: LPIPS is not computed at all)."""
+        ours_weights = replace(weights, perceptual_weight=perceptual_weight)
 
-    def ref_step() -> None:
-        ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, s.perceptual_weight, ref_gen)
+        def ours() -> None:
+            with autocast(s.device, s.train_fast):
+                loss, _ = training_step(model, x_ours, perceptual if perceptual_weight > 0 else None, ours_weights,
+                                        generator=ours_gen)
+            loss.backward()
+            ours_opt.step()
+            ours_opt.zero_grad(set_to_none=True)
+
+        def reference() -> None:
+            ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, perceptual_weight, ref_gen)
+
+        return ours, reference
+
+    ours_step, ref_step = steps(s.perceptual_weight)
 
     warmup = 2 if s.train_fast.compile else 1
     times = interleaved_times({"ours": ours_step, "reference": ref_step}, repeats, s.device, warmup)
@@ -278,17 +287,7 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     if extras.get("breakdown") and s.perceptual_weight > 0:
         # Where the step's time goes: the same step without LPIPS, and LPIPS alone (forward + backward to the
         # reconstruction), each side in its own layout. Explains how far the whole-step ratio can move.
-        no_lpips = replace(weights, perceptual_weight=0.0)
-
-        def ours_vae_step() -> None:
-            with autocast(s.device, s.train_fast):
-                loss, _ = training_step(model, x_ours, None, no_lpips, generator=ours_gen)
-            loss.backward()
-            ours_opt.step()
-            ours_opt.zero_grad(set_to_none=True)
-
-        def ref_vae_step() -> None:
-            ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, 0.0, ref_gen)
+        ours_vae_step, ref_vae_step = steps(0.0)
 
         def lpips_call(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], image: torch.Tensor
                        ) -> Callable[[], None]:

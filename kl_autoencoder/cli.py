@@ -110,15 +110,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _image_folder_command(run, args) -> int:
+    """encode / reconstruct: a folder of images through `run(model, input, out, ...)`, then the report."""
+    model = _load(args.model, args.device)
+    generator = _generator(args.seed, next(model.parameters()).device)
+    _report(run(model, args.input, args.out, batch_size=args.batch_size, mode=args.mode, generator=generator,
+                **_tiling(args)))
+    return 0
+
+
 def cmd_encode(args) -> int:
     from kl_autoencoder.inference import encode_folder
 
-    model = _load(args.model, args.device)
-    generator = _generator(args.seed, next(model.parameters()).device)
-    result = encode_folder(model, args.input, args.out, batch_size=args.batch_size, mode=args.mode,
-                           generator=generator, **_tiling(args))
-    _report(result)
-    return 0
+    return _image_folder_command(encode_folder, args)
 
 
 def cmd_decode(args) -> int:
@@ -132,12 +136,7 @@ def cmd_decode(args) -> int:
 def cmd_reconstruct(args) -> int:
     from kl_autoencoder.inference import reconstruct_folder
 
-    model = _load(args.model, args.device)
-    generator = _generator(args.seed, next(model.parameters()).device)
-    result = reconstruct_folder(model, args.input, args.out, batch_size=args.batch_size, mode=args.mode,
-                                generator=generator, **_tiling(args))
-    _report(result)
-    return 0
+    return _image_folder_command(reconstruct_folder, args)
 
 
 def cmd_sample(args) -> int:
