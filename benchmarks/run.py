@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_flops_per_image": flops,
     }
     if args.json:
-        from kl_autoencoder.formats import atomic_write_text
+        from kl_autoencoder.durable import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2))
     return result

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"| {size}x{size} | {method} | {result['peak_mib']:.0f} | {result['seconds']:.1f} |", flush=True)
     if args.json:
         sys.path.insert(0, str(ROOT))
-        from kl_autoencoder.formats import atomic_write_text
+        from kl_autoencoder.durable import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(results, indent=2))
     return results

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from kl_autoencoder.durable import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names the key."""
@@ -174,7 +176,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from kl_autoencoder.formats import atomic_write_text  # formats imports the model; keep config import-light
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kl_autoencoder import metrics as M
 from kl_autoencoder.fastpath import prepare_for_inference
-from kl_autoencoder.formats import atomic_write, atomic_write_text
+from kl_autoencoder.durable import atomic_write, atomic_write_text
 
 GRID_IMAGES = 4        # first images shown in reconstructions.png
 LATENT_IMAGES = 2      # images whose latent channels are drawn

@@ -1,4 +1,4 @@
-"""Weights in and out: diffusers folders, original-LDM (CompVis) single files, hub repos; atomic writes.
+"""Weights in and out: diffusers folders, original-LDM (CompVis) single files, hub repos.
 
 Our state dict *is* diffusers' `AutoencoderKL` layout, so a diffusers folder loads with no renaming. LDM checkpoints
 (`encoder.down.0.block.0.norm1.weight`, attention as 1x1 convs, decoder levels numbered from the bottom) are mapped by
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kl_autoencoder.durable import atomic_write, atomic_write_dir
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 
 CONFIG_NAME = "config.json"
@@ -32,82 +31,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 class WeightsError(ValueError):
     """A weights file or folder that cannot be loaded as asked; the message names the path and the problem."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder`, then the folders themselves, to disk."""
-    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
-        if path.is_dir():
-            fsync_dir(path)
-            continue
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
-    """Call `write_fn(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an export should read like any other file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
-    """Fill a temporary folder beside `path`, then swap it in; an existing `path` is replaced only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)
-    old = path.with_name(f".{path.name}.old")
-    try:
-        write_fn(tmp)
-        fsync_tree(tmp)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    fsync_dir(path.parent)
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def _iter_image_batches(input_folder: str | Path, batch_size: int, factor: int, 
 def _write_shard(path: Path, latents: dict[int, torch.Tensor], records: list[ImageRecord], model) -> Path:
     from safetensors.torch import save_file
 
-    from kl_autoencoder.formats import atomic_write
+    from kl_autoencoder.durable import atomic_write
 
     metadata = {
         "images": json.dumps([r.to_json() for r in sorted(records, key=lambda r: r.index)]),

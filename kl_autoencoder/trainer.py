@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.fastpath import FastPath, compile_with_fallback, prepare_loss_network
-from kl_autoencoder.formats import atomic_write_text, fsync_dir, fsync_tree
+from kl_autoencoder.durable import atomic_write_text, fsync_dir, fsync_tree
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder import losses as L
 

@@ -9,7 +9,8 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from kl_autoencoder import KLAutoencoder
-from kl_autoencoder.formats import (WeightsError, atomic_write_text, diffusers_to_ldm, infer_config, ldm_to_diffusers,
+from kl_autoencoder.durable import atomic_write_text
+from kl_autoencoder.formats import (WeightsError, diffusers_to_ldm, infer_config, ldm_to_diffusers,
                                     load_model)
 from tests.conftest import tiny_config
 
@@ -122,7 +123,7 @@ def test_atomic_write_text_leaves_no_partial_file(tmp_path):
     class Boom(Exception):
         pass
 
-    from kl_autoencoder.formats import atomic_write
+    from kl_autoencoder.durable import atomic_write
 
     def failing(tmp):
         tmp.write_text("half")
