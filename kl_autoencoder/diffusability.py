@@ -1,0 +1,439 @@
+"""Diffusability: how easy a VAE's latents are for a diffusion model to learn, and the EQ-VAE objective.
+
+Reconstruction is half of a pre-compressor's job; the other half is how well a diffusion model learns its latents.
+Three measures and one training objective:
+
+* Spectrum. `power_spectrum_2d` / `radial_power_spectrum`: the radially averaged power spectrum of [B, C, H, W]
+  maps (each map's mean removed, averaged over batch and channels; frequency in cycles per pixel of the map's own
+  grid, so Nyquist is 0.5 for latents and images alike). `high_frequency_share`: the share of the energy above
+  `cutoff` = 0.25 cycles/pixel (half the Nyquist frequency), radially. Latents with more high-frequency energy than
+  their images are harder to diffuse ("Improving the diffusability of autoencoders", Skorokhodov et al. 2025).
+* Equivariance. `Transform` (downscale by an integer factor with area averaging, quarter turns, flips) applied alike
+  to the image x and its latent z; `equivariance_loss(model, x, z, T)` = pixel_loss(decode(T(z)), T(x)) is EQ-VAE's
+  objective (Kouzelis et al. 2025), differentiable; `equivariance_psnr` is the same comparison as PSNR in dB.
+* Probe. `diffusability_probe`: encode a fixed set of crops, train a small diffusers `UNet2DModel` (DDPM,
+  epsilon prediction) on the training latents for a fixed budget with fixed seeds, report its denoising MSE on
+  held-out latents at fixed noise levels with fixed noise. Lower is easier to diffuse. Same `ProbeConfig` for every
+  VAE compared, so the numbers compare VAEs, not runs.
+
+`diffusability_metrics` gathers the cheap measures (spectra and equivariance) for the evaluation report.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kl_autoencoder.losses import pixel_loss
+from kl_autoencoder.metrics import psnr, summarize, to_unit_range
+
+HIGH_FREQUENCY_CUTOFF = 0.25  # cycles/pixel: half the Nyquist frequency
+
+# --------------------------------------------------------------------------------------------------------------------
+# Spectrum.
+
+
+def _check_maps(x: torch.Tensor, what: str = "x") -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{what}: expected a batch of maps [B, C, H, W], got shape {tuple(x.shape)}")
+
+
+def frequency_radius(height: int, width: int) -> torch.Tensor:
+    """|f| in cycles per pixel for each entry of an unshifted [H, W] FFT (0 at DC, 0.5 at Nyquist on an axis)."""
+    fy = torch.fft.fftfreq(height, dtype=torch.float64)
+    fx = torch.fft.fftfreq(width, dtype=torch.float64)
+    return torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+
+
+def power_spectrum_2d(x: torch.Tensor) -> torch.Tensor:
+    """Power per 2-D frequency of [B, C, H, W] maps, averaged over batch and channels: [H, W], float64, unshifted.
+
+    Each map's own mean is removed first (no DC energy). Normalised by Parseval so the entries of one map sum to its
+    population variance: the result sums to the mean variance of the maps.
+    """
+    _check_maps(x)
+    x = x.detach().double()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    height, width = x.shape[-2:]
+    power = torch.fft.fft2(x).abs().pow(2) / (height * width) ** 2
+    return power.mean(dim=(0, 1))
+
+
+def radial_average(power: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Radially average an [H, W] power spectrum: (frequencies k / n, mean power per ring) for k = 1 .. n // 2.
+
+    n = min(H, W); ring k holds the frequencies with round(|f| * n) = k. Corners beyond Nyquist (|f| > 0.5) are
+    left out of the profile (they still count in `high_frequency_share`).
+    """
+    n = min(power.shape)
+    if n < 2:
+        raise ValueError(f"a radial spectrum needs maps of at least 2x2, got {tuple(power.shape)}")
+    rings = torch.round(frequency_radius(*power.shape) * n).long().flatten()
+    last = n // 2
+    keep = rings <= last
+    totals = torch.bincount(rings[keep], weights=power.flatten()[keep], minlength=last + 1)
+    counts = torch.bincount(rings[keep], minlength=last + 1).clamp_min(1)
+    frequencies = torch.arange(last + 1, dtype=torch.float64) / n
+    return frequencies[1:], (totals / counts)[1:]
+
+
+def radial_power_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(frequencies in cycles/pixel up to 0.5, radially averaged power) of [B, C, H, W] maps; see `radial_average`."""
+    return radial_average(power_spectrum_2d(x))
+
+
+def high_frequency_share_of(power: torch.Tensor, cutoff: float = HIGH_FREQUENCY_CUTOFF) -> float:
+    """Share of an [H, W] power spectrum's energy at |f| > `cutoff` cycles/pixel; 0.0 when there is no energy."""
+    total = power.sum()
+    if total <= 0:
+        return 0.0  # constant maps: no structure at any frequency, none of it high
+    return float(power[frequency_radius(*power.shape) > cutoff].sum() / total)
+
+
+def high_frequency_share(x: torch.Tensor, cutoff: float = HIGH_FREQUENCY_CUTOFF) -> float:
+    """Share of the spectral energy of [B, C, H, W] maps above `cutoff` (default: half Nyquist), means removed.
+
+    White noise gives about the area of the band |f| > cutoff in the unit frequency square (1 - pi/16 = 0.80 at 0.25);
+    smooth maps give much less.
+    """
+    return high_frequency_share_of(power_spectrum_2d(x), cutoff)
+
+
+def spectrum_summary(power: torch.Tensor, cutoff: float = HIGH_FREQUENCY_CUTOFF) -> dict[str, Any]:
+    """JSON-ready spectrum of an [H, W] power map: high-frequency share and the radial profile relative to white noise.
+
+    `relative_power` is the ring's mean power times H * W over the total: white noise gives 1 in every ring, so
+    profiles of maps of different sizes (a latent and its image) share one axis.
+    """
+    frequencies, ring_power = radial_average(power)
+    total = float(power.sum())
+    relative = ring_power * power.numel() / total if total > 0 else torch.zeros_like(ring_power)
+    return {"high_frequency_share": high_frequency_share_of(power, cutoff), "cutoff": cutoff,
+            "frequencies": frequencies.tolist(), "relative_power": relative.tolist()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Equivariance.
+
+TRANSFORM_KINDS = ("scale", "rotate", "flip")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One geometric transform of [B, C, H, W] maps, applied alike to images and latents.
+
+    kind "scale": downscale by the integer `amount` with area averaging (an antialiasing box filter; exact for
+    integer factors); "rotate": `amount` quarter turns counter-clockwise; "flip": `amount` -1 mirrors left-right,
+    -2 top-bottom.
+    """
+
+    kind: str
+    amount: int = 1
+
+    def __post_init__(self) -> None:
+        valid = {"scale": lambda a: a >= 2, "rotate": lambda a: a in (1, 2, 3), "flip": lambda a: a in (-1, -2)}
+        if self.kind not in valid:
+            raise ValueError(f"unknown transform kind {self.kind!r}; expected one of {', '.join(TRANSFORM_KINDS)}")
+        if not isinstance(self.amount, int) or not valid[self.kind](self.amount):
+            expected = {"scale": "an integer factor >= 2", "rotate": "1, 2 or 3 quarter turns",
+                        "flip": "-1 (left-right) or -2 (top-bottom)"}[self.kind]
+            raise ValueError(f"transform {self.kind!r}: amount must be {expected}, got {self.amount!r}")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "scale":
+            return f"scale_1/{self.amount}"
+        if self.kind == "rotate":
+            return f"rotate_{90 * self.amount}"
+        return "flip_lr" if self.amount == -1 else "flip_tb"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check_maps(x, self.name)
+        if self.kind == "scale":
+            if x.shape[-2] % self.amount or x.shape[-1] % self.amount:
+                raise ValueError(f"{self.name}: map size {tuple(x.shape[-2:])} is not divisible by {self.amount}")
+            return F.avg_pool2d(x, self.amount)
+        if self.kind == "rotate":
+            return torch.rot90(x, self.amount, dims=(-2, -1))
+        return torch.flip(x, dims=(self.amount,))
+
+
+# What evaluation reports: the issue's downscale x2 and 90-degree rotation, plus x4 and a flip.
+EVAL_TRANSFORMS = (Transform("scale", 2), Transform("scale", 4), Transform("rotate", 1), Transform("flip", -1))
+
+
+def random_transform(generator: torch.Generator, kinds: Sequence[str] = TRANSFORM_KINDS,
+                     scales: Sequence[int] = (2, 4)) -> Transform:
+    """A transform drawn with `generator`: a kind uniformly from `kinds`, then its amount uniformly (a factor from
+    `scales`, 1-3 quarter turns, either flip axis)."""
+    if not kinds:
+        raise ValueError("random_transform: kinds is empty")
+    for kind in kinds:
+        if kind not in TRANSFORM_KINDS:
+            raise ValueError(f"random_transform: unknown kind {kind!r}; expected some of {', '.join(TRANSFORM_KINDS)}")
+    if "scale" in kinds and not scales:
+        raise ValueError("random_transform: kind 'scale' needs at least one factor in scales")
+
+    def pick(options: Sequence[Any]) -> Any:
+        return options[int(torch.randint(len(options), (), generator=generator))]
+
+    kind = pick(list(kinds))
+    amount = {"scale": lambda: pick(list(scales)), "rotate": lambda: pick([1, 2, 3]),
+              "flip": lambda: pick([-1, -2])}[kind]()
+    return Transform(kind, int(amount))
+
+
+def equivariance_loss(model, x: torch.Tensor, z: torch.Tensor, transform: Transform, kind: str = "l1"
+                      ) -> torch.Tensor:
+    """EQ-VAE's objective: pixel_loss(decode(T(z)), T(x)), differentiable in the decoder and in z.
+
+    `x`: images in [-1, 1] [B, 3, H, W]; `z`: their latents [B, C, h, w] (a posterior sample or mean, unscaled,
+    as the decoder takes them); `kind`: "l1" or "l2" (losses.pixel_loss).
+    """
+    return pixel_loss(model.decode(transform(z)), transform(x), kind=kind)
+
+
+def equivariance_psnr(model, x: torch.Tensor, z: torch.Tensor, transform: Transform) -> torch.Tensor:
+    """PSNR in dB per image ([B]) of decode(T(z)) against T(x), both mapped to [0, 1]."""
+    with torch.no_grad():
+        decoded = model.decode(transform(z))
+    return psnr(to_unit_range(decoded), to_unit_range(transform(x))).cpu()
+
+
+def transform_fits(transform: Transform, image_size: tuple[int, int], factor: int) -> bool:
+    """Whether `transform` applies to images of `image_size` and to their latents (downsampling `factor`)."""
+    if transform.kind != "scale":
+        return True
+    h, w = image_size
+    return h % (factor * transform.amount) == 0 and w % (factor * transform.amount) == 0
+
+
+@torch.no_grad()
+def diffusability_metrics(model, images: torch.Tensor, batch_size: int = 8, device: torch.device | str = "cpu",
+                          transforms: Sequence[Transform] = EVAL_TRANSFORMS,
+                          cutoff: float = HIGH_FREQUENCY_CUTOFF) -> dict[str, Any]:
+    """The cheap diffusability measures of `model` on `images` ([N, 3, H, W] in [-1, 1]), for metrics.json.
+
+    "spectrum": the latent's (posterior mean) and the image's spectrum summaries side by side;
+    "equivariance_psnr": {transform name: mean ± std over images} of decode(T(mu)) against T(x);
+    "equivariance_skipped": {transform name: why} for transforms the image size does not allow.
+    """
+    device = torch.device(device)
+    factor = model.config.downsampling_factor
+    usable = [t for t in transforms if transform_fits(t, tuple(images.shape[-2:]), factor)]
+    skipped = {t.name: f"image size {tuple(images.shape[-2:])} is not divisible by {factor} x {t.amount}"
+               for t in transforms if t not in usable}
+    latent_power = image_power = None
+    scores: dict[str, list[torch.Tensor]] = {t.name: [] for t in usable}
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device).float()
+        z = model.encode(x).mode()
+        weight = len(x) / len(images)
+        latent_power = _accumulate(latent_power, power_spectrum_2d(z.float()) * weight)
+        image_power = _accumulate(image_power, power_spectrum_2d(x) * weight)
+        for t in usable:
+            scores[t.name].append(equivariance_psnr(model, x, z, t))
+    return {
+        "spectrum": {"latent": spectrum_summary(latent_power.cpu(), cutoff),
+                     "image": spectrum_summary(image_power.cpu(), cutoff)},
+        "equivariance_psnr": {name: summarize(torch.cat(values)) for name, values in scores.items()},
+        "equivariance_skipped": skipped,
+    }
+
+
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The probe: a small latent diffusion model trained for a fixed budget.
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The probe's fixed budget. Compare VAEs only under the same ProbeConfig (and the same downsampling factor).
+
+    `latent_scale`: "config" diffuses model.to_diffusion_latents(mu) (the model's scaling_factor / shift_factor, as a
+    pipeline would); "measured" standardises mu with the training latents' global mean and std (what
+    `evaluate --write-config` would set), so a badly set scaling_factor does not decide the comparison.
+    """
+
+    resolution: int = 128             # pixel crops: 16x16 latents at f8
+    train_crops: int = 192            # random crops of the 12 training photos, encoded once
+    heldout_crops: int = 64           # random crops of the 2 held-out photos
+    steps: int = 200
+    batch_size: int = 32
+    width: int = 32                   # UNet channels (width, 2 * width)
+    lr: float = 1e-3
+    num_train_timesteps: int = 1000   # DDPM linear beta schedule (diffusers' default betas)
+    eval_timesteps: tuple[int, ...] = (100, 250, 500, 750)
+    latent_scale: str = "config"
+    seed: int = 0
+    encode_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for key in ("resolution", "train_crops", "heldout_crops", "steps", "batch_size", "width", "encode_batch_size",
+                    "num_train_timesteps"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"ProbeConfig.{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.latent_scale not in ("config", "measured"):
+            raise ValueError(f"ProbeConfig.latent_scale must be 'config' or 'measured', got {self.latent_scale!r}")
+        bad = [t for t in self.eval_timesteps if not 0 <= t < self.num_train_timesteps]
+        if not self.eval_timesteps or bad:
+            raise ValueError(f"ProbeConfig.eval_timesteps must be non-empty and in [0, {self.num_train_timesteps}), "
+                             f"got {self.eval_timesteps!r}")
+
+
+def random_crops(photos: Sequence[torch.Tensor], num: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """`num` size x size crops at native resolution (half of them mirrored) of [3, H, W] photos: [num, 3, size, size].
+
+    Photos smaller than `size` on a side are rejected with their shape.
+    """
+    for photo in photos:
+        if photo.shape[-2] < size or photo.shape[-1] < size:
+            raise ValueError(f"random_crops: a photo of shape {tuple(photo.shape)} is smaller than the crop {size}")
+    crops = []
+    for _ in range(num):
+        photo = photos[int(torch.randint(len(photos), (), generator=generator))]
+        top = int(torch.randint(photo.shape[-2] - size + 1, (), generator=generator))
+        left = int(torch.randint(photo.shape[-1] - size + 1, (), generator=generator))
+        crop = photo[:, top:top + size, left:left + size]
+        crops.append(crop.flip(-1) if torch.rand((), generator=generator) < 0.5 else crop)
+    return torch.stack(crops)
+
+
+def sample_photo_crops(split: str, num: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crops of the built-in sample photos of `split` ("train" or "heldout"), in [-1, 1]."""
+    from kl_autoencoder.data import image_to_tensor, sample_images
+
+    return random_crops([image_to_tensor(image) for _, image in sample_images(split)], num, size, generator)
+
+
+@torch.no_grad()
+def encode_means(model, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Posterior means of `pixels` ([N, 3, H, W] in [-1, 1]), batch by batch, on the model's device, back on CPU."""
+    device = next(model.parameters()).device
+    return torch.cat([model.encode(pixels[i:i + batch_size].to(device)).mode().float().cpu()
+                      for i in range(0, len(pixels), batch_size)])
+
+
+def build_probe_unet(latent_channels: int, latent_size: int, width: int = 32):
+    """A small two-level diffusers UNet2DModel (no attention) for [C, size, size] latents."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+                       layers_per_block=1, block_out_channels=(width, 2 * width), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def train_denoiser(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator,
+                   lr: float = 1e-3) -> list[float]:
+    """The DDPM objective: predict the noise added at a uniformly drawn timestep. Returns the loss per step."""
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    losses = []
+    unet.train()
+    for _ in range(steps):
+        x0 = latents[torch.randint(len(latents), (batch_size,), generator=generator)]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def denoising_loss(unet, scheduler, latents: torch.Tensor, timesteps: Sequence[int], generator: torch.Generator,
+                   batch_size: int = 64) -> dict[str, float]:
+    """Epsilon-prediction MSE on `latents` at each of `timesteps`, with one fixed noise draw: {str(t): mse}."""
+    unet.eval()
+    noise = torch.randn(latents.shape, generator=generator)
+    result = {}
+    for t in timesteps:
+        total = 0.0
+        for i in range(0, len(latents), batch_size):
+            x0, eps = latents[i:i + batch_size], noise[i:i + batch_size]
+            step = torch.full((len(x0),), int(t), dtype=torch.long)
+            total += F.mse_loss(unet(scheduler.add_noise(x0, eps, step), step).sample, eps, reduction="sum").item()
+        result[str(int(t))] = total / latents.numel()
+    return result
+
+
+def diffusability_probe(model, config: ProbeConfig = ProbeConfig(), train_pixels: torch.Tensor | None = None,
+                        heldout_pixels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Train the probe UNet on `model`'s latents and report its held-out denoising loss (see the module docstring).
+
+    `train_pixels` / `heldout_pixels` ([N, 3, H, W] in [-1, 1]) default to `config`'s random crops of the sample
+    photos (training vs held-out photos). Deterministic for a fixed `config.seed` on one machine and thread count;
+    torch's global RNG is left as it was.
+    """
+    from diffusers import DDPMScheduler
+
+    started = time.perf_counter()
+    crops = torch.Generator().manual_seed(config.seed)
+    if train_pixels is None:
+        train_pixels = sample_photo_crops("train", config.train_crops, config.resolution, crops)
+    if heldout_pixels is None:
+        heldout_pixels = sample_photo_crops("heldout", config.heldout_crops, config.resolution, crops)
+    model.eval()
+    train_mu = encode_means(model, train_pixels, config.encode_batch_size)
+    heldout_mu = encode_means(model, heldout_pixels, config.encode_batch_size)
+    if config.latent_scale == "config":
+        train_latents, heldout_latents = model.to_diffusion_latents(train_mu), model.to_diffusion_latents(heldout_mu)
+    else:
+        shift, std = train_mu.mean(), train_mu.std(correction=0)
+        if std <= 0:
+            raise ValueError("diffusability_probe: the training latents are constant; nothing to standardise")
+        train_latents, heldout_latents = (train_mu - shift) / std, (heldout_mu - shift) / std
+    latent_std = float(train_latents.std(correction=0))
+
+    scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, clip_sample=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        unet = build_probe_unet(train_latents.shape[1], train_latents.shape[-1], config.width)
+    losses = train_denoiser(unet, scheduler, train_latents, config.steps, config.batch_size,
+                            torch.Generator().manual_seed(config.seed + 1), config.lr)
+    heldout = denoising_loss(unet, scheduler, heldout_latents, config.eval_timesteps,
+                             torch.Generator().manual_seed(config.seed + 2))
+    train = denoising_loss(unet, scheduler, train_latents[:len(heldout_latents)], config.eval_timesteps,
+                           torch.Generator().manual_seed(config.seed + 2))
+    window = max(1, len(losses) // 10)
+    result = {
+        "heldout_loss": heldout,
+        "heldout_loss_mean": sum(heldout.values()) / len(heldout),
+        "train_loss": train,
+        "train_loss_mean": sum(train.values()) / len(train),
+        "final_training_loss": sum(losses[-window:]) / window,
+        "latent_shape": list(train_latents.shape[1:]),
+        "latent_std": latent_std,
+        "config": asdict(config),
+        "seconds": time.perf_counter() - started,
+        "warnings": [],
+    }
+    if not 0.5 <= latent_std <= 2.0:
+        message = (f"the probe's training latents have std {latent_std:.3g} (the model's scaling_factor "
+                   f"{model.config.scaling_factor:.5g}); denoising losses depend on the latent scale, so this number "
+                   "does not compare with other VAEs: set scaling_factor (evaluate --write-config) or use "
+                   "latent_scale='measured'")
+        result["warnings"].append(message)
+        warnings.warn(message, stacklevel=2)
+    if not all(math.isfinite(v) for v in heldout.values()):
+        result["warnings"].append("non-finite held-out loss: the probe diverged")
+    return result
+
+
+__all__ = [
+    "HIGH_FREQUENCY_CUTOFF", "frequency_radius", "power_spectrum_2d", "radial_average", "radial_power_spectrum",
+    "high_frequency_share", "high_frequency_share_of", "spectrum_summary", "Transform", "TRANSFORM_KINDS",
+    "EVAL_TRANSFORMS", "random_transform", "equivariance_loss", "equivariance_psnr", "transform_fits",
+    "diffusability_metrics", "ProbeConfig", "random_crops", "sample_photo_crops", "encode_means", "build_probe_unet",
+    "train_denoiser", "denoising_loss", "diffusability_probe",
+]
