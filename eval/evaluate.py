@@ -2,8 +2,10 @@
 
     python eval/evaluate.py --model PATH [PATH ...] --data SOURCE --out DIR [--resolution 256] [--num-images N]
                             [--batch-size B] [--sample] [--write-config [--write-latent-stats]]
+                            [--shift-factor auto|on|off]
 
-The same as `kl-autoencoder evaluate`; everything lives in kl_autoencoder/evaluation.py.
+The same as `kl-autoencoder evaluate`; everything lives in kl_autoencoder/evaluation.py. Every model is checked
+before any work; a bad one exits with status 2 and a one-line message, writing nothing.
 """
 
 import argparse

@@ -1,11 +1,21 @@
 """Evaluate one or more autoencoders on the same images: metrics.json, report.md and pictures.
 
-For every model: reconstruct each image (posterior mode, or a sample with `sample=True`), score it (PSNR, SSIM,
-MS-SSIM, LPIPS, rFID; see metrics.py), stream the latent statistics a diffusion model needs (scaling / shift
-factors, per-channel moments and KL, active units) and time encode and decode. Output folder:
+Every model is loaded and checked before any work, so a bad path fails before a picture is written. Then, per
+model: reconstruct each image (posterior mode, or a sample with `sample=True`), score it (PSNR, SSIM, MS-SSIM,
+LPIPS, rFID; see metrics.py), stream the latent statistics a diffusion model needs (the recommended scaling /
+shift factors from metrics' one latent-scale estimator, per-channel moments and KL, active units) and time encode
+and decode.
 
-    metrics.json                  every number, per model ("models": {name: {...}}); strict JSON (inf -> "inf")
-    report.md                     models side by side, latent statistics, worst images, warnings
+Images come in splits, reported separately and held-out first: the built-in `sample` source is its 2 held-out
+photos, then its 12 training photos (data.SAMPLE_HELDOUT / SAMPLE_TRAIN); any other source is one split, "all".
+The headline (report.md's first line, metrics.json's "headline") is the first split: the held-out one when there
+is one.
+
+    metrics.json                  "headline", "splits" (image names per split), "skipped_images" / "skipped_files",
+                                  "models": {name: per-model dict}; strict JSON (inf -> "inf"). A per-model dict
+                                  holds psnr / ssim / ms_ssim / lpips / rfid over all images, "splits": the image
+                                  metrics per split, "latents", "speed", "worst", "warnings", "pictures"
+    report.md                     the sections of REPORT_SECTIONS, in order
     <model>/reconstructions.png   original | reconstruction | error, for the first images
     <model>/worst.png             the same for the images with the lowest PSNR
     <model>/latent_histograms.png per-channel histogram of diffusion-scaled latents against the N(0, 1) pdf
@@ -18,7 +28,6 @@ per-channel latents_mean / latents_std) into the model folder's config.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import heapq
 import json
 import math
@@ -27,18 +36,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from kl_autoencoder import metrics as M
-from kl_autoencoder.fastpath import prepare_for_inference
+from kl_autoencoder.data import SkipLog, load_eval_images
 from kl_autoencoder.durable import atomic_write, atomic_write_text
+from kl_autoencoder.fastpath import FastPath, autocast as fast_autocast, prepare_for_inference
+from kl_autoencoder.formats import CONFIG_NAME, find_config_json
+from kl_autoencoder.model import KLAutoencoder
 
 GRID_IMAGES = 4        # first images shown in reconstructions.png
 LATENT_IMAGES = 2      # images whose latent channels are drawn
 KEPT_LATENTS = 20_000  # latent values per channel kept for the histograms
+HELD_OUT, TRAINING, ALL = "held-out", "training", "all"
+IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips")  # per image, so reported per split
+SHIFT_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 class EvaluationError(ValueError):
@@ -53,16 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", nargs="+", required=True, metavar="PATH",
                         help="diffusers / pipeline folder, LDM single file or hub id (several: side by side)")
     parser.add_argument("--data", default="sample",
-                        help='"sample" (built-in photos), an image folder, or a hub dataset name')
+                        help='"sample" (built-in photos: 2 held-out, 12 training), an image folder, or a hub dataset')
     parser.add_argument("--out", required=True, type=Path, help="output folder for metrics.json, report.md, pictures")
     parser.add_argument("--resolution", type=int, default=256, help="centre-crop size in pixels (default 256)")
-    parser.add_argument("--num-images", type=int, default=None, help="evaluate at most this many images")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="evaluate at most this many images (held-out ones first)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--sample", action="store_true", help="decode z ~ q(z|x) instead of the posterior mode")
     parser.add_argument("--write-config", action="store_true",
                         help="store the measured scaling_factor / shift_factor in the model folder's config.json")
     parser.add_argument("--write-latent-stats", action="store_true",
                         help="with --write-config: also store per-channel latents_mean / latents_std")
+    parser.add_argument("--shift-factor", choices=sorted(SHIFT_CHOICES), default="auto",
+                        help="whether the measured latent scale has a shift_factor; auto: only models with >= 16 "
+                             "latent channels (the SD3/FLUX convention)")
     parser.add_argument("--lpips-net", choices=sorted(M.TORCHVISION_BACKBONE_FILES), default="alex")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed for posterior samples")
@@ -72,20 +91,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run `evaluate` from parsed arguments and print where the results went."""
+    """Run `evaluate` from parsed arguments and print the headline and where the results went."""
     if args.write_latent_stats and not args.write_config:
         raise EvaluationError("--write-latent-stats only makes sense together with --write-config")
     result = evaluate(
         args.model, args.data, args.out, resolution=args.resolution, num_images=args.num_images,
         batch_size=args.batch_size, sample=args.sample, write_config=args.write_config,
-        write_latent_stats=args.write_latent_stats, lpips_net=args.lpips_net, device=args.device, seed=args.seed,
-        worst_k=args.worst_k, progress=not args.no_progress,
+        write_latent_stats=args.write_latent_stats, shift=SHIFT_CHOICES[args.shift_factor], lpips_net=args.lpips_net,
+        device=args.device, seed=args.seed, worst_k=args.worst_k, progress=not args.no_progress,
     )
-    for name, entry in result["models"].items():
-        print(f"{name}: PSNR {_fmt(entry['psnr'])} dB, SSIM {_fmt(entry['ssim'])}, "
-              f"scaling_factor {entry['latents']['scaling_factor']:.5g}")
+    headline = result["headline"]
+    for name, values in headline["models"].items():
+        print(f"{name}: {headline['split']} images ({headline['num_images']}): PSNR {_fmt(values['psnr'])} dB, "
+              f"SSIM {_fmt(values['ssim'])}; scaling_factor "
+              f"{result['models'][name]['latents']['scaling_factor']:.5g}")
+    if result["skipped_images"]:
+        print(f"skipped {_plural(result['skipped_images'], 'unreadable image')}: "
+              + ", ".join(result["skipped_files"]))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
     return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The images, in splits.
+
+
+@dataclass
+class EvalImages:
+    """The evaluation images and where they come from."""
+    names: list[str]
+    images: torch.Tensor              # [N, 3, R, R] in [-1, 1]
+    splits: dict[str, list[int]]      # split name -> image indices, in report order (held-out first)
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
+
+
+def split_sources(data: str) -> list[tuple[str, str]]:
+    """(split name, `load_eval_images` source) in report order: the built-in sample's held-out photos first."""
+    if data in ("sample", "sample:all"):
+        return [(HELD_OUT, "sample:heldout"), (TRAINING, "sample:train")]
+    if data == "sample:heldout":
+        return [(HELD_OUT, data)]
+    if data == "sample:train":
+        return [(TRAINING, data)]
+    return [(ALL, data)]
+
+
+def load_split_images(data: str, resolution: int, num_images: int | None = None) -> EvalImages:
+    """The images of `data`, split by `split_sources`; `num_images` counts from the first split."""
+    skipped = SkipLog()
+    names: list[str] = []
+    parts: list[torch.Tensor] = []
+    splits: dict[str, list[int]] = {}
+    for split, source in split_sources(data):
+        remaining = None if num_images is None else num_images - len(names)
+        if remaining == 0:
+            break
+        try:
+            part_names, part = load_eval_images(source, resolution, remaining, skipped=skipped)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise EvaluationError(f"could not load evaluation images from {data!r}: {err}") from err
+        splits[split] = list(range(len(names), len(names) + len(part_names)))
+        names += part_names
+        parts.append(part)
+    if not names:
+        raise EvaluationError(f"no images in {data!r}")
+    return EvalImages(names, torch.cat(parts), splits, skipped.reasons)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -116,70 +186,80 @@ def _to_uint8(images01: torch.Tensor) -> torch.Tensor:
     return (images01 * 255).round().to(torch.uint8).cpu()
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
-
-
-def load_model_for_eval(path: str, device: torch.device):
-    from kl_autoencoder.model import KLAutoencoder
-
+def load_model_for_eval(path: str) -> KLAutoencoder:
+    """The model at `path` on the CPU; any failure is an EvaluationError naming the path."""
     try:
-        model = KLAutoencoder.from_pretrained(path)
+        return KLAutoencoder.from_pretrained(path)
     except Exception as err:  # any failure to load is the user's path, said with the reason
         raise EvaluationError(f"could not load model {path!r}: {err}") from err
-    return prepare_for_inference(model, device)
+
+
+def check_resolution(model: KLAutoencoder, name: str, height: int, width: int) -> None:
+    factor = model.config.downsampling_factor
+    if height % factor or width % factor:
+        raise EvaluationError(f"resolution {(height, width)} is not divisible by the model's downsampling "
+                              f"factor {factor} (model {name!r})")
+
+
+def _split_summaries(per_image: dict[str, torch.Tensor], splits: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
+    """{split: {"num_images", metric: summary or None}} for the per-image metrics that were measured."""
+    out: dict[str, dict[str, Any]] = {}
+    for split, indices in splits.items():
+        index = torch.tensor(indices, dtype=torch.long)
+        out[split] = {"num_images": len(indices)}
+        for key in IMAGE_METRICS:
+            out[split][key] = M.summarize(per_image[key][index]) if key in per_image else None
+    return out
 
 
 @torch.no_grad()
 def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, sample: bool = False,
                    device: torch.device | str = "cpu", seed: int = 0, lpips_metric: M.LPIPSMetric | None = None,
                    fid_metric: M.FIDMetric | None = None, worst_k: int = 4, autocast: bool = True,
-                   progress: bool = True) -> ModelRun:
-    """Reconstruct `images` ([N, 3, R, R] in [-1, 1]) with `model` and measure everything for one metrics.json entry."""
+                   progress: bool = True, splits: dict[str, list[int]] | None = None,
+                   shift: bool | None = None) -> ModelRun:
+    """Reconstruct `images` ([N, 3, R, R] in [-1, 1]) with `model` and measure everything for one metrics.json entry.
+
+    `splits` (name -> image indices) get their own image-metric summaries (default: one split "all"); `autocast`
+    follows the library's inference policy (fastpath); `shift`: see `metrics.uses_shift`.
+    """
     device = torch.device(device)
-    factor = model.config.downsampling_factor
-    resolution = images.shape[-1]
-    if images.shape[-2] % factor or images.shape[-1] % factor:
-        raise EvaluationError(f"resolution {tuple(images.shape[-2:])} is not divisible by the model's downsampling "
-                              f"factor {factor} (model {name!r})")
+    check_resolution(model, name, *images.shape[-2:])
+    splits = splits if splits is not None else {ALL: list(range(len(images)))}
+    policy = FastPath.for_device(device) if autocast else FastPath()
     generator = torch.Generator(device=device).manual_seed(seed)
-    stats = M.LatentStatistics(seed=seed, keep=KEPT_LATENTS)
+    stats = M.LatentStatistics(seed=seed, keep=KEPT_LATENTS, shift=shift)
     per_image: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "ms_ssim": [], "lpips": []}
     ms_ssim_error: str | None = None
     encode_s, decode_s, timed_images = 0.0, 0.0, 0
     run = ModelRun(name=name, metrics={})
     worst_heap: list[tuple[float, int, ImageRecord]] = []  # max-heap on PSNR via negation: keeps the k lowest
-    batches = list(_batches(len(images), batch_size))
+    starts = range(0, len(images), batch_size)
 
-    for batch_index, rows in enumerate(tqdm(batches, desc=name, unit="batch", disable=not progress)):
+    for batch_index, start in enumerate(tqdm(starts, desc=name, unit="batch", disable=not progress)):
+        rows = slice(start, min(start + batch_size, len(images)))
         x = images[rows].to(device)
         _sync(device)
         t0 = time.perf_counter()
-        with _autocast(device, autocast):
+        with fast_autocast(device, policy):
             posterior = model.encode(x)
             _sync(device)
             t1 = time.perf_counter()
-            z = posterior.sample(generator) if sample else posterior.mode()
+            z_sample = posterior.sample(generator)  # measured for the latent statistics either way
+            z = z_sample if sample else posterior.mode()
+            t2 = time.perf_counter()
             reconstruction = model.decode(z)
             _sync(device)
-            t2 = time.perf_counter()
-        if batch_index > 0 or len(batches) == 1:  # the first batch pays for kernel selection / warm-up
-            encode_s, decode_s, timed_images = encode_s + t1 - t0, decode_s + t2 - t1, timed_images + len(x)
+            t3 = time.perf_counter()
+        if batch_index > 0 or len(starts) == 1:  # the first batch pays for kernel selection / warm-up
+            encode_s, decode_s, timed_images = encode_s + t1 - t0, decode_s + t3 - t2, timed_images + len(x)
 
-        stats.update(posterior)
+        stats.update(posterior, z_sample)
         original01, recon01 = M.to_unit_range(x), M.to_unit_range(reconstruction)
         batch_psnr = M.psnr(recon01, original01).cpu()
         per_image["psnr"].append(batch_psnr)
@@ -208,18 +288,23 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
         if run.latent_means is None:
             run.latent_means = posterior.mean[:LATENT_IMAGES].float().cpu()
 
+    measured = {key: torch.cat(values) for key, values in per_image.items() if values}
+    if ms_ssim_error is not None:
+        measured.pop("ms_ssim", None)
     latents = stats.result()
     run.scaled_latents = stats.kept_latents(latents["scaling_factor"], latents["shift_factor"])
     run.worst = [record for _, _, record in sorted(worst_heap, key=lambda e: (e[2].psnr, e[2].index))]
+    split_of = {index: split for split, indices in splits.items() for index in indices}
     run.metrics = {
-        "psnr": M.summarize(torch.cat(per_image["psnr"])),
-        "ssim": M.summarize(torch.cat(per_image["ssim"])),
+        "psnr": M.summarize(measured["psnr"]),
+        "ssim": M.summarize(measured["ssim"]),
         "ms_ssim": None,
         "lpips": None,
         "rfid": None,
+        "splits": _split_summaries(measured, splits),
         "latents": latents,
         "num_images": len(images),
-        "resolution": resolution,
+        "resolution": images.shape[-1],
         "sample_posterior": sample,
         "speed": {
             "device": str(device),
@@ -228,16 +313,16 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
             "batch_size": batch_size,
             "timed_images": timed_images,
         },
-        "worst": [{"index": r.index, "psnr": r.psnr} for r in run.worst],
+        "worst": [{"index": r.index, "split": split_of.get(r.index), "psnr": r.psnr} for r in run.worst],
         "warnings": [],
     }
-    if ms_ssim_error is None:
-        run.metrics["ms_ssim"] = M.summarize(torch.cat(per_image["ms_ssim"]))
-        run.metrics["ms_ssim"]["scales"] = M.ms_ssim_scales(resolution, resolution)
+    if "ms_ssim" in measured:
+        run.metrics["ms_ssim"] = M.summarize(measured["ms_ssim"])
+        run.metrics["ms_ssim"]["scales"] = M.ms_ssim_scales(*images.shape[-2:])
     else:
         run.metrics["ms_ssim_reason"] = ms_ssim_error
-    if lpips_metric is not None and lpips_metric.available:
-        run.metrics["lpips"] = M.summarize(torch.cat(per_image["lpips"]))
+    if "lpips" in measured:
+        run.metrics["lpips"] = M.summarize(measured["lpips"])
         run.metrics["lpips"]["net"] = lpips_metric.net
     else:
         run.metrics["lpips_reason"] = lpips_metric.reason if lpips_metric is not None else "LPIPS not requested"
@@ -258,14 +343,14 @@ def _rfid_entry(fid_metric: M.FIDMetric | None, num_images: int) -> dict[str, An
         return {"rfid": None, "rfid_reason": fid_metric.reason}
     if num_images < 2:
         return {"rfid": None, "rfid_reason": "rFID needs at least 2 images"}
-    note = "one value for the whole image set (no std)"
+    note = "one value for the whole image set, all splits (no std)"
     if num_images < 2048:
         note += f"; only {num_images} images (< 2048 Inception features): biased high, compare on the same set only"
     return {"rfid": {"mean": fid_metric.compute(), "std": None, "note": note}}
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Writing results.
+# Pictures.
 
 
 def _strict_json(value: Any) -> Any:
@@ -301,10 +386,15 @@ def _pyplot():
     return plt
 
 
-def plot_reconstructions(records: list[ImageRecord], names: list[str], title: str):
+RECONSTRUCTION_COLUMNS = ("original", "reconstruction", "|error|\n(mean RGB)")
+MIN_COLUMN_INCHES = 1.6  # wide enough for the longest column label at 10 pt: small images are shown enlarged
+
+
+def plot_reconstructions(records: list[ImageRecord], labels: list[str], title: str):
     """Rows of original | reconstruction | |error| (mean over RGB, one colour scale for all rows).
 
-    The rows are composed into one array and drawn on a single axes: many small axes are what makes matplotlib slow.
+    `labels[i]` names image i (row labels). The rows are composed into one array and drawn on a single axes: many
+    small axes are what makes matplotlib slow.
     """
     import matplotlib
 
@@ -319,15 +409,16 @@ def plot_reconstructions(records: list[ImageRecord], names: list[str], title: st
                                record.reconstruction.permute(1, 2, 0).float() / 255, error_rgb], dim=1))
     grid = torch.cat(rows, dim=0).numpy()
     size = records[0].original.shape[-1]
-    dpi = 100  # about one screen pixel per image pixel up to 256 px, so artefacts stay visible
-    fig, ax = plt.subplots(figsize=(max(6.0, 3 * size / dpi + 2), max(2.0, len(records) * size / dpi) + 0.8), dpi=dpi)
+    dpi = 100  # about one screen pixel per image pixel from 160 px up, so artefacts stay visible
+    column = max(size / dpi, MIN_COLUMN_INCHES)
+    fig, ax = plt.subplots(figsize=(3 * column + 2.8, len(records) * column + 1.2), dpi=dpi, layout="constrained")
     ax.imshow(grid, interpolation="nearest")
-    ax.set_xticks([size * 0.5, size * 1.5, size * 2.5], ["original", "reconstruction", "|error| (mean RGB)"])
+    ax.set_xticks([size * 0.5, size * 1.5, size * 2.5], RECONSTRUCTION_COLUMNS)
     ax.set_yticks([size * (i + 0.5) for i in range(len(records))],
-                  [f"{Path(names[r.index]).name[:24]}\n{r.psnr:.2f} dB" for r in records], fontsize=8)
+                  [f"{labels[r.index][:28]}\n{r.psnr:.2f} dB" for r in records], fontsize=8)
     ax.tick_params(length=0)
     shown = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, vmax), cmap=cmap)
-    fig.colorbar(shown, ax=ax, fraction=0.03, label="|error| (image range 0..1)")
+    fig.colorbar(shown, ax=ax, fraction=0.05, label="|error| (image range 0..1)")
     ax.set_title(title)
     return fig
 
@@ -355,7 +446,7 @@ def plot_latent_histograms(scaled: torch.Tensor, title: str):
     return fig
 
 
-def plot_latent_channels(means: torch.Tensor, names: list[str], title: str):
+def plot_latent_channels(means: torch.Tensor, labels: list[str], title: str):
     """Posterior-mean channels of a few images, one row per image, each channel with its own colour scale."""
     plt = _pyplot()
     n, channels = means.shape[:2]
@@ -364,27 +455,41 @@ def plot_latent_channels(means: torch.Tensor, names: list[str], title: str):
         for c in range(channels):
             ax = axes[i, c]
             ax.imshow(means[i, c].numpy(), cmap="RdBu_r")
-            ax.set_title(f"{Path(names[i]).name[:16]} c{c}", fontsize=7)
+            ax.set_title(f"{labels[i][:16]} c{c}", fontsize=7)
             ax.axis("off")
     fig.suptitle(title)
     return fig
 
 
-def write_pictures(run: ModelRun, names: list[str], folder: Path) -> dict[str, str]:
+def image_labels(names: list[str], splits: dict[str, list[int]]) -> list[str]:
+    """Short per-image labels for pictures: the file name, with its split when there are several."""
+    labels = [Path(name).name for name in names]
+    if len(splits) > 1:
+        for split, indices in splits.items():
+            for i in indices:
+                labels[i] = f"{labels[i]} ({split})"
+    return labels
+
+
+def write_pictures(run: ModelRun, labels: list[str], folder: Path) -> dict[str, str]:
     """The four pictures of one model; returns {kind: path relative to the output folder}."""
     folder.mkdir(parents=True, exist_ok=True)
     pictures = {
-        "reconstructions": plot_reconstructions(run.first, names, f"{run.name}: first images"),
+        "reconstructions": plot_reconstructions(run.first, labels, f"{run.name}: first images"),
         "latent_histograms": plot_latent_histograms(run.scaled_latents, f"{run.name}: scaled latents vs N(0, 1)"),
-        "latent_channels": plot_latent_channels(run.latent_means, names, f"{run.name}: posterior means"),
+        "latent_channels": plot_latent_channels(run.latent_means, labels, f"{run.name}: posterior means"),
     }
     if run.worst:
-        pictures["worst"] = plot_reconstructions(run.worst, names, f"{run.name}: lowest PSNR")
+        pictures["worst"] = plot_reconstructions(run.worst, labels, f"{run.name}: lowest PSNR")
     written = {}
     for kind, fig in pictures.items():
         save_figure(fig, folder / f"{kind}.png")
         written[kind] = f"{folder.name}/{kind}.png"
     return written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# report.md: a list of sections, each a function of the metrics.json content returning its lines.
 
 
 def _fmt(summary: dict[str, Any] | None, digits: int = 4) -> str:
@@ -399,41 +504,89 @@ def _fmt(summary: dict[str, Any] | None, digits: int = 4) -> str:
     return text
 
 
-def render_report(result: dict[str, Any], names: list[str], pictures: dict[str, dict[str, str]]) -> str:
-    """report.md: models side by side, then latent statistics, worst images and warnings per model."""
+def _speed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _split_title(split: str) -> str:
+    return {HELD_OUT: "held-out images", TRAINING: "training images", ALL: "all images"}.get(split, split)
+
+
+def headline_section(result: dict[str, Any]) -> list[str]:
+    headline = result["headline"]
+    parts = [f"`{m}` PSNR {_fmt(v['psnr'])} dB, SSIM {_fmt(v['ssim'])}" for m, v in headline["models"].items()]
+    scope = f"{_split_title(headline['split'])} ({headline['num_images']} of {result['num_images']})"
+    if headline["split"] != HELD_OUT:
+        scope += ", no held-out images in this evaluation"
+    return ["# Autoencoder evaluation", "", f"**Headline, {scope}:** " + "; ".join(parts) + ".", ""]
+
+
+def image_metrics_section(result: dict[str, Any]) -> list[str]:
+    """One table: a column per (split, model), held-out split first, the models side by side within a split."""
+    models, splits = result["models"], result["splits"]
+    columns = [(split, m) for split in splits for m in models]
+    lines = [
+        f"{result['num_images']} images from `{result['data']}` at {result['resolution']} px; reconstructions from "
+        f"the posterior {'sample' if result['sample_posterior'] else 'mode'}. Image metrics: mean ± std over the "
+        "images of a split. All numbers: `metrics.json`.", "",
+        "| metric | " + " | ".join(f"{_split_title(s)} ({len(splits[s])}): `{m}`" for s, m in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for label, key in (("PSNR (dB) ↑", "psnr"), ("SSIM ↑", "ssim"), ("MS-SSIM ↑", "ms_ssim"), ("LPIPS ↓", "lpips")):
+        lines.append(f"| {label} | " + " | ".join(_fmt(models[m]["splits"][s][key]) for s, m in columns) + " |")
+    return lines + [""]
+
+
+def whole_set_section(result: dict[str, Any]) -> list[str]:
+    """rFID, the latent scale and statistics, speed: measured over all images of every split."""
     models = result["models"]
     header = list(models)
-    lines = [
-        "# Autoencoder evaluation", "",
-        f"{result['num_images']} images from `{result['data']}` at {result['resolution']} px; reconstructions from "
-        f"the posterior {'sample' if result['sample_posterior'] else 'mode'}. Image metrics: mean ± std over images. "
-        "All numbers: `metrics.json`.", "",
-        "| metric | " + " | ".join(f"`{m}`" for m in header) + " |",
-        "|---|" + "---|" * len(header),
-    ]
-    rows = [("PSNR (dB) ↑", "psnr"), ("SSIM ↑", "ssim"), ("MS-SSIM ↑", "ms_ssim"), ("LPIPS ↓", "lpips"),
-            ("rFID ↓", "rfid")]
-    for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(_fmt(models[m][key]) for m in header) + " |")
-    latent_rows = [("scaling_factor", lambda e: f"{e['latents']['scaling_factor']:.5g}"),
-                   ("shift_factor", lambda e: f"{e['latents']['shift_factor']:.4g}"),
-                   ("active channels",
-                    lambda e: f"{e['latents']['active_units']} / {len(e['latents']['unit_activity'])}"),
-                   ("KL per image (nats)", lambda e: f"{e['latents']['kl_total']:.4g}"),
-                   ("encode images/s", lambda e: _speed(e["speed"]["encode_images_per_s"])),
-                   ("decode images/s", lambda e: _speed(e["speed"]["decode_images_per_s"]))]
-    for label, get in latent_rows:
+    lines = [f"Over all {result['num_images']} images:", "",
+             "| | " + " | ".join(f"`{m}`" for m in header) + " |", "|---|" + "---|" * len(header)]
+    rows = [("rFID ↓", lambda e: _fmt(e["rfid"])),
+            ("scaling_factor", lambda e: f"{e['latents']['scaling_factor']:.5g}"),
+            ("shift_factor", lambda e: "none" if e["latents"]["shift_factor"] is None
+             else f"{e['latents']['shift_factor']:.4g}"),
+            ("active channels", lambda e: f"{e['latents']['active_units']} / {len(e['latents']['unit_activity'])}"),
+            ("KL per image (nats)", lambda e: f"{e['latents']['kl_total']:.4g}"),
+            ("encode images/s", lambda e: _speed(e["speed"]["encode_images_per_s"])),
+            ("decode images/s", lambda e: _speed(e["speed"]["decode_images_per_s"]))]
+    for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(get(models[m]) for m in header) + " |")
-    lines.append("")
-    reasons = sorted({(k[: -len("_reason")], v) for m in header for k, v in models[m].items() if k.endswith("_reason")})
+    return lines + [""]
+
+
+def notes_section(result: dict[str, Any]) -> list[str]:
+    models = result["models"]
+    lines = []
+    reasons = sorted({(k[: -len("_reason")], v) for e in models.values() for k, v in e.items() if k.endswith("_reason")})
     for metric, reason in reasons:
         lines.append(f"- {metric} not reported: {reason}")
-    if any(models[m]["ms_ssim"] and models[m]["ms_ssim"]["scales"] < len(M.MS_SSIM_WEIGHTS) for m in header):
+    if any(e["ms_ssim"] and e["ms_ssim"]["scales"] < len(M.MS_SSIM_WEIGHTS) for e in models.values()):
         lines.append(f"- MS-SSIM at {result['resolution']} px uses fewer than 5 scales (coarsest side must hold the "
                      f"11-pixel window); the used weights are renormalized to sum to 1.")
-    lines.append("")
-    for m in header:
-        entry, latents = models[m], models[m]["latents"]
+    lines.append("- scaling_factor: 1 / std of posterior samples z; shift_factor: their mean, only for models with "
+                 ">= 16 latent channels unless `--shift-factor` says otherwise (metrics.py).")
+    return lines + [""]
+
+
+def skipped_section(result: dict[str, Any]) -> list[str]:
+    if not result["skipped_images"]:
+        return []
+    lines = [f"**Skipped {_plural(result['skipped_images'], 'unreadable image')}** (not evaluated):", ""]
+    lines += [f"- `{path}`: {reason}" for path, reason in result["skip_reasons"].items()]
+    return lines + [""]
+
+
+def model_sections(result: dict[str, Any]) -> list[str]:
+    """Per model: warnings, per-channel latent statistics, worst images, pictures."""
+    names, lines = result["image_names"], []
+    for m, entry in result["models"].items():
+        latents = entry["latents"]
         lines += [f"## `{m}`", "", f"Model: `{entry['path']}`", ""]
         for message in entry["warnings"]:
             lines += [f"> **Warning:** {message}", ""]
@@ -451,13 +604,20 @@ def render_report(result: dict[str, Any], names: list[str], pictures: dict[str, 
                   f"{latents['activity_threshold']}).", ""]
         if entry["worst"]:
             lines += ["Lowest PSNR: " + ", ".join(
-                f"`{Path(names[w['index']]).name}` ({w['psnr']:.2f} dB)" for w in entry["worst"]), ""]
-        lines += [f"![{kind}]({path})" for kind, path in pictures[m].items()] + [""]
-    return "\n".join(lines)
+                f"`{Path(names[w['index']]).name}` ({w['split']}, {w['psnr']:.2f} dB)" for w in entry["worst"]), ""]
+        lines += [f"![{kind}]({path})" for kind, path in entry["pictures"].items()] + [""]
+    return lines
 
 
-def _speed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
+ReportSection = Callable[[dict[str, Any]], list[str]]
+REPORT_SECTIONS: list[ReportSection] = [
+    headline_section, image_metrics_section, whole_set_section, notes_section, skipped_section, model_sections,
+]
+
+
+def render_report(result: dict[str, Any], sections: list[ReportSection] | None = None) -> str:
+    """report.md from the metrics.json content: the lines of each section in turn (default REPORT_SECTIONS)."""
+    return "\n".join(line for section in (sections or REPORT_SECTIONS) for line in section(result))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -470,18 +630,19 @@ def config_json_for(model_path: str) -> Path:
     if not path.is_dir():
         raise EvaluationError(f"--write-config needs a diffusers model folder with config.json; {model_path!r} is "
                               "not a local folder (convert it with `kl-autoencoder convert` first)")
-    for candidate in (path / "config.json", path / "vae" / "config.json"):
-        if candidate.is_file():
-            return candidate
-    raise EvaluationError(f"--write-config: {path} has no config.json (nor vae/config.json)")
+    config = find_config_json(path)
+    if config is None:
+        raise EvaluationError(f"--write-config: {path} has no {CONFIG_NAME} (nor vae/{CONFIG_NAME})")
+    return config
 
 
 def write_latent_config(model_path: str, latents: dict[str, Any], latent_stats: bool = False) -> Path:
-    """Store scaling_factor / shift_factor (and per-channel latents_mean / latents_std) in a diffusers config.json."""
+    """Store scaling_factor / shift_factor (None: no shift) and optionally per-channel latents_mean / latents_std
+    in a diffusers config.json."""
     config_path = config_json_for(model_path)
     if not math.isfinite(latents["scaling_factor"]):
-        raise EvaluationError(f"--write-config: the measured scaling_factor is {latents['scaling_factor']} "
-                              f"(all latents equal); {config_path} left unchanged")
+        raise EvaluationError(f"--write-config: the measured scaling_factor is {latents['scaling_factor']}; "
+                              f"{config_path} left unchanged")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -512,18 +673,34 @@ def model_names(paths: list[str]) -> list[str]:
     return names
 
 
+def load_models(paths: list[str], resolution: int) -> list[KLAutoencoder]:
+    """Every model, loaded on the CPU and checked against the resolution, before any evaluation work."""
+    models = []
+    for path, name in zip(paths, model_names(paths)):
+        model = load_model_for_eval(path)
+        check_resolution(model, name, resolution, resolution)
+        models.append(model)
+    return models
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The first split's image metrics per model: the held-out images when the source has them."""
+    split = next(iter(result["splits"]))
+    return {"split": split, "num_images": len(result["splits"][split]),
+            "models": {m: {k: e["splits"][split][k] for k in IMAGE_METRICS} for m, e in result["models"].items()}}
+
+
 def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 256, num_images: int | None = None,
              batch_size: int = 8, sample: bool = False, write_config: bool = False, write_latent_stats: bool = False,
-             lpips_net: str = "alex", device: str | torch.device | None = None, seed: int = 0, worst_k: int = 4,
-             progress: bool = True, lpips_network: torch.nn.Module | None = None,
+             shift: bool | None = None, lpips_net: str = "alex", device: str | torch.device | None = None,
+             seed: int = 0, worst_k: int = 4, progress: bool = True, lpips_network: torch.nn.Module | None = None,
              fid_feature: torch.nn.Module | None = None) -> dict[str, Any]:
     """Evaluate `models` on the same images from `data`; write metrics.json, report.md and pictures into `out`.
 
-    `lpips_network` / `fid_feature` force networks in instead of the pretrained ones (tests only). Returns the
-    metrics.json content (as Python values, with float infinities).
+    Everything is checked (flags, --write-config targets, images, every model) before any work. `shift`: see
+    `metrics.uses_shift`. `lpips_network` / `fid_feature` force networks in instead of the pretrained ones (tests
+    only). Returns the metrics.json content (as Python values, with float infinities).
     """
-    from kl_autoencoder.data import load_eval_images
-
     if isinstance(models, str):
         models = [models]
     if not models:
@@ -532,30 +709,30 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     if num_images is not None and num_images < 1:
         raise EvaluationError(f"num_images must be >= 1, got {num_images}")
-    if write_config:  # refuse before spending time on the evaluation
+    if write_config:
         for path in models:
             config_json_for(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
-    try:
-        names, images = load_eval_images(data, resolution, num_images)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise EvaluationError(f"could not load evaluation images from {data!r}: {err}") from err
-    if len(images) == 0:
-        raise EvaluationError(f"no images in {data!r}")
+    images = load_split_images(data, resolution, num_images)
+    loaded = load_models(models, resolution)
 
     lpips_metric = M.LPIPSMetric(lpips_net, device=device, network=lpips_network)
-    result: dict[str, Any] = {"data": data, "resolution": resolution, "num_images": len(images),
-                              "sample_posterior": sample, "latent_definitions": M.LATENT_STATISTICS_DOC, "models": {}}
-    pictures: dict[str, dict[str, str]] = {}
+    labels = image_labels(images.names, images.splits)
+    result: dict[str, Any] = {
+        "data": data, "resolution": resolution, "num_images": len(images.names), "sample_posterior": sample,
+        "splits": {split: [images.names[i] for i in indices] for split, indices in images.splits.items()},
+        "skipped_images": len(images.skipped), "skipped_files": sorted(images.skipped),
+        "skip_reasons": images.skipped, "latent_definitions": M.LATENT_STATISTICS_DOC, "models": {},
+    }
     for path, name in zip(models, model_names(models)):
-        model = load_model_for_eval(path, device)
+        model = prepare_for_inference(loaded.pop(0), device)
         fid_metric = M.FIDMetric(device=device, feature=fid_feature)
-        run_ = evaluate_model(model, name, images, batch_size=batch_size, sample=sample, device=device, seed=seed,
-                              lpips_metric=lpips_metric, fid_metric=fid_metric, worst_k=worst_k, progress=progress)
+        run_ = evaluate_model(model, name, images.images, batch_size=batch_size, sample=sample, device=device,
+                              seed=seed, lpips_metric=lpips_metric, fid_metric=fid_metric, worst_k=worst_k,
+                              progress=progress, splits=images.splits, shift=shift)
         run_.metrics["path"] = str(path)
-        pictures[name] = write_pictures(run_, names, out / name)
-        run_.metrics["pictures"] = pictures[name]
+        run_.metrics["pictures"] = write_pictures(run_, labels, out / name)
         if write_config:
             written = write_latent_config(path, run_.metrics["latents"], write_latent_stats)
             run_.metrics["config_written"] = str(written)
@@ -563,7 +740,8 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result["image_names"] = names
+    result["headline"] = headline(result)
+    result["image_names"] = images.names
     write_json(out / "metrics.json", result)
-    atomic_write_text(out / "report.md", render_report(result, names, pictures))
+    atomic_write_text(out / "report.md", render_report(result))
     return result

@@ -18,13 +18,24 @@ ever produces a number from random weights unless a test forces a network in.
 
 Latent statistics (`LatentStatistics`, `latent_statistics`) are streamed: running float64 moments, so an
 evaluation over many images never keeps every latent.
+
+The latent scale (the one estimator: `LatentScaleEstimator`, `estimate_latent_scale`; the trainer's export and
+`evaluate --write-config` both use it). A diffusion model trains on `(z - shift_factor) * scaling_factor`
+(`KLAutoencoder.to_diffusion_latents`), where z ~ q(z | x) are posterior *samples*, as latent diffusion draws them:
+
+* `scaling_factor = 1 / std(z)`: the standard deviation around the mean, pooled over every image, channel and
+  position, so the scaled latents have unit variance (Stable Diffusion's 0.18215 was measured so).
+* `shift_factor = mean(z)`, pooled the same way, only where the convention asks for it: by default models with
+  >= 16 latent channels (SD3's 1.5305 / 0.0609, FLUX's 0.3611 / 0.1159); 4-channel models (SD 1.x/2.x, SDXL) have
+  none (`null` in config.json) and their scaled latents keep whatever small mean they have. `uses_shift` decides.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -214,18 +225,118 @@ class _Moments:
         return self.m2 / self.count
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The latent scale: the one estimator (convention in the module docstring).
+
+SHIFT_MIN_CHANNELS = 16  # the SD3 / FLUX convention: a shift_factor for models with at least this many channels
+
+
+@dataclass(frozen=True)
+class LatentScale:
+    """What `to_diffusion_latents` needs: `scaling_factor`, `shift_factor` (None: no shift), measured on
+    `num_images` images."""
+    scaling_factor: float
+    shift_factor: float | None
+    num_images: int
+
+
+def uses_shift(latent_channels: int, shift: bool | None) -> bool:
+    """Whether the latent scale includes a shift_factor: `shift` when given, else the SD3/FLUX convention
+    (`latent_channels >= 16`)."""
+    return latent_channels >= SHIFT_MIN_CHANNELS if shift is None else bool(shift)
+
+
+class LatentScaleEstimator:
+    """Streams posterior samples z (unscaled, [B, C, H, W]) and gives their `LatentScale`.
+
+    Pooled count / mean / sum of squared deviations in float64 (Chan et al.'s parallel update), so batches of any
+    size combine exactly and nothing but three numbers is kept.
+    """
+
+    def __init__(self, shift: bool):
+        self.shift = bool(shift)
+        self.num_images = 0
+        self.channels: int | None = None
+        self._count = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+
+    def update(self, latents: torch.Tensor) -> None:
+        if latents.dim() < 2 or latents.shape[0] == 0:
+            raise ValueError(f"expected a non-empty batch of latents [B, C, ...], got shape {tuple(latents.shape)}")
+        if self.channels is not None and latents.shape[1] != self.channels:
+            raise ValueError(f"latent channels changed during accumulation: {self.channels} then {latents.shape[1]}")
+        z = latents.detach().double()
+        n = z.numel()
+        batch_mean = z.mean()
+        batch_m2 = float((z - batch_mean).pow(2).sum())
+        batch_mean = float(batch_mean)
+        if not (math.isfinite(batch_mean) and math.isfinite(batch_m2)):
+            raise ValueError(f"latents contain NaN or infinite values (batch of {latents.shape[0]} images)")
+        total = self._count + n
+        delta = batch_mean - self._mean
+        self._mean += delta * n / total
+        self._m2 += batch_m2 + delta * delta * self._count * n / total
+        self._count = total
+        self.num_images += latents.shape[0]
+        self.channels = latents.shape[1]
+
+    def result(self) -> LatentScale:
+        if self._count == 0:
+            raise ValueError("LatentScaleEstimator.result() called before any update()")
+        std = math.sqrt(self._m2 / self._count)
+        if std == 0.0:
+            raise ValueError(f"all {self._count} latent values are equal ({self._mean}): no scaling factor")
+        return LatentScale(scaling_factor=1.0 / std, shift_factor=self._mean if self.shift else None,
+                           num_images=self.num_images)
+
+
+@torch.no_grad()
+def estimate_latent_scale(model: torch.nn.Module, images: Iterable[torch.Tensor], shift: bool | None = None,
+                          num_images: int = 256, generator: torch.Generator | None = None) -> LatentScale:
+    """The `LatentScale` of `model` on posterior samples of up to `num_images` images.
+
+    `images` yields batches [B, 3, H, W] in [-1, 1] (at the resolution the diffusion model will see); no batch is
+    read after the `num_images`-th image. Encodes in eval mode (restored afterwards) without gradients;
+    `generator` (on the model's device) makes the samples reproducible. `shift`: see `uses_shift`.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    estimator = LatentScaleEstimator(uses_shift(model.config.latent_channels, shift))
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in images:
+            if not isinstance(batch, torch.Tensor):
+                raise TypeError(f"estimate_latent_scale expects image tensors [B, 3, H, W], got {type(batch).__name__}")
+            batch = batch[: num_images - estimator.num_images].to(parameter.device, parameter.dtype)
+            if batch.shape[0]:
+                estimator.update(model.encode(batch).sample(generator))
+            if estimator.num_images >= num_images:
+                break
+    finally:
+        model.train(was_training)
+    if estimator.num_images == 0:
+        raise ValueError("cannot estimate the latent scale: no images")
+    return estimator.result()
+
+
 class LatentStatistics:
     """Streams posteriors and reports what a diffusion model trained on these latents needs to know.
 
     `update(posterior)` takes anything with `.mean` and `.logvar` of shape [B, C, ...]. The latent values whose
-    moments give `scaling_factor` / `shift_factor` / `latents_mean` / `latents_std` are samples z ~ q(z | x) (what
-    latent diffusion trains on), drawn with a seeded generator, or the `latents` passed in. `keep` > 0 keeps a
+    moments give `latents_mean` / `latents_std` are samples z ~ q(z | x) (what latent diffusion trains on), drawn
+    with a seeded generator, or the `latents` passed in; the same samples feed a `LatentScaleEstimator`, whose
+    result is the recommended `scaling_factor` / `shift_factor` (`shift`: see `uses_shift`). `keep` > 0 keeps a
     uniform random sample of up to `keep` latent vectors (all channels of one position) for histograms.
     """
 
-    def __init__(self, threshold: float = 0.01, seed: int = 0, keep: int = 0):
+    def __init__(self, threshold: float = 0.01, seed: int = 0, keep: int = 0, shift: bool | None = None):
         self.threshold = threshold
         self.keep = keep
+        self.shift = shift
+        self.scale: LatentScaleEstimator | None = None  # made at the first update, when the channel count is known
         self.generator = torch.Generator().manual_seed(seed)  # posterior samples
         self.key_generator = torch.Generator().manual_seed(seed + 1)  # which latents are kept: independent of the above
         self.mean_moments = _Moments()    # posterior means per latent position [C, ...]: unit activity
@@ -248,6 +359,9 @@ class LatentStatistics:
             noise = torch.randn(mean.shape, generator=self.generator, dtype=mean.dtype)
             latents = mean + torch.exp(0.5 * logvar) * noise
         latents = latents.detach().float().cpu()
+        if self.scale is None:
+            self.scale = LatentScaleEstimator(uses_shift(latents.shape[1], self.shift))
+        self.scale.update(latents)
         self.mean_moments.update(mean)
         self.mean_channel_moments.update(self._channels_last(mean))
         self.latent_moments.update(self._channels_last(latents))
@@ -269,11 +383,11 @@ class LatentStatistics:
     def num_images(self) -> int:
         return self.mean_moments.count
 
-    def kept_latents(self, scaling_factor: float, shift_factor: float) -> torch.Tensor:
+    def kept_latents(self, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
         """The kept latent vectors mapped to diffusion scale, (z - shift) * scale: [K, C]."""
         if not self.kept.numel():
             raise ValueError("no latents were kept: build LatentStatistics(keep=...) with keep > 0")
-        return (self.kept - shift_factor) * scaling_factor
+        return (self.kept - (shift_factor or 0.0)) * scaling_factor
 
     def result(self) -> dict[str, Any]:
         """Plain-Python dict (JSON-ready) of the statistics so far; see the module docstring for definitions."""
@@ -281,17 +395,15 @@ class LatentStatistics:
             raise ValueError("LatentStatistics.result() called before any update()")
         z = self.latent_moments
         channel_mean, channel_var = z.mean, z.variance
-        # Every channel pools the same number of values, so the global moments follow from the per-channel ones.
-        shift = channel_mean.mean()
-        total_var = (channel_var + (channel_mean - shift).pow(2)).mean()
+        scale = self.scale.result()
         activity = self.mean_moments.variance
         activity = activity.flatten(1).mean(dim=1) if activity.dim() > 1 else activity
         collapsed = [int(c) for c in torch.nonzero(activity <= self.threshold).flatten()]
         kl_per_channel = self.kl_sum / self.num_images
         return {
             "num_images": self.num_images,
-            "scaling_factor": float(1.0 / total_var.sqrt()) if total_var > 0 else float("inf"),
-            "shift_factor": float(shift),
+            "scaling_factor": scale.scaling_factor,
+            "shift_factor": scale.shift_factor,
             "latents_mean": channel_mean.tolist(),
             "latents_std": channel_var.sqrt().tolist(),
             "channel_mean": self.mean_channel_moments.mean.tolist(),
@@ -307,8 +419,9 @@ class LatentStatistics:
 
 
 LATENT_STATISTICS_DOC = {
-    "scaling_factor": "1 / std of all latent values z ~ q(z|x) (every image, channel, position)",
-    "shift_factor": "mean of all latent values z ~ q(z|x)",
+    "scaling_factor": "1 / std (around the mean) of all latent values z ~ q(z|x): every image, channel, position",
+    "shift_factor": "mean of all latent values z ~ q(z|x), or null: only models with >= 16 latent channels get a "
+                    "shift unless asked otherwise (the SD3/FLUX convention)",
     "latents_mean": "per-channel mean of z ~ q(z|x)",
     "latents_std": "per-channel std of z ~ q(z|x)",
     "channel_mean": "per-channel mean of the posterior means mu(x)",
@@ -328,9 +441,9 @@ class PosteriorMoments:
 
 
 def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, threshold: float = 0.01,
-                      latents: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
+                      latents: torch.Tensor | None = None, seed: int = 0, shift: bool | None = None) -> dict[str, Any]:
     """`LatentStatistics` over one batch of posterior moments [N, C, ...] (see `LATENT_STATISTICS_DOC`)."""
-    stats = LatentStatistics(threshold=threshold, seed=seed)
+    stats = LatentStatistics(threshold=threshold, seed=seed, shift=shift)
     stats.update(PosteriorMoments(means, logvars), latents)
     return stats.result()
 
@@ -451,6 +564,6 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "psnr", "ssim", "ms_ssim", "ms_ssim_scales", "summarize", "unit_activity", "active_units",
-    "LatentStatistics", "latent_statistics", "LATENT_STATISTICS_DOC", "LPIPSMetric", "FIDMetric",
+    "LatentScale", "LatentScaleEstimator", "uses_shift", "estimate_latent_scale", "LatentStatistics", "latent_statistics", "LATENT_STATISTICS_DOC", "LPIPSMetric", "FIDMetric",
     "hub_checkpoint", "to_unit_range", "gaussian_window",
 ]

@@ -148,3 +148,166 @@ def test_command_line_reports_errors_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: could not load evaluation images") and str(tmp_path) in err
+
+
+# ---------------------------------------------------------------------------------------------------- issue 16
+
+
+def reference_psnr(model: KLAutoencoder, source: str) -> list[float]:
+    """Per-image PSNR of `model`'s posterior-mode reconstructions, computed with skimage (independent of metrics.py)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from kl_autoencoder.data import load_eval_images
+
+    _, x = load_eval_images(source, 32)
+    with torch.no_grad():
+        recon = model.decode(model.encode(x).mode())
+    to01 = lambda t: ((t.double() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # noqa: E731
+    return [peak_signal_noise_ratio(a, b, data_range=1.0) for a, b in zip(to01(x), to01(recon))]
+
+
+def test_sample_evaluation_reports_held_out_first_and_headlines_it(tmp_path):
+    model = informative_model()
+    model.save_pretrained(tmp_path / "good")
+    out = tmp_path / "eval"
+    result = evaluate([str(tmp_path / "good")], "sample", out, resolution=32, num_images=5, batch_size=4,
+                      progress=False, worst_k=0)
+    written = strict_json(out / "metrics.json")
+    # held-out photos first (so --num-images keeps them), then training photos, each named per split
+    assert list(written["splits"]) == ["held-out", "training"]
+    assert written["splits"]["held-out"] == ["coffee", "chelsea"]
+    assert written["splits"]["training"] == ["astronaut", "rocket", "hubble_deep_field"]
+    assert written["image_names"] == ["coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field"]
+    entry = written["models"]["good"]
+    held_out, training = entry["splits"]["held-out"], entry["splits"]["training"]
+    assert held_out["num_images"] == 2 and training["num_images"] == 3
+    expected_held_out = reference_psnr(model, "sample:heldout")
+    expected_training = reference_psnr(model, "sample:train")[:3]
+    assert held_out["psnr"]["mean"] == pytest.approx(sum(expected_held_out) / 2, rel=1e-4)
+    assert training["psnr"]["mean"] == pytest.approx(sum(expected_training) / 3, rel=1e-4)
+    assert entry["psnr"]["mean"] == pytest.approx(sum(expected_held_out + expected_training) / 5, rel=1e-4)
+    for key in ("ssim", "ms_ssim"):
+        assert set(held_out[key]) >= {"mean", "std"} and set(training[key]) >= {"mean", "std"}
+    # the headline is the held-out split, not the pooled average
+    headline = written["headline"]
+    assert headline["split"] == "held-out" and headline["num_images"] == 2
+    assert headline["models"]["good"]["psnr"] == held_out["psnr"]
+    assert headline["models"]["good"]["psnr"]["mean"] != pytest.approx(entry["psnr"]["mean"], rel=1e-3)
+    assert result["headline"]["models"]["good"]["ssim"]["mean"] == pytest.approx(held_out["ssim"]["mean"])
+    report = (out / "report.md").read_text()
+    first_line = next(line for line in report.splitlines()[1:] if line.strip())
+    assert first_line.startswith("**Headline, held-out images (2 of 5)") and f"{held_out['psnr']['mean']:.4g}" in first_line
+    header = next(line for line in report.splitlines() if line.startswith("| metric |"))
+    assert header.index("held-out images (2)") < header.index("training images (3)")
+
+
+def test_only_the_available_splits_are_reported(tmp_path):
+    informative_model().save_pretrained(tmp_path / "good")
+    result = evaluate([str(tmp_path / "good")], "sample", tmp_path / "one", resolution=32, num_images=1,
+                      progress=False, worst_k=0)
+    assert result["splits"] == {"held-out": ["coffee"]} and result["headline"]["split"] == "held-out"
+    result = evaluate([str(tmp_path / "good")], "sample:train", tmp_path / "train", resolution=32, num_images=2,
+                      progress=False, worst_k=0)
+    assert list(result["splits"]) == ["training"] and result["headline"]["split"] == "training"
+    assert "no held-out images in this evaluation" in (tmp_path / "train" / "report.md").read_text()
+
+
+def save_photo_crops(folder: Path, names: list[str], size: int = 40) -> None:
+    from PIL import Image
+    from skimage import data as skdata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(getattr(skdata, name)()[:size, :size]).save(folder / f"{name}.png")
+
+
+def test_skipped_unreadable_images_are_recorded_in_metrics_and_report(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    save_photo_crops(photos, ["astronaut", "coffee"])
+    (photos / "broken.png").write_bytes(b"not a png at all")
+    informative_model().save_pretrained(tmp_path / "good")
+    out = tmp_path / "eval"
+    from eval.evaluate import main
+
+    code = main(["--model", str(tmp_path / "good"), "--data", str(photos), "--out", str(out), "--resolution", "32",
+                 "--no-progress", "--worst-k", "0"])
+    assert code == 0
+    written = strict_json(out / "metrics.json")
+    assert written["skipped_images"] == 1 and written["skipped_files"] == [str(photos / "broken.png")]
+    assert list(written["skip_reasons"]) == [str(photos / "broken.png")] and written["skip_reasons"][str(photos / "broken.png")]
+    assert written["num_images"] == 2 and list(written["splits"]) == ["all"]
+    assert written["headline"]["split"] == "all"
+    report = (out / "report.md").read_text()
+    assert "Skipped 1 unreadable image**" in report and f"`{photos / 'broken.png'}`" in report
+    assert "no held-out images in this evaluation" in report
+    printed = capsys.readouterr().out
+    assert "skipped 1 unreadable image: " in printed and "broken.png" in printed
+    # nothing skipped: zero and empty, and no report section
+    result = evaluate([str(tmp_path / "good")], "sample", tmp_path / "clean", resolution=32, num_images=2,
+                      progress=False, worst_k=0)
+    assert result["skipped_images"] == 0 and result["skipped_files"] == []
+    assert "Skipped" not in (tmp_path / "clean" / "report.md").read_text()
+
+
+def test_every_model_is_validated_before_any_work(tmp_path, capsys):
+    informative_model().save_pretrained(tmp_path / "good")
+    torch.manual_seed(0)
+    KLAutoencoder(tiny_config(block_out_channels=(8, 16, 16))).save_pretrained(tmp_path / "f4")  # factor 4
+    out = tmp_path / "eval"
+    # a missing second model: nothing at all is written, the message names it
+    with pytest.raises(EvaluationError, match="could not load model .*no-such-model"):
+        evaluate([str(tmp_path / "good"), str(tmp_path / "no-such-model")], "sample", out, resolution=32,
+                 num_images=2, progress=False)
+    assert not out.exists()
+    # a second model whose downsampling factor does not divide the resolution: the same, before any picture
+    with pytest.raises(EvaluationError, match="not divisible by the model's downsampling factor 4 .*'f4'"):
+        evaluate([str(tmp_path / "good"), str(tmp_path / "f4")], "sample", out, resolution=34, num_images=2,
+                 progress=False)
+    assert not out.exists()
+    from eval.evaluate import main
+
+    code = main(["--model", str(tmp_path / "good"), str(tmp_path / "missing-too"), "--data", "sample", "--out",
+                 str(out), "--resolution", "32", "--num-images", "2", "--no-progress"])
+    assert code == 2 and "missing-too" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_reconstruction_column_labels_do_not_overlap():
+    from kl_autoencoder.evaluation import ImageRecord, plot_reconstructions
+
+    for size in (16, 32, 128, 256):
+        images = torch.randint(0, 256, (2, 2, 3, size, size), dtype=torch.uint8)
+        records = [ImageRecord(i, 20.0, images[0, i], images[1, i]) for i in range(2)]
+        fig = plot_reconstructions(records, ["a.png", "b.png"], "title")
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes = [label.get_window_extent(renderer) for label in fig.axes[0].get_xticklabels()]
+        assert [label.get_text() for label in fig.axes[0].get_xticklabels()][:2] == ["original", "reconstruction"]
+        for left, right in zip(boxes, boxes[1:]):
+            assert left.x1 < right.x0, (size, left, right)
+        width = fig.get_size_inches()[0] * fig.dpi
+        assert all(0 <= box.x0 and box.x1 <= width for box in boxes), size  # not cut off either
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_recommended_scale_is_the_one_estimators_on_the_same_samples(tmp_path):
+    from kl_autoencoder import metrics as M
+    from kl_autoencoder.data import load_eval_images
+
+    model = informative_model()
+    model.save_pretrained(tmp_path / "good")
+    result = evaluate([str(tmp_path / "good")], "sample", tmp_path / "auto", resolution=32, num_images=5,
+                      batch_size=2, seed=7, progress=False, worst_k=0)
+    latents = result["models"]["good"]["latents"]
+    # the same batches in the same order (held-out first), the same seeded generator
+    x = torch.cat([load_eval_images("sample:heldout", 32)[1], load_eval_images("sample:train", 32, 3)[1]])
+    expected = M.estimate_latent_scale(model, x.split(2), generator=torch.Generator().manual_seed(7))
+    assert latents["scaling_factor"] == pytest.approx(expected.scaling_factor, rel=1e-5)
+    assert latents["shift_factor"] is None and expected.shift_factor is None  # 4 channels: no shift by convention
+    shifted = evaluate([str(tmp_path / "good")], "sample", tmp_path / "on", resolution=32, num_images=5, batch_size=2,
+                       seed=7, shift=True, progress=False, worst_k=0)["models"]["good"]["latents"]
+    expected = M.estimate_latent_scale(model, x.split(2), shift=True, generator=torch.Generator().manual_seed(7))
+    assert shifted["shift_factor"] == pytest.approx(expected.shift_factor, rel=1e-5)
+    assert shifted["scaling_factor"] == pytest.approx(latents["scaling_factor"], rel=1e-9)

@@ -1,6 +1,7 @@
 """metrics.py against independent references: skimage.metrics, torchmetrics, lpips, numpy / scipy closed forms."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -141,10 +142,10 @@ def test_streamed_latent_statistics_match_one_shot_and_numpy():
     means = torch.randn(24, 4, 3, 5, generator=g) * 2 + 0.5
     logvars = torch.randn(24, 4, 3, 5, generator=g) * 0.3 - 1
     latents = means + torch.exp(0.5 * logvars) * torch.randn(means.shape, generator=g)
-    stats = M.LatentStatistics()
+    stats = M.LatentStatistics(shift=True)
     for rows in (slice(0, 5), slice(5, 6), slice(6, 24)):  # uneven batches
         stats.update(DiagonalGaussian(mean=means[rows], logvar=logvars[rows]), latents[rows])
-    streamed, one_shot = stats.result(), M.latent_statistics(means, logvars, latents=latents)
+    streamed, one_shot = stats.result(), M.latent_statistics(means, logvars, latents=latents, shift=True)
     for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "kl_per_channel", "unit_activity"):
         np.testing.assert_allclose(streamed[key], one_shot[key], rtol=1e-9)
     z = latents.double().numpy()
@@ -178,7 +179,7 @@ def test_measured_scaling_and_shift_normalize_a_models_latents():
         model.encoder.conv_out.bias.add_(0.7)
         images = torch.rand(12, 3, 32, 32) * 2 - 1
         posterior = model.encode(images)
-    stats = M.LatentStatistics(seed=0)
+    stats = M.LatentStatistics(seed=0, shift=True)
     stats.update(posterior)
     result = stats.result()
     model.config.scaling_factor, model.config.shift_factor = result["scaling_factor"], result["shift_factor"]
@@ -187,6 +188,145 @@ def test_measured_scaling_and_shift_normalize_a_models_latents():
     scaled = model.to_diffusion_latents(raw)
     assert abs(float(scaled.mean())) < 0.05
     assert abs(float(scaled.std()) - 1) < 0.05
+
+
+def test_latent_statistics_recommend_the_one_estimators_scale():
+    """LatentStatistics' scaling/shift are the LatentScaleEstimator's on the same samples, convention included."""
+    g = torch.Generator().manual_seed(2)
+    means, logvars = torch.randn(10, 4, 3, 3, generator=g) + 1.5, torch.full((10, 4, 3, 3), -2.0)
+    latents = means + 0.3 * torch.randn(means.shape, generator=g)
+    by_convention = M.latent_statistics(means, logvars, latents=latents)  # 4 channels: no shift
+    estimator = M.LatentScaleEstimator(shift=False)
+    estimator.update(latents)
+    assert by_convention["shift_factor"] is None
+    assert by_convention["scaling_factor"] == estimator.result().scaling_factor
+
+
+# ---------------------------------------------------------------------------------------------------- latent scale
+
+
+def constructed_latents(std: float, mean: float, channels: int = 4, n: int = 40, seed: int = 0) -> torch.Tensor:
+    """Latents [n, C, 6, 5] with per-channel offsets around `mean` (so pooling matters), overall std about `std`."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.linspace(-0.5, 0.5, channels).view(1, channels, 1, 1) * std
+    return mean + offsets + std * torch.randn(n, channels, 6, 5, generator=g)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_latent_scale_estimator_matches_numpy_on_uneven_batches(shift):
+    z = constructed_latents(std=3.0, mean=-7.0)
+    estimator = M.LatentScaleEstimator(shift=shift)
+    for rows in (slice(0, 1), slice(1, 17), slice(17, 40)):
+        estimator.update(z[rows])
+    result = estimator.result()
+    reference = z.double().numpy()
+    assert result.num_images == 40
+    # std around the mean (ddof 0) in both cases: the shift only decides whether the mean is reported
+    assert result.scaling_factor == pytest.approx(1 / reference.std(), rel=1e-10)
+    offsets = np.linspace(-0.5, 0.5, 4) * 3.0  # pooled std: sqrt(noise variance + variance of channel offsets)
+    assert result.scaling_factor == pytest.approx(1 / np.sqrt(9.0 + offsets.var()), rel=0.05)
+    if shift:
+        assert result.shift_factor == pytest.approx(reference.mean(), rel=1e-10)
+        assert result.shift_factor == pytest.approx(-7.0, abs=0.1)
+    else:
+        assert result.shift_factor is None
+    assert isinstance(result, M.LatentScale)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.scaling_factor = 1.0
+
+
+def test_latent_scale_estimator_is_exact_for_a_large_offset_and_rejects_bad_input():
+    # mean 1e4, std 1e-2: a naive float64 sum of squares would lose the variance; the pooled update does not
+    z = constructed_latents(std=1e-2, mean=1e4)
+    estimator = M.LatentScaleEstimator(shift=True)
+    estimator.update(z[:7].double())
+    estimator.update(z[7:].double())
+    assert estimator.result().scaling_factor == pytest.approx(1 / z.double().numpy().std(), rel=1e-6)
+    with pytest.raises(ValueError, match="before any update"):
+        M.LatentScaleEstimator(shift=False).result()
+    with pytest.raises(ValueError, match="channels changed"):
+        estimator.update(torch.zeros(2, 3, 6, 5))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        M.LatentScaleEstimator(shift=False).update(torch.tensor([[[[float("nan")]]]]))
+    constant = M.LatentScaleEstimator(shift=False)
+    constant.update(torch.ones(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="all 72 latent values are equal"):
+        constant.result()
+
+
+def test_uses_shift_follows_the_sd3_flux_convention_unless_told():
+    assert not M.uses_shift(4, None) and M.uses_shift(16, None) and M.uses_shift(32, None)
+    assert M.uses_shift(4, True) and not M.uses_shift(16, False)
+
+
+def scale_test_model() -> KLAutoencoder:
+    torch.manual_seed(0)
+    model = KLAutoencoder(tiny_config()).eval()
+    with torch.no_grad():
+        model.encoder.conv_out.weight.mul_(4)  # latents far from N(0, 1) before scaling
+        model.encoder.conv_out.bias.add_(0.7)
+    return model
+
+
+def random_crops(count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` random `size`-px crops of three photos, in [-1, 1]: one image distribution, any number of draws."""
+    rng = np.random.default_rng(seed)
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea()]
+    crops = []
+    for _ in range(count):
+        photo = photos[rng.integers(len(photos))]
+        top, left = rng.integers(photo.shape[0] - size), rng.integers(photo.shape[1] - size)
+        crops.append(photo[top:top + size, left:left + size])
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_estimate_latent_scale_equals_the_estimator_on_the_same_samples_and_stops_at_num_images():
+    model = scale_test_model()
+    images = random_crops(12, 32, seed=0)
+    pulled = []
+
+    def batches():
+        for rows in (slice(0, 4), slice(4, 8), slice(8, 12)):
+            pulled.append(rows)
+            yield images[rows]
+
+    model.train()
+    result = M.estimate_latent_scale(model, batches(), num_images=6, generator=torch.Generator().manual_seed(3))
+    assert model.training  # mode restored
+    assert len(pulled) == 2 and result.num_images == 6  # the third batch was never read
+    # reference: the same batches (4 + the first 2 of the next), the same generator, numpy statistics
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.eval()
+        z = torch.cat([model.encode(images[:4]).sample(g), model.encode(images[4:6]).sample(g)]).double().numpy()
+    assert result.scaling_factor == pytest.approx(1 / z.std(), rel=1e-6)
+    assert result.shift_factor is None  # 4 channels: no shift by convention
+    shifted = M.estimate_latent_scale(model, [images], shift=True, num_images=6,
+                                      generator=torch.Generator().manual_seed(3))
+    assert shifted.shift_factor == pytest.approx(float(z.mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="no images"):
+        M.estimate_latent_scale(model, [], num_images=4)
+    with pytest.raises(TypeError, match="image tensors"):
+        M.estimate_latent_scale(model, [{"pixel_values": images}])
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_estimated_scale_gives_unit_std_on_held_out_images(shift):
+    model = scale_test_model()
+    measured_on = random_crops(64, 32, seed=1)
+    held_out = random_crops(64, 32, seed=2)
+    scale = M.estimate_latent_scale(model, measured_on.split(16), shift=shift,
+                                    generator=torch.Generator().manual_seed(0))
+    assert scale.num_images == 64
+    model.config.scaling_factor = scale.scaling_factor
+    model.config.shift_factor = scale.shift_factor
+    with torch.no_grad():
+        raw = model.encode(held_out).sample(torch.Generator().manual_seed(9))
+    assert abs(float(raw.std()) - 1) > 0.2  # the check below is not trivially true
+    scaled = model.to_diffusion_latents(raw)
+    assert abs(float(scaled.std()) - 1) < 0.05
+    if shift:
+        assert abs(float(scaled.mean())) < 0.05
 
 
 # ---------------------------------------------------------------------------------------------------- LPIPS, rFID
