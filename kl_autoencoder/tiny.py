@@ -1,0 +1,539 @@
+"""A tiny autoencoder (TAESD's architecture) distilled from a KL VAE: diffusers' `AutoencoderTiny`, weight for weight.
+
+    student = build_student(teacher.config)                    # latent channels and downsampling of the teacher
+    targets = distillation_targets(teacher, x, generator)      # (teacher's diffusion latents, teacher's decode)
+    loss, logs = distillation_loss(student, targets, x, pixel_weight=1.0, perceptual=lpips, perceptual_weight=0.1)
+    student.save_pretrained("tiny")                            # AutoencoderTiny.from_pretrained("tiny") loads it
+    student.save_single_files("previews", name="taemy")        # taemy_encoder/decoder.safetensors (TAESD layout)
+
+The model: an encoder of plain 3x3 convs and residual blocks (conv-act-conv-act-conv + skip, ReLU), one stride-2
+conv per stage; a decoder that mirrors it with nearest upsampling. No norms, no attention: ~1 M parameters per half.
+`state_dict()` keys are exactly diffusers' (`encoder.layers.N...`, `decoder.layers.N...`: the parameter-free layers
+(activations, upsampling) keep their positions in the `nn.Sequential` so the indices line up).
+
+Image convention (diffusers'): `encode` takes images in [-1, 1], `decode` returns images in [-1, 1] (unclamped).
+The layers inside work in TAESD's [0, 1]; the two maps are the first and last lines of the halves' `forward`.
+
+Latent convention. The student lives in the teacher's *diffusion* latents, the space a diffusion model samples in:
+    latents = teacher.to_diffusion_latents(z) = (z - shift_factor) * scaling_factor
+Its decoder maps those latents straight to the teacher's decode of z, its encoder maps images straight to them.
+Diffusers pipelines undo the VAE's scale before decoding and apply it after encoding, reading the factors from the
+*VAE they are given*:
+    SD / SDXL style (4 channels, scaling only):  vae.decode(latents / vae.config.scaling_factor)
+                                                 vae.encode(x) * vae.config.scaling_factor
+    SD3 / FLUX style (16 channels, + shift):     vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor)
+                                                 (vae.encode(x) - vae.config.shift_factor) * vae.config.scaling_factor
+For `AutoencoderTiny` as the pipeline's `vae` to see exactly the pipeline's latents, both maps must be the identity,
+so the export carries scaling_factor = 1.0 and shift_factor = 0.0 whatever the teacher's factors: the teacher's
+scale and shift are baked into the student's weights, once, by distillation. (This is TAESD's own convention:
+madebyollin's taesd/taesdxl/taesd3/taef1 configs all say 1.0 / 0.0; ComfyUI applies the teacher's factors outside
+the tiny model for the same reason.) latent_magnitude = 3 and latent_shift = 0.5 stay at diffusers' defaults: they
+only map latents to [0, 1] for 8-bit storage (`scale_latents`), and 3 matches the decoder's fixed input clamp
+tanh(x / 3) * 3, right for unit-variance diffusion latents. Per-channel `latents_mean` / `latents_std` (which some
+SDXL-style pipelines apply when the VAE config has them) are not part of `to_diffusion_latents`; `build_student`
+warns when a teacher carries them.
+
+Downsampling: AutoencoderTiny has one stride-2 stage per entry after the first of `num_encoder_blocks`, and the
+decoder one upsampling by `upsampling_scaling_factor` per stage but the last. An f8 teacher gets 4 stages, as
+TAESD; `build_student` gives an f4 teacher 3 stages and an f16 teacher 5 (f = 2 ** (stages - 1)), so the student's
+latent grid is the teacher's. Pipelines read the factor as 2 ** (len(vae.config.block_out_channels) - 1), and
+AutoencoderTiny records block_out_channels = decoder_block_out_channels, so they get it right for every depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kl_autoencoder.durable import atomic_write, atomic_write_dir
+from kl_autoencoder.formats import (CONFIG_NAME, DTYPES, WEIGHTS_NAME, WeightsError, _verify_export, capped_repr,
+                                    check_fits, check_floating, model_folder, nonfinite_keys, read_state_dict,
+                                    warn_nonfinite)
+from kl_autoencoder.losses import pixel_loss
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config: diffusers' AutoencoderTiny fields and defaults, so its config.json maps onto this 1:1.
+
+
+@dataclass
+class TinyConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple[int, ...] = (64, 64, 64, 64)
+    act_fn: str = "relu"
+    upsample_fn: str = "nearest"
+    latent_channels: int = 4
+    upsampling_scaling_factor: int = 2
+    num_encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+    num_decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+    latent_magnitude: float = 3
+    latent_shift: float = 0.5
+    force_upcast: bool = False
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in _STAGE_FIELDS:
+            if isinstance(getattr(self, name), list):  # JSON gives lists; tuples compare and hash cleanly
+                setattr(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when diffusers' AutoencoderTiny could not build or run this config."""
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"{name} {why}, got {capped_repr(getattr(self, name))}")
+
+        for name in ("in_channels", "out_channels", "latent_channels", "upsampling_scaling_factor"):
+            if not (_is_int(getattr(self, name)) and 1 <= getattr(self, name) <= 1024):
+                fail(name, "must be an integer in [1, 1024]")
+        for name in _STAGE_FIELDS:
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and 1 <= len(value) <= 8 and all(_is_int(v) and 0 <= v <= 4096
+                                                                                 for v in value)):
+                fail(name, "must list 1 to 8 integers in [0, 4096] (one per stage)")
+        for half in ("encoder", "decoder"):
+            widths, blocks = getattr(self, f"{half}_block_out_channels"), getattr(self, f"num_{half}_blocks")
+            if len(widths) != len(blocks):
+                fail(f"num_{half}_blocks", f"must have one entry per {half}_block_out_channels entry ({len(widths)})")
+            # diffusers wires every stage from its own width (no channel change between stages), so only equal
+            # widths run; reject the others here rather than at the first forward.
+            if len(set(widths)) != 1 or widths[0] < 1:
+                fail(f"{half}_block_out_channels", "must repeat one width >= 1 (AutoencoderTiny has no channel change "
+                                                   "between stages)")
+        if self.act_fn not in ACTIVATIONS:
+            fail("act_fn", f"is not supported; choose one of {sorted(ACTIVATIONS)}")
+        if self.upsample_fn not in ("nearest", "nearest-exact", "bilinear", "bicubic"):
+            fail("upsample_fn", "must be an nn.Upsample mode for images (nearest, nearest-exact, bilinear, bicubic)")
+        for name in ("latent_magnitude", "scaling_factor"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) > 0):
+                fail(name, "must be a finite number > 0")
+        for name in ("latent_shift", "shift_factor"):
+            if not _is_number(getattr(self, name)):
+                fail(name, "must be a finite number")
+        if not isinstance(self.force_upcast, bool):
+            fail("force_upcast", "must be true or false")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.num_encoder_blocks) - 1)
+
+    @property
+    def upsampling_factor(self) -> int:
+        return self.upsampling_scaling_factor ** (len(self.num_decoder_blocks) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_diffusers_dict(self) -> dict[str, Any]:
+        """config.json as diffusers writes it: + class name, version, and the `block_out_channels` it records."""
+        import diffusers  # a dependency: the version diffusers would write
+
+        return {"_class_name": "AutoencoderTiny", "_diffusers_version": diffusers.__version__, **self.to_dict(),
+                "block_out_channels": list(self.decoder_block_out_channels)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TinyConfig":
+        """Build from a diffusers config dict; bookkeeping keys and the derived `block_out_channels` are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names and not k.startswith("_") and k != "block_out_channels")
+        if unknown:
+            warnings.warn(f"ignoring AutoencoderTiny config keys this model does not use: {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU}
+_STAGE_FIELDS = ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks", "num_decoder_blocks")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model. Layer positions are the state-dict keys: parameter-free layers hold their index in the Sequential.
+
+
+def conv(n_in: int, n_out: int, **kwargs: Any) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class Block(nn.Module):
+    """x -> ReLU(conv-act-conv-act-conv(x) + x): the residual unit of both halves (widths never change inside)."""
+
+    def __init__(self, channels: int, act_fn: str):
+        super().__init__()
+        act = ACTIVATIONS[act_fn]
+        self.conv = nn.Sequential(conv(channels, channels), act(), conv(channels, channels), act(),
+                                  conv(channels, channels))
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.conv(x) + x)
+
+
+class TinyEncoder(nn.Module):
+    """[-1, 1] image -> latents. Stage 0: conv; stage i > 0: stride-2 conv (no bias); each: `blocks[i]` Blocks."""
+
+    def __init__(self, c: TinyConfig):
+        super().__init__()
+        width = c.encoder_block_out_channels[0]
+        layers: list[nn.Module] = []
+        for stage, blocks in enumerate(c.num_encoder_blocks):
+            layers.append(conv(c.in_channels, width) if stage == 0 else conv(width, width, stride=2, bias=False))
+            layers += [Block(width, c.act_fn) for _ in range(blocks)]
+        layers.append(conv(width, c.latent_channels))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.add(1).div(2))  # TAESD's layers see images in [0, 1]
+
+
+class TinyDecoder(nn.Module):
+    """Latents -> [-1, 1] image. conv + act; per stage: Blocks, then (all but the last) upsample + conv (no bias)."""
+
+    def __init__(self, c: TinyConfig):
+        super().__init__()
+        width = c.decoder_block_out_channels[0]
+        layers: list[nn.Module] = [conv(c.latent_channels, width), ACTIVATIONS[c.act_fn]()]
+        for stage, blocks in enumerate(c.num_decoder_blocks):
+            layers += [Block(width, c.act_fn) for _ in range(blocks)]
+            if stage < len(c.num_decoder_blocks) - 1:
+                layers += [nn.Upsample(scale_factor=c.upsampling_scaling_factor, mode=c.upsample_fn),
+                           conv(width, width, bias=False)]
+        layers.append(conv(width, c.out_channels))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = torch.tanh(latents / 3) * 3  # soft clamp to [-3, 3]: out-of-range latents cannot blow up
+        return self.layers(latents).mul(2).sub(1)
+
+
+class TinyAutoencoder(nn.Module):
+    """encode: image [-1, 1] -> diffusion latents; decode: diffusion latents -> image [-1, 1]. AutoencoderTiny's keys."""
+
+    def __init__(self, config: TinyConfig | dict | None = None, **config_kwargs: Any):
+        super().__init__()
+        if isinstance(config, dict):
+            config = TinyConfig.from_dict(config)
+        self.config = config if config is not None else TinyConfig(**config_kwargs)
+        self.encoder = TinyEncoder(self.config)
+        self.decoder = TinyDecoder(self.config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # The 8-bit storage convention (TAESD's): latents in [-magnitude, magnitude] <-> [0, 1].
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.div(2 * self.config.latent_magnitude).add(self.config.latent_shift).clamp(0, 1)
+
+    def unscale_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub(self.config.latent_shift).mul(2 * self.config.latent_magnitude)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.config.downsampling_factor
+
+    def num_parameters(self, part: str | None = None) -> int:
+        module = self if part is None else getattr(self, part)
+        return sum(p.numel() for p in module.parameters())
+
+    # -- files ----------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "TinyAutoencoder":
+        """Load a diffusers AutoencoderTiny folder (or a pipeline folder whose `vae/` is one)."""
+        return load_tiny(path, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+        """config.json + diffusion_pytorch_model.safetensors that AutoencoderTiny.from_pretrained loads; atomic."""
+        return save_tiny(self, path, dtype=dtype)
+
+    @classmethod
+    def from_single_files(cls, encoder_path: str | Path, decoder_path: str | Path,
+                          config: TinyConfig | dict | None = None) -> "TinyAutoencoder":
+        """Load TAESD-layout `*_encoder` / `*_decoder` files (.safetensors, or .pth via weights_only)."""
+        return load_single_files(encoder_path, decoder_path, config=config)
+
+    def save_single_files(self, folder: str | Path, name: str = "taesd", dtype: torch.dtype | str | None = None
+                          ) -> tuple[Path, Path]:
+        """Write `<name>_encoder.safetensors` and `<name>_decoder.safetensors` (TAESD layout); atomic, verified."""
+        return save_single_files(self, folder, name=name, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The student for a teacher, and the distillation objective (pure functions: the training loop calls these).
+
+
+def build_student(teacher_config: AutoencoderConfig, width: int = 64,
+                  encoder_blocks: int = 3, decoder_blocks: int = 3) -> TinyAutoencoder:
+    """AutoencoderTiny for `teacher_config`: its channels and latent channels, one stage per factor of 2 plus one.
+
+    f8 (the SD/SDXL/SD3/FLUX VAEs): TAESD exactly, num_encoder_blocks (1, 3, 3, 3), num_decoder_blocks (3, 3, 3, 1).
+    f4 -> 3 stages (1, 3, 3) / (3, 3, 1); f16 -> 5 stages (1, 3, 3, 3, 3) / (3, 3, 3, 3, 1); f1 -> one stage.
+    """
+    if teacher_config.latents_mean is not None or teacher_config.latents_std is not None:
+        warnings.warn("the teacher's config has latents_mean/latents_std: the student learns the latents "
+                      "(z - shift_factor) * scaling_factor, not the per-channel normalization some pipelines apply "
+                      "with them", stacklevel=2)
+    stages = int(math.log2(teacher_config.downsampling_factor)) + 1
+    return TinyAutoencoder(TinyConfig(
+        in_channels=teacher_config.in_channels, out_channels=teacher_config.out_channels,
+        latent_channels=teacher_config.latent_channels,
+        encoder_block_out_channels=(width,) * stages, decoder_block_out_channels=(width,) * stages,
+        num_encoder_blocks=(1,) + (encoder_blocks,) * (stages - 1),
+        num_decoder_blocks=(decoder_blocks,) * (stages - 1) + (1,),
+        scaling_factor=1.0, shift_factor=0.0,  # identity in pipelines: see the module docstring
+    ))
+
+
+class DistillationTargets(NamedTuple):
+    latents: torch.Tensor  # the teacher's diffusion latents of x: (z - shift) * scaling, fp32
+    decoded: torch.Tensor  # the teacher's decode of the same z, clamped to [-1, 1], fp32
+
+
+@torch.no_grad()
+def distillation_targets(teacher: KLAutoencoder, x: torch.Tensor, generator: torch.Generator | None = None,
+                         sample: bool = True) -> DistillationTargets:
+    """What the student learns from, for a batch of images x in [-1, 1]: (diffusion latents, teacher's decode).
+
+    z is a posterior sample (its mean with sample=False). The decode is clamped to the image range: that is what
+    any viewer shows, and the student's capacity is not spent on overshoot.
+    """
+    posterior = teacher.encode(x)
+    z = posterior.sample(generator) if sample else posterior.mode()
+    decoded = teacher.decode(z).float().clamp(-1, 1)
+    return DistillationTargets(teacher.to_diffusion_latents(z).float(), decoded)
+
+
+def distillation_loss(student: nn.Module, targets: DistillationTargets, x: torch.Tensor, pixel_weight: float = 1.0,
+                      perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, latent_weight: float = 1.0,
+                      pixel: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoder: pixel (+ LPIPS) of student.decode(teacher latents) vs the teacher's decode; encoder: latent MSE.
+
+    loss = pixel_weight * pixel_loss + perceptual_weight * LPIPS + latent_weight * MSE(student.encode(x), latents)
+    A half whose weights are all 0 is not run (decoder-only or encoder-only distillation). `student` is whatever
+    the loop trains through (a DDP wrapper included; its `.module` is used for encode/decode). Logs are detached
+    fp32 scalars; nothing here syncs with the host.
+    """
+    model = student.module if hasattr(student, "module") else student
+    zero = torch.zeros((), device=x.device)
+    loss, logs = zero, {}
+    use_perceptual = perceptual is not None and perceptual_weight > 0
+    if pixel_weight > 0 or use_perceptual:
+        decoded = model.decode(targets.latents).float()
+        pixel_term = pixel_loss(decoded, targets.decoded, kind=pixel)
+        loss = loss + pixel_weight * pixel_term
+        logs["pixel"] = pixel_term.detach()
+        if use_perceptual:
+            lpips_term = perceptual(decoded, targets.decoded)
+            loss = loss + perceptual_weight * lpips_term
+            logs["perceptual"] = lpips_term.detach()
+    if latent_weight > 0:
+        latent_term = F.mse_loss(model.encode(x).float(), targets.latents)
+        loss = loss + latent_weight * latent_term
+        logs["latent"] = latent_term.detach()
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files: the diffusers folder, and TAESD's two single files.
+
+
+def load_state(model: TinyAutoencoder, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load, after the file's names, shapes and dtypes were checked (never a partial load)."""
+    check_fits(state, model.state_dict(), source)
+    check_floating(state, source)
+    warn_nonfinite(state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def read_tiny_config(folder: Path) -> TinyConfig:
+    config_path = folder / CONFIG_NAME
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{config_path} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise WeightsError(f"cannot read {config_path}: {err}") from err
+    if not isinstance(data, dict):
+        raise WeightsError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
+    if data.get("_class_name", "AutoencoderTiny") != "AutoencoderTiny":
+        raise WeightsError(f"{config_path} describes a {capped_repr(data['_class_name'])}, not an AutoencoderTiny "
+                           "(a KL VAE loads with KLAutoencoder.from_pretrained)")
+    try:
+        return TinyConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{config_path}: {err}") from err
+
+
+def load_tiny(path: str | Path, dtype: torch.dtype | None = None) -> TinyAutoencoder:
+    path = Path(path).expanduser()
+    if path.is_file():
+        raise WeightsError(f"{path} is a file: load TAESD single files with TinyAutoencoder.from_single_files")
+    folder = model_folder(path)
+    config = read_tiny_config(folder)
+    candidates = [folder / name for name in (WEIGHTS_NAME, "diffusion_pytorch_model.bin")]  # .bin: pickle, weights_only
+    weights = next((c for c in candidates if c.is_file()), None)
+    if weights is None:
+        raise WeightsError(f"{folder} has {CONFIG_NAME} but no weights file ({WEIGHTS_NAME})")
+    model = TinyAutoencoder(config)
+    load_state(model, read_state_dict(weights), str(weights))
+    return (model.to(dtype) if dtype is not None else model).eval()
+
+
+def _export_state(model: nn.Module, dtype: torch.dtype | str | None, path: Path) -> dict[str, torch.Tensor]:
+    """The weights to write (cast to `dtype`, on CPU); NaN/inf weights are refused before anything is written."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    bad = nonfinite_keys(state)
+    if bad:
+        raise WeightsError(f"refusing to export {path}: NaN/inf values in {len(bad)} tensors "
+                           f"({', '.join(list(bad)[:5])}); nothing was written")
+    return state
+
+
+def save_tiny(model: TinyAutoencoder, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+    state = _export_state(model, dtype, Path(path))
+
+    def write(folder: Path) -> None:
+        save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_diffusers_dict(), indent=2) + "\n")
+
+    def check(folder: Path) -> None:  # before the swap: a bad export never replaces a good one
+        _verify_export(load_file(folder / WEIGHTS_NAME), state, folder)
+        if read_tiny_config(folder) != model.config:
+            raise WeightsError(f"export check failed: {folder / CONFIG_NAME} does not read back as the config")
+
+    return atomic_write_dir(path, write, check_fn=check)
+
+
+# TAESD's files hold the halves' nn.Sequential state dicts. Its encoder Sequential is diffusers' `encoder.layers`;
+# its decoder Sequential starts with the input clamp (a layer there, a line of forward here), so every decoder
+# index is one higher than diffusers' (the rule of diffusers' scripts/convert_tiny_autoencoder_to_diffusers.py).
+_DECODER_OFFSET = 1
+
+
+def to_single_file_state_dicts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """diffusers AutoencoderTiny keys -> (TAESD encoder state, TAESD decoder state)."""
+    encoder, decoder = {}, {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(encoder|decoder)\.layers\.(\d+)\.(.+)", key)
+        if match is None:
+            raise WeightsError(f"key {key!r} is not an AutoencoderTiny key (encoder.layers.N... / decoder.layers.N...)")
+        if match[1] == "encoder":
+            encoder[f"{match[2]}.{match[3]}"] = value
+        else:
+            decoder[f"{int(match[2]) + _DECODER_OFFSET}.{match[3]}"] = value
+    return encoder, decoder
+
+
+def from_single_file_state_dicts(encoder: dict[str, torch.Tensor], decoder: dict[str, torch.Tensor],
+                                 source: str = "the single files") -> dict[str, torch.Tensor]:
+    """(TAESD encoder state, TAESD decoder state) -> diffusers AutoencoderTiny keys."""
+    state = {}
+    for half, part, offset in (("encoder", encoder, 0), ("decoder", decoder, _DECODER_OFFSET)):
+        for key, value in part.items():
+            match = re.fullmatch(r"(\d+)\.(.+)", key)
+            if match is None or int(match[1]) < offset:
+                raise WeightsError(f"{source}: {half} key {key!r} is not a TAESD {half} key (N.weight, N.conv.K.weight"
+                                   f"{', N >= 1' if offset else ''})")
+            state[f"{half}.layers.{int(match[1]) - offset}.{match[2]}"] = value
+    return state
+
+
+def infer_tiny_config(state: dict[str, torch.Tensor], **overrides: Any) -> TinyConfig:
+    """Read the architecture off AutoencoderTiny keys: stages are delimited by the bias-free convs.
+
+    act_fn, upsample_fn and upsampling_scaling_factor leave no trace in the weights (the defaults are TAESD's:
+    relu, nearest, 2); pass them as overrides when they differ.
+    """
+    def layers(half: str) -> list[tuple[int, str]]:
+        """(index, 'conv' | 'conv_nobias' | 'block') for each layer of the half that holds weights, in order."""
+        found: dict[int, str] = {}
+        for key in state:
+            match = re.fullmatch(rf"{half}\.layers\.(\d+)\.(.+)", key)
+            if match:
+                kind = "block" if match[2].startswith("conv.") else "conv"
+                if kind == "conv" and f"{half}.layers.{match[1]}.bias" not in state:
+                    kind = "conv_nobias"
+                found[int(match[1])] = kind
+        if not found:
+            raise WeightsError(f"cannot infer the architecture: no {half}.layers.N keys")
+        return sorted(found.items())
+
+    def stage_blocks(kinds: list[str]) -> list[int]:
+        counts = [0]
+        for kind in kinds:
+            if kind == "conv_nobias":
+                counts.append(0)
+            elif kind == "block":
+                counts[-1] += 1
+        return counts
+
+    enc, dec = layers("encoder"), layers("decoder")
+    first_enc, last_enc = state[f"encoder.layers.{enc[0][0]}.weight"], state[f"encoder.layers.{enc[-1][0]}.weight"]
+    first_dec, last_dec = state[f"decoder.layers.{dec[0][0]}.weight"], state[f"decoder.layers.{dec[-1][0]}.weight"]
+    enc_blocks = stage_blocks([kind for _, kind in enc[1:-1]])
+    dec_blocks = stage_blocks([kind for _, kind in dec[1:-1]])
+    if last_enc.shape[0] != first_dec.shape[1]:
+        raise WeightsError(f"the encoder outputs {last_enc.shape[0]} latent channels but the decoder takes "
+                           f"{first_dec.shape[1]}: these halves do not belong together")
+    values: dict[str, Any] = dict(
+        in_channels=first_enc.shape[1], out_channels=last_dec.shape[0], latent_channels=last_enc.shape[0],
+        encoder_block_out_channels=(first_enc.shape[0],) * len(enc_blocks), num_encoder_blocks=tuple(enc_blocks),
+        decoder_block_out_channels=(first_dec.shape[0],) * len(dec_blocks), num_decoder_blocks=tuple(dec_blocks),
+    )
+    values.update(overrides)
+    return TinyConfig(**values)
+
+
+def load_single_files(encoder_path: str | Path, decoder_path: str | Path,
+                      config: TinyConfig | dict | None = None) -> TinyAutoencoder:
+    """A TinyAutoencoder from TAESD's two files; the architecture is inferred from the keys unless `config` is given."""
+    source = f"{encoder_path} + {decoder_path}"
+    state = from_single_file_state_dicts(read_state_dict(encoder_path), read_state_dict(decoder_path), source)
+    if isinstance(config, dict):
+        config = TinyConfig.from_dict(config)
+    model = TinyAutoencoder(config if config is not None else infer_tiny_config(state))
+    load_state(model, state, source)
+    return model.eval()
+
+
+def save_single_files(model: TinyAutoencoder, folder: str | Path, name: str = "taesd",
+                      dtype: torch.dtype | str | None = None) -> tuple[Path, Path]:
+    folder = Path(folder)
+    encoder, decoder = to_single_file_state_dicts(_export_state(model, dtype, folder))
+    paths = []
+    for half, state in (("encoder", encoder), ("decoder", decoder)):
+        path = folder / f"{name}_{half}.safetensors"
+        atomic_write(path, lambda tmp, state=state: save_file(state, tmp, metadata={"format": "pt"}))
+        _verify_export(load_file(path), state, path)
+        paths.append(path)
+    return paths[0], paths[1]
