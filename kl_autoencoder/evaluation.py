@@ -327,7 +327,7 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
     else:
         run.metrics["lpips_reason"] = lpips_metric.reason if lpips_metric is not None else "LPIPS not requested"
     run.metrics.update(_rfid_entry(fid_metric, len(images)))
-    if latents["collapsed_channels"]:
+    if latents["collapsed_channels"] and len(images) > 1:  # one image has no variance across images to measure
         message = (f"posterior collapse in {name!r}: {len(latents['collapsed_channels'])} of "
                    f"{len(latents['unit_activity'])} latent channels are inactive (activity <= "
                    f"{latents['activity_threshold']}): channels {latents['collapsed_channels']}")
