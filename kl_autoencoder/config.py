@@ -6,14 +6,17 @@ Every problem is reported before any work starts, as a `ConfigError` naming the 
 unknown keys (with a did-you-mean), wrong types (checked against the dataclass annotations), and impossible
 values (non-positive learning rate, resolution not divisible by the downsampling factor, ...).
 
-YAML 1.1 reads `1e-4` as a string; float fields therefore accept strings that parse as a float.
+YAML 1.1 reads `1e-4` as a string; float fields therefore accept strings that parse as a float. It also reads `no`
+as false: a field whose choices include "no" (`train.mixed_precision`) takes it back as "no". Every float must be finite.
+YAML anchors/aliases are refused (a few hundred bytes of nested aliases expand to billions of values), and every
+value an error message shows is cut short.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import math
 import os
 import types
 import typing
@@ -24,6 +27,8 @@ from typing import Any, Literal
 import yaml
 
 from kl_autoencoder.durable import atomic_write_text
+from kl_autoencoder.formats import WeightsError, capped_repr, find_config_json, is_local_path, read_config
+from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError
 
 
 class ConfigError(ValueError):
@@ -92,7 +97,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
-    grad_clip: float | None = 1.0  # max global grad norm; None = off
+    grad_clip: float | None = None  # max global grad norm; None = off (LDM does not clip)
     fused: bool | None = None  # None = fused AdamW when on CUDA
 
 
@@ -115,11 +120,15 @@ class TrainSection:
     checkpoint_every: int = 1000  # 0 = only the final checkpoint
     keep_checkpoints: int = 3
     resume: str | None = None  # None | "latest" | a checkpoint folder
+    overwrite: bool = False  # a fresh run into a folder holding a previous run's files replaces those files
     ema: EMAConfig = field(default_factory=EMAConfig)
     tf32: bool = True
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/inf) steps before stopping
     export_shift_factor: bool | None = None  # None = only for models with >= 16 latent channels (SD3/Flux style)
-    scaling_batches: int = 4  # batches of posterior modes used to measure scaling/shift factor at export
+    scaling_images: int = 256  # random training crops whose posterior samples set the exported latent scale
+    # None = re-measure scaling/shift at export unless the encoder is frozen (then the pretrained model's
+    # scaling_factor, shift_factor, latents_mean/std and sample_size are kept: its latent space did not change)
+    remeasure_latent_scale: bool | None = None
 
 
 @dataclass
@@ -133,6 +142,31 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------- public API
 
+MAX_CONFIG_BYTES = 1 << 20  # a training config is a few kB; anything this large is a mistake or an attack
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases: `*name` references are how a tiny file expands to billions of values."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{capped_repr(event.anchor, 40)}) "
+                              "are not supported in configs; write the value out")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML -> Python values, safe tags only, no aliases, bounded size; errors start with `where`."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is {len(text)} bytes; configs are limited to {MAX_CONFIG_BYTES}")
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (None = all defaults), apply `a.b.c=value` overrides, build and validate it."""
@@ -141,10 +175,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        raw = parse_yaml(path.read_text(), f"config file '{path}'") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
@@ -184,12 +215,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`3`, `1e-4`, `[1, 2]`, `null`, `true`)."""
     key, sep, text = override.partition("=")
     key = key.strip()
+    shown = capped_repr(override)
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{override}' must look like section.key=value (e.g. train.max_steps=20)")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{override}': value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {shown} must look like section.key=value (e.g. train.max_steps=20)")
+    value = parse_yaml(text, f"override {shown}: value") if text.strip() else None
     *parents, leaf = key.split(".")
     node = raw
     for i, part in enumerate(parents):
@@ -198,7 +227,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             where = ".".join(parents[: i + 1])
-            raise ConfigError(f"override '{override}': '{where}' is a value ({child!r}), not a section")
+            raise ConfigError(f"override {shown}: '{where}' is a value ({capped_repr(child)}), not a section")
         node = child
     node[leaf] = value
 
@@ -212,7 +241,7 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"'{name}' must be a section (mapping), got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"'{name}' must be a section (mapping), got {type(raw).__name__} {capped_repr(raw)}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -228,10 +257,40 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
+# What other recipes (diffusers' train_autoencoderkl.py and its argparse flags, LDM / sgm yaml, Lightning) call our
+# keys, for the did-you-mean of names that are near in meaning but not in spelling. Values are relative to the
+# section the unknown key was found in; a suggestion is only made where it exists there.
+KEY_ALIASES = {
+    "learning_rate": "lr", "base_learning_rate": "lr", "base_lr": "lr", "disc_learning_rate": "disc_lr",
+    "lr_scheduler": "schedule", "lr_warmup_steps": "warmup_steps", "warmup": "warmup_steps",
+    "adam_weight_decay": "weight_decay", "adam_beta1": "betas", "adam_beta2": "betas",
+    "max_grad_norm": "grad_clip", "gradient_clip_val": "grad_clip", "clip_grad_norm": "grad_clip",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum_steps",
+    "accumulate_grad_batches": "grad_accum_steps", "max_train_steps": "max_steps", "num_train_steps": "max_steps",
+    "checkpointing_steps": "checkpoint_every", "save_steps": "checkpoint_every",
+    "checkpoints_total_limit": "keep_checkpoints", "save_total_limit": "keep_checkpoints",
+    "resume_from_checkpoint": "resume", "logging_steps": "log_every", "validation_steps": "image_every",
+    "use_ema": "ema", "ema_decay": "ema.decay", "allow_tf32": "tf32", "precision": "mixed_precision",
+    "dataset_name": "source", "train_data_dir": "source", "data_dir": "source", "image_size": "resolution",
+    "size": "resolution", "dataloader_num_workers": "num_workers", "max_train_samples": "max_images",
+    "pretrained_model_name_or_path": "pretrained", "disc_factor": "gan.disc_weight", "disc_num_layers": "disc_layers",
+    "disc_start": "gan.disc_start", "disc_weight": "gan.disc_weight", "pixelloss_weight": "pixel_weight",
+    "rec_loss_weight": "pixel_weight", "lpips_weight": "perceptual_weight", "perceptual_loss_weight": "perceptual_weight",
+    "logvar_init": "learned_logvar", "beta": "kl_weight", "embed_dim": "latent_channels", "z_channels": "latent_channels",
+    "num_res_blocks": "layers_per_block", "ch_mult": "block_out_channels", "ch": "block_out_channels",
+    "num_groups": "norm_num_groups",
+}
+
+
 def unknown_key_message(dotted: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    """The error for an unknown key: a known name near in meaning (KEY_ALIASES) or in spelling (difflib)."""
+    alias = KEY_ALIASES.get(key.lower())
+    if alias is not None and alias.split(".")[0] in known:
+        close = [alias]
+    else:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-    return f"unknown config key '{dotted}'{hint}"
+    return f"unknown config key {capped_repr(dotted)}{hint}"
 
 
 def type_name(hint: Any) -> str:
@@ -250,8 +309,12 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
         return _convert(value, hint)
     except TypeError:
         raise ConfigError(
-            f"'{key}' must be {type_name(hint)}, got {type(value).__name__} {value!r}"
+            f"'{key}' must be {type_name(hint)}, got {type(value).__name__} {capped_repr(value)}"
         ) from None
+
+
+YAML_TRUE = ("yes", "on", "true", "y")
+YAML_FALSE = ("no", "off", "false", "n")
 
 
 def _convert(value: Any, hint: Any) -> Any:
@@ -270,6 +333,10 @@ def _convert(value: Any, hint: Any) -> Any:
         for allowed in args:  # `True == 1`, so compare types too
             if value == allowed and type(value) is type(allowed):
                 return value
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false (yes/on/true) as booleans: take back the spelling
+            spelling = [a for a in (YAML_TRUE if value else YAML_FALSE) if a in args]
+            if spelling:
+                return spelling[0]
         raise TypeError
     if hint is type(None):
         if value is None:
@@ -284,13 +351,13 @@ def _convert(value: Any, hint: Any) -> Any:
             return value
         raise TypeError
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise TypeError from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
         raise TypeError
     if hint is str:
         if isinstance(value, str):
@@ -320,15 +387,9 @@ def _convert(value: Any, hint: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def looks_like_path(source: str) -> bool:
-    """A local path rather than the built-in sample or a hub dataset id ("user/name")."""
-    if source == "sample":
-        return False
-    return source.startswith(("/", "./", "../", "~", ".\\")) or source.count("/") >= 2 or os.path.exists(source)
-
-
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible values before any work starts."""
+    validate_finite(cfg)
     validate_model(cfg)
     validate_data(cfg.data, resolved_architecture(cfg.model))
     validate_loss(cfg.loss)
@@ -338,44 +399,48 @@ def validate(cfg: TrainConfig) -> None:
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise ConfigError(f"'{key}' = {value!r}: {why}")
+        raise ConfigError(f"'{key}' = {capped_repr(value)}: {why}")
 
 
 def autoencoder_fields() -> dict[str, Any]:
-    """AutoencoderConfig field name -> annotation (the model module is imported lazily)."""
-    from kl_autoencoder.model import AutoencoderConfig
-
-    try:
-        hints = typing.get_type_hints(AutoencoderConfig)
-    except Exception:  # unresolvable annotation: check names only
-        hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(AutoencoderConfig)}
+    """AutoencoderConfig field name -> annotation, for the YAML-level conversion of `model.architecture`."""
+    hints = typing.get_type_hints(AutoencoderConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(AutoencoderConfig)}
 
 
 def pretrained_architecture(pretrained: str) -> dict[str, Any]:
-    """The architecture stored with a local diffusers folder (config.json or vae/config.json), else {}."""
-    root = Path(pretrained).expanduser()
-    for candidate in (root / "config.json", root / "vae" / "config.json"):
-        if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
-                return {}
-    return {}
+    """The architecture stored with a local diffusers or pipeline folder; {} for files and hub ids (read at load)."""
+    config_json = find_config_json(pretrained) if os.path.isdir(os.path.expanduser(pretrained)) else None
+    if config_json is None:
+        return {}
+    try:
+        return read_config(config_json.parent)
+    except WeightsError as e:
+        raise ConfigError(f"'model.pretrained' = {capped_repr(pretrained)}: {e}") from None
 
 
 def resolved_architecture(model: ModelSection) -> dict[str, Any]:
     """Architecture fields the run will use: defaults <- pretrained config.json <- model.architecture."""
-    from kl_autoencoder.model import AutoencoderConfig
-
-    arch = AutoencoderConfig().to_dict() if hasattr(AutoencoderConfig, "to_dict") else dataclasses.asdict(AutoencoderConfig())
+    arch = AutoencoderConfig().to_dict()
     if model.pretrained:
         arch.update({k: v for k, v in pretrained_architecture(model.pretrained).items() if k in arch})
     arch.update(model.architecture)
     return arch
 
 
+def validate_finite(section: Any, prefix: str = "") -> None:
+    """Every float in the config is finite: an inf/NaN learning rate or weight trains nothing and exports NaN."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate_finite(value, f"{key}.")
+        elif isinstance(value, (float, tuple)):
+            numbers = value if isinstance(value, tuple) else (value,)
+            _require(all(math.isfinite(v) for v in numbers if isinstance(v, float)), key, value, "must be finite")
+
+
 def validate_model(cfg: TrainConfig) -> None:
+    """YAML-level types of `model.architecture`, then the model's own validation (AutoencoderConfig.validate)."""
     model = cfg.model
     fields = autoencoder_fields()
     converted = {}
@@ -384,34 +449,29 @@ def validate_model(cfg: TrainConfig) -> None:
             raise ConfigError(unknown_key_message(f"model.architecture.{key}", key, list(fields)))
         converted[key] = check_type(value, fields[key], f"model.architecture.{key}")
     model.architecture = converted
-    if model.pretrained is not None and looks_like_path(model.pretrained):
+    if model.pretrained is not None and is_local_path(model.pretrained):
         _require(os.path.exists(os.path.expanduser(model.pretrained)), "model.pretrained", model.pretrained,
                  "no such file or folder (override with model.pretrained=PATH)")
     _require(not model.freeze_encoder or model.pretrained is not None, "model.pretrained", model.pretrained,
              "model.freeze_encoder=true fine-tunes the decoder of a trained model: set model.pretrained=PATH")
     arch = resolved_architecture(model)
-    blocks = list(arch.get("block_out_channels", ()))
-    groups = arch.get("norm_num_groups", 1)
-    _require(len(blocks) >= 1 and all(isinstance(c, int) and c >= 1 for c in blocks),
-             "model.architecture.block_out_channels", blocks, "needs at least one positive channel count")
-    _require(isinstance(groups, int) and groups >= 1, "model.architecture.norm_num_groups", groups, "must be >= 1")
-    bad = [c for c in blocks if c % groups]
-    _require(not bad, "model.architecture.norm_num_groups", groups,
-             f"must divide every block_out_channels entry {blocks} (not {bad})")
-    from kl_autoencoder.model import AutoencoderConfig
-
-    try:  # the model's own checks (block types, activation, latents_mean length, ...)
+    try:
         AutoencoderConfig.from_dict(arch)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"'model.architecture' = {model.architecture!r}: {e}") from None
+    except AutoencoderConfigError as e:
+        base = f"the config of {model.pretrained}" if model.pretrained else "the defaults"
+        raise ConfigError(f"'model.architecture.{e.field}': {e} (checked: 'model.architecture' over {base})") from None
+
+
+MAX_RESOLUTION = 16384
 
 
 def validate_data(data: DataConfig, arch: dict[str, Any]) -> None:
     factor = 2 ** (len(arch.get("block_out_channels", (1,))) - 1)
-    _require(data.resolution >= 1, "data.resolution", data.resolution, "must be >= 1")
+    _require(1 <= data.resolution <= MAX_RESOLUTION, "data.resolution", data.resolution,
+             f"must be in [1, {MAX_RESOLUTION}] (training crops are square tensors of this size)")
     _require(data.resolution % factor == 0, "data.resolution", data.resolution,
              f"must be divisible by the downsampling factor {factor} (2 ** (len(block_out_channels) - 1))")
-    if looks_like_path(data.source):
+    if data.source != "sample" and not data.source.startswith("sample:") and is_local_path(data.source):
         _require(os.path.isdir(os.path.expanduser(data.source)), "data.source", data.source,
                  "image folder does not exist")
     _require(data.num_workers is None or data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
@@ -447,7 +507,7 @@ def validate_optim(optim: OptimConfig) -> None:
 
 def validate_train(train: TrainSection) -> None:
     for key in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "keep_checkpoints",
-                "max_nonfinite_steps", "scaling_batches"):
+                "max_nonfinite_steps", "scaling_images"):
         value = getattr(train, key)
         _require(value >= 1, f"train.{key}", value, "must be >= 1")
     for key in ("image_every", "checkpoint_every"):

@@ -1,9 +1,13 @@
-"""Weights in and out: diffusers folders, original-LDM (CompVis) single files, hub repos.
+"""Weights files in and out: diffusers folders, original-LDM (CompVis) single files, hub repos.
+
+This module knows state dicts, config dicts and files; it builds no model. `KLAutoencoder.from_pretrained` /
+`save_pretrained` (model.py) turn what it reads into a model and hand it what to write.
 
 Our state dict *is* diffusers' `AutoencoderKL` layout, so a diffusers folder loads with no renaming. LDM checkpoints
 (`encoder.down.0.block.0.norm1.weight`, attention as 1x1 convs, decoder levels numbered from the bottom) are mapped by
-`ldm_to_diffusers` / `diffusers_to_ldm`. Every write goes to a temporary path first and is renamed into place, and
-every export is read back and compared before the function returns.
+`ldm_to_diffusers` / `diffusers_to_ldm`. The key maps work on meta tensors too, so a safetensors file's header (names,
+shapes, dtypes) is checked against the config before a single weight is read. Exports are written to a temporary
+path, read back and checked there, and only then renamed over the previous export.
 """
 
 from __future__ import annotations
@@ -11,50 +15,111 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from kl_autoencoder.durable import atomic_write, atomic_write_dir
-from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHTS_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# safetensors header dtype names -> torch dtypes (for meta tensors; nothing is read).
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class WeightsError(ValueError):
-    """A weights file or folder that cannot be loaded as asked; the message names the path and the problem."""
+    """A weights file or folder that cannot be loaded or written as asked; the message names the path and problem."""
+
+
+def capped_repr(value: Any, limit: int = 120) -> str:
+    """`repr(value)` cut to `limit` characters: error messages never print an unbounded value."""
+    text = _SHORT_REPR.repr(value)  # stops early inside huge (or alias-expanded) containers, never formats them whole
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 4
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 16
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 200
+
+
+def _head(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where a model is: a local path or a hub id; a diffusers folder or a pipeline folder's vae/
+
+_HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
+
+
+def is_hub_id(text: str) -> bool:
+    """Spelled as a Hugging Face Hub id: 'name' or 'owner/name' (letters, digits, '.', '-', '_'; no leading '.')."""
+    return _HUB_ID.fullmatch(text) is not None and not text.startswith(".")
+
+
+def is_local_path(text: str) -> bool:
+    """The one rule for "a path on this machine, not a hub id": it exists, or it cannot be spelled as a hub id."""
+    return os.path.exists(os.path.expanduser(text)) or not is_hub_id(text)
+
+
+def find_config_json(path: str | Path) -> Path | None:
+    """The config.json of a diffusers model folder, else of a pipeline folder's `vae/`; None when neither exists."""
+    path = Path(path).expanduser()
+    for candidate in (path / CONFIG_NAME, path / "vae" / CONFIG_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def model_folder(path: Path) -> Path:
+    """A diffusers model folder, or the `vae/` folder of a pipeline folder."""
+    config = find_config_json(path)
+    if config is None:
+        raise WeightsError(f"{path} is a folder without {CONFIG_NAME} (nor vae/{CONFIG_NAME}): "
+                           "not a diffusers model folder")
+    return config.parent
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reading state dicts
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a `.safetensors` file, or a pickle checkpoint through `torch.load(weights_only=True)` only."""
+def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Read a `.safetensors` file, or a pickle checkpoint through `torch.load(weights_only=True)` only.
+
+    `meta=True` reads only a safetensors header (names, shapes, dtypes as meta tensors: nothing allocated); a pickle
+    can only be read whole, so its real tensors come back either way.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path)
+            return _safetensors_header(path) if meta else load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
-            hint = " It looks like a PyTorch pickle: name it .ckpt or .pt." if _looks_like_pickle(path) else ""
-            raise WeightsError(f"{path} is not a valid safetensors file ({err}).{hint}") from err
+            raise _invalid_safetensors(path, err) from err
     if path.suffix in PICKLE_SUFFIXES:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
+            first_line = str(err).splitlines()[0] if str(err) else ""
             raise WeightsError(
                 f"refusing to load {path}: it is not a plain tensor checkpoint loadable with "
-                f"torch.load(weights_only=True) ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                f"torch.load(weights_only=True) ({type(err).__name__}: {capped_repr(first_line, 300)}). "
                 "Arbitrary pickles can run code; convert it to safetensors in a trusted environment."
             ) from err
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
@@ -65,10 +130,114 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise WeightsError(f"unsupported weights file {path}: expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
 
 
+def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+            if dtype is None:
+                raise WeightsError(f"{path}: tensor {key!r} has dtype {piece.get_dtype()}, which this loader does not read")
+            out[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+    return out
+
+
+def _invalid_safetensors(path: Path, err: Exception) -> WeightsError:
+    hint = " It looks like a PyTorch pickle: name it .ckpt or .pt." if _looks_like_pickle(path) else ""
+    return WeightsError(f"{path} is not a valid safetensors file ({err}).{hint}")
+
+
 def _looks_like_pickle(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
     return head[:1] == b"\x80" or head[:2] == b"PK"  # pickle protocol marker, or torch's zip container
+
+
+def embedded_config(path: Path) -> dict | None:
+    """The config our LDM export stores in the safetensors header, if this file has one."""
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get("kl_autoencoder_config")
+    except (SafetensorError, OSError) as err:
+        raise _invalid_safetensors(path, err) from err
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: the kl_autoencoder_config in its header is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: the kl_autoencoder_config in its header is not a JSON object")
+    return data
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A diffusers `config.json` as a dict, checked to describe an AutoencoderKL."""
+    config_path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{config_path} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise WeightsError(f"cannot read {config_path}: {err}") from err
+    if not isinstance(data, dict):
+        raise WeightsError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
+    class_name = data.get("_class_name", "AutoencoderKL")
+    if class_name != "AutoencoderKL":
+        raise WeightsError(f"{config_path} describes a {capped_repr(class_name)}, not an AutoencoderKL")
+    return data
+
+
+def _folder_weights(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder} has {CONFIG_NAME} but no weights file ({WEIGHTS_NAME})")
+
+
+def download_from_hub(repo_id: str, subfolder: str | None = None) -> Path:
+    """Fetch a hub repo's VAE files (config + safetensors) into the local cache; a clear error when offline."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as err:
+        raise WeightsError(
+            f"could not download {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Without network access, download the folder elsewhere and pass its local path."
+        ) from err
+    return local / subfolder if subfolder else local
+
+
+@dataclass
+class ModelFiles:
+    """What a model reference points at: one weights file and the config found with it (None: infer from shapes)."""
+
+    weights: Path
+    config: dict[str, Any] | None
+    config_source: str  # where `config` came from, for error messages
+
+
+def locate_model(path: str | Path, subfolder: str | None = None) -> ModelFiles:
+    """Resolve a diffusers folder, a pipeline folder, a single weights file or a hub id ('owner/name') to files."""
+    text = str(path)
+    local = Path(text).expanduser()
+    if subfolder:
+        local = local / subfolder
+    if local.is_dir():
+        folder = model_folder(local)
+        return ModelFiles(_folder_weights(folder), read_config(folder), str(folder / CONFIG_NAME))
+    if local.is_file():
+        if local.name == WEIGHTS_NAME and (local.parent / CONFIG_NAME).is_file():
+            return ModelFiles(local, read_config(local.parent), str(local.parent / CONFIG_NAME))
+        return ModelFiles(local, embedded_config(local), f"the header of {local}")
+    if not is_local_path(text) and "/" in text and not text.endswith(WEIGHTS_SUFFIXES):
+        return locate_model(download_from_hub(text), subfolder=subfolder)
+    raise WeightsError(f"model path not found: {text} (expected a diffusers folder, a weights file or a hub repo id "
+                       "'owner/name')")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -185,200 +354,142 @@ def to_diffusers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return _rename_legacy_diffusers(state)
 
 
-def infer_config(state: dict[str, torch.Tensor], **overrides: Any) -> AutoencoderConfig:
-    """Read the architecture off a diffusers-keyed state dict (for single files that come without a config)."""
+def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Read the architecture fields off a diffusers-keyed state dict (for single files that come without a config).
+
+    `scaling_factor` / `shift_factor` and the group count leave no trace in the weights: the defaults apply (SD 1.x's
+    0.18215; pass SDXL 0.13025, SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159 as config), and the group count is 32, what
+    every released LDM/SD/FLUX VAE uses, where it divides the channels.
+    """
     def shape(key: str) -> torch.Size:
         if key not in state:
             raise WeightsError(f"cannot infer the architecture: key {key!r} is missing")
         return state[key].shape
 
-    levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
-    block_out = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
-    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
-    latent = shape("decoder.conv_in.weight")[1]
-    values: dict[str, Any] = dict(
-        in_channels=shape("encoder.conv_in.weight")[1],
-        out_channels=shape("decoder.conv_out.weight")[0],
+    def count(pattern: str) -> int:
+        found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
+        if not found:
+            raise WeightsError(f"cannot infer the architecture: no key matches {pattern!r}")
+        return 1 + max(found)
+
+    levels = count(r"encoder\.down_blocks\.(\d+)\.")
+    block_out = [int(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]) for i in range(levels)]
+    return dict(
+        in_channels=int(shape("encoder.conv_in.weight")[1]),
+        out_channels=int(shape("decoder.conv_out.weight")[0]),
         block_out_channels=block_out,
-        layers_per_block=layers,
-        latent_channels=latent,
+        layers_per_block=count(r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
+        latent_channels=int(shape("decoder.conv_in.weight")[1]),
         mid_block_add_attention=any(".mid_block.attentions." in k for k in state),
         use_quant_conv="quant_conv.weight" in state,
         use_post_quant_conv="post_quant_conv.weight" in state,
-        # The group count leaves no trace in the weights; 32 is what every released LDM/SD/FLUX VAE uses.
         norm_num_groups=32 if all(c % 32 == 0 for c in block_out) else _largest_common_group(block_out),
     )
-    # scaling_factor / shift_factor leave no trace either: the defaults are SD 1.x's; pass the right ones as overrides
-    # (SDXL 0.13025; SD3 1.5305 / 0.0609; FLUX 0.3611 / 0.1159).
-    values.update(overrides)
-    return AutoencoderConfig(**values)
 
 
-def _largest_common_group(channels: tuple[int, ...]) -> int:
+def _largest_common_group(channels: list[int]) -> int:
     return max(g for g in range(1, 33) if all(c % g == 0 for c in channels))
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Loading
+# Checks on what was read: names and shapes against the config, dtypes, finiteness
 
 
-def load_state_dict_into(model: KLAutoencoder, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with a readable report of missing, unexpected and mis-shaped keys (never a partial load)."""
-    expected = model.state_dict()
+def check_fits(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
+    """Raise naming the missing, unexpected and mis-shaped keys unless `state` fits `expected` exactly.
+
+    Both may be meta tensors: this runs on a file's header against the config's shapes, before anything is allocated.
+    """
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-        parts = [f"{name} {len(items)}: {head(items)}" for name, items in
+        parts = [f"{name} {len(items)}: {_head(items)}" for name, items in
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if items]
         raise WeightsError(f"weights in {source} do not fit the config: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
 
 
-def resolve_folder(path: Path) -> Path:
-    """A diffusers model folder, or the `vae/` folder of a pipeline folder."""
-    if (path / CONFIG_NAME).is_file():
-        return path
-    if (path / "vae" / CONFIG_NAME).is_file():
-        return path / "vae"
-    raise WeightsError(f"{path} is a folder without {CONFIG_NAME} (nor vae/{CONFIG_NAME}): not a diffusers model folder")
+def check_floating(state: dict[str, torch.Tensor], source: str) -> None:
+    """Weights are floating point: a bool/int/uint8 tensor is a damaged or foreign file, not something to cast."""
+    bad = [f"{k} ({str(v.dtype).replace('torch.', '')})" for k, v in state.items() if not v.dtype.is_floating_point]
+    if bad:
+        raise WeightsError(f"{source}: {len(bad)} tensor(s) are not floating point, so these are not model weights: "
+                           f"{_head(bad)}")
 
 
-def read_config(folder: Path) -> AutoencoderConfig:
-    config_path = folder / CONFIG_NAME
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{config_path} is not valid JSON: {err}") from err
-    class_name = data.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-        raise WeightsError(f"{config_path} describes a {class_name}, not an AutoencoderKL")
-    try:
-        return AutoencoderConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise WeightsError(f"{config_path}: {err}") from err
+def nonfinite_keys(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Key -> number of NaN/inf values, for the tensors that hold any."""
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.dtype.is_floating_point}
+    return {k: n for k, n in counts.items() if n}
 
 
-def _folder_weights(folder: Path) -> Path:
-    for name in (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise WeightsError(f"{folder} has {CONFIG_NAME} but no weights file ({WEIGHTS_NAME})")
-
-
-def download_from_hub(repo_id: str, subfolder: str | None = None) -> Path:
-    """Fetch a hub repo's VAE files (config + safetensors) into the local cache; a clear error when offline."""
-    from huggingface_hub import snapshot_download
-
-    patterns = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
-    try:
-        local = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as err:
-        raise WeightsError(
-            f"could not download {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Without network access, download the folder elsewhere and pass its local path."
-        ) from err
-    return local / subfolder if subfolder else local
-
-
-def load_model(path: str | Path, dtype: torch.dtype | None = None, config: AutoencoderConfig | dict | None = None,
-               subfolder: str | None = None) -> KLAutoencoder:
-    """Build a KLAutoencoder from a diffusers folder, a pipeline folder, an LDM single file, or a hub repo id."""
-    path_str = str(path)
-    local = Path(path_str).expanduser()
-    if subfolder:
-        local = local / subfolder
-    if local.is_dir():
-        folder = resolve_folder(local)
-        model_config = read_config(folder)
-        weights_path = _folder_weights(folder)
-        state = to_diffusers_state_dict(read_state_dict(weights_path))
-    elif local.is_file():
-        weights_path = local
-        state = to_diffusers_state_dict(read_state_dict(local))
-        if config is None and (local.parent / CONFIG_NAME).is_file() and local.name == WEIGHTS_NAME:
-            config = read_config(local.parent)
-        if config is None:
-            config = _embedded_config(local)
-        if isinstance(config, dict):
-            config = AutoencoderConfig.from_dict(config)
-        model_config = config if config is not None else infer_config(state)
-    elif _looks_like_repo_id(path_str) and not local.suffix:
-        return load_model(download_from_hub(path_str), dtype=dtype, config=config, subfolder=subfolder)
-    else:
-        raise WeightsError(f"model path not found: {path_str} (expected a diffusers folder, a weights file or a hub repo id)")
-    model = KLAutoencoder(model_config)
-    load_state_dict_into(model, state, str(weights_path))
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
-
-
-def _embedded_config(path: Path) -> dict | None:
-    """The config our LDM export stores in the safetensors header, if this file has one."""
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        text = (f.metadata() or {}).get("kl_autoencoder_config")
-    return json.loads(text) if text else None
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith((".", "/"))
+def warn_nonfinite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Loading NaN/inf weights is allowed (to inspect a diverged run) but never silent."""
+    bad = nonfinite_keys(state)
+    if bad:
+        warnings.warn(f"{source}: {sum(bad.values())} NaN/inf values in {len(bad)} of {len(state)} tensors: "
+                      f"{_head([f'{k} ({n})' for k, n in bad.items()])}", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Saving
 
 
-def _diffusers_config(config: AutoencoderConfig) -> dict[str, Any]:
+def diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model's config dict as diffusers writes it (class name and version first)."""
     try:
         import diffusers
 
         version = diffusers.__version__
     except ImportError:  # diffusers is a dependency, but the file format does not need it at run time
         version = "0.30.0"
-    return {"_class_name": "AutoencoderKL", "_diffusers_version": version, **config.to_dict()}
+    return {"_class_name": "AutoencoderKL", "_diffusers_version": version, **config}
 
 
-def _export_state(model: KLAutoencoder, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path,
+                 format: str = "diffusers", dtype: torch.dtype | str | None = None) -> Path:
+    """Export a diffusers-keyed state dict and its config; the previous export at `path` survives any failure.
 
-
-def save_model(model: KLAutoencoder, path: str | Path, format: str = "diffusers",
-               dtype: torch.dtype | str | None = None) -> Path:
-    """Export atomically, then read the export back and check it holds exactly what was written."""
+    Refuses NaN/inf weights before writing; the written files are read back and compared in the temporary location,
+    and only a verified export is renamed into place.
+    """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    state = _export_state(model, dtype)
+    if format not in ("diffusers", "ldm"):
+        raise ValueError(f"unknown export format {format!r}; choose 'diffusers' or 'ldm'")
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
+    bad = nonfinite_keys(state)
+    if bad:
+        cast = f" after the cast to {str(dtype).replace('torch.', '')}" if dtype is not None else ""
+        raise WeightsError(f"refusing to export {path}: {sum(bad.values())} NaN/inf values{cast} in {len(bad)} "
+                           f"tensors ({_head(list(bad))}); nothing was written")
     if format == "diffusers":
         def write(folder: Path) -> None:
             save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-            (folder / CONFIG_NAME).write_text(json.dumps(_diffusers_config(model.config), indent=2) + "\n")
+            (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
 
-        atomic_write_dir(path, write)
-        _verify_export(load_file(path / WEIGHTS_NAME), state, path)
-        if read_config(path) != model.config:
-            raise WeightsError(f"export check failed: {path / CONFIG_NAME} does not read back as the model's config")
-        return path
-    if format == "ldm":
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors") if path.suffix else path / "vae.safetensors"
-        ldm_state = diffusers_to_ldm(state)
-        # The config rides along in the header, so our loader rebuilds the exact model (others ignore it).
-        metadata = {"format": "pt", "kl_autoencoder_config": json.dumps(model.config.to_dict())}
-        atomic_write(path, lambda tmp: save_file(ldm_state, tmp, metadata=metadata))
-        _verify_export(to_diffusers_state_dict(load_file(path)), state, path)
-        return path
-    raise ValueError(f"unknown export format {format!r}; choose 'diffusers' or 'ldm'")
+        def check(folder: Path) -> None:
+            _verify_export(read_state_dict(folder / WEIGHTS_NAME), state, path)
+            read_back = {k: v for k, v in read_config(folder).items() if not k.startswith("_")}
+            if read_back != json.loads(json.dumps(config)):
+                raise WeightsError(f"export check failed: {path / CONFIG_NAME} does not read back as the model's config")
+
+        return atomic_write_dir(path, write, check_fn=check)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors") if path.suffix else path / "vae.safetensors"
+    ldm_state = diffusers_to_ldm(state)
+    # The config rides along in the header, so our loader rebuilds the exact model (others ignore it).
+    metadata = {"format": "pt", "kl_autoencoder_config": json.dumps(config)}
+
+    def write_checked(tmp: Path) -> None:
+        save_file(ldm_state, tmp, metadata=metadata)
+        _verify_export(to_diffusers_state_dict(load_file(tmp)), state, path)
+
+    return atomic_write(path, write_checked)
 
 
 def _verify_export(read_back: dict[str, torch.Tensor], written: dict[str, torch.Tensor], path: Path) -> None:

@@ -3,7 +3,8 @@
 Read top to bottom: the config, the building blocks (ResNet block, self-attention, down/up-sampling), the encoder and
 decoder, the posterior, and the autoencoder that ties them together. Module names are chosen so that `state_dict()`
 has exactly the keys of diffusers' `AutoencoderKL` for the same config: weights move between the two with
-`load_state_dict(strict=True)` and no renaming. Loading and saving files lives in `formats.py`.
+`load_state_dict(strict=True)` and no renaming. `from_pretrained` / `save_pretrained` build and export the model; the
+files themselves (reading, key maps, checks, atomic writes) are `formats.py`'s.
 """
 
 from __future__ import annotations
@@ -20,8 +21,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kl_autoencoder import formats
+from kl_autoencoder.formats import WeightsError, capped_repr
+
 # --------------------------------------------------------------------------------------------------------------------
 # Config: the same fields and defaults as diffusers' AutoencoderKL, so a diffusers config.json maps onto it 1:1.
+
+# Sane bounds, checked before anything is allocated: well above every released VAE (SD/SDXL/SD3/FLUX: 4 levels of at
+# most 512 channels, 2 layers per block, 4-16 latent channels), well below what a typo allocates (100000 channels).
+MAX_LEVELS = 8
+MAX_BLOCK_CHANNELS = 2048
+MAX_IMAGE_CHANNELS = 256  # in_channels / out_channels / latent_channels
+MAX_LAYERS_PER_BLOCK = 8
+MAX_SAMPLE_SIZE = 65536
+
+
+class AutoencoderConfigError(ValueError):
+    """An AutoencoderConfig field that cannot build a model; `field` names it (config.py prefixes its section)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -35,7 +63,7 @@ class AutoencoderConfig:
     act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int = 32
+    sample_size: int | tuple[int, int] = 32  # diffusers accepts [height, width] too
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
     latents_mean: tuple[float, ...] | None = None
@@ -47,51 +75,72 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         # YAML and JSON give lists; keep tuples so configs compare and hash cleanly.
-        for name in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std"):
+        for name in ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std",
+                     "sample_size"):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, tuple(value))
         # diffusers lets the block-type lists default to length 1; one entry per resolution level is what it builds.
-        levels = len(self.block_out_channels)
-        if len(self.down_block_types) == 1 and levels > 1:
-            self.down_block_types = self.down_block_types * levels
-        if len(self.up_block_types) == 1 and levels > 1:
-            self.up_block_types = self.up_block_types * levels
+        if isinstance(self.block_out_channels, tuple) and len(self.block_out_channels) > 1:
+            levels = len(self.block_out_channels)
+            if isinstance(self.down_block_types, tuple) and len(self.down_block_types) == 1:
+                self.down_block_types = self.down_block_types * levels
+            if isinstance(self.up_block_types, tuple) and len(self.up_block_types) == 1:
+                self.up_block_types = self.up_block_types * levels
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the field when the config cannot build a model."""
-        if not self.block_out_channels:
-            raise ValueError("block_out_channels must list at least one channel count")
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for channels in self.block_out_channels:
-            if channels % self.norm_num_groups:
-                raise ValueError(
-                    f"norm_num_groups={self.norm_num_groups} does not divide block_out_channels entry {channels} "
-                    f"(block_out_channels={list(self.block_out_channels)})"
-                )
-        if len(self.down_block_types) != len(self.block_out_channels):
-            raise ValueError(
-                f"down_block_types has {len(self.down_block_types)} entries but block_out_channels has "
-                f"{len(self.block_out_channels)}"
-            )
-        if len(self.up_block_types) != len(self.block_out_channels):
-            raise ValueError(
-                f"up_block_types has {len(self.up_block_types)} entries but block_out_channels has "
-                f"{len(self.block_out_channels)}"
-            )
+        """Raise AutoencoderConfigError (a ValueError) naming the field when the config cannot build a sane model.
+
+        Types and bounds are checked here, once, before any layer is built; nothing else re-checks them.
+        """
+        def fail(field: str, why: str) -> None:
+            raise AutoencoderConfigError(field, f"{field} {why}, got {capped_repr(getattr(self, field))}")
+
+        for name, top in (("in_channels", MAX_IMAGE_CHANNELS), ("out_channels", MAX_IMAGE_CHANNELS),
+                          ("latent_channels", MAX_IMAGE_CHANNELS), ("layers_per_block", MAX_LAYERS_PER_BLOCK),
+                          ("norm_num_groups", MAX_BLOCK_CHANNELS)):
+            if not (_is_int(getattr(self, name)) and 1 <= getattr(self, name) <= top):
+                fail(name, f"must be an integer in [1, {top}]")
+        channels = self.block_out_channels
+        if not (isinstance(channels, tuple) and 1 <= len(channels) <= MAX_LEVELS
+                and all(_is_int(c) and 1 <= c <= MAX_BLOCK_CHANNELS for c in channels)):
+            fail("block_out_channels", f"must list 1 to {MAX_LEVELS} channel counts (one per resolution level), "
+                                       f"each an integer in [1, {MAX_BLOCK_CHANNELS}]")
+        for c in channels:
+            if c % self.norm_num_groups:
+                raise AutoencoderConfigError("norm_num_groups", (
+                    f"norm_num_groups={self.norm_num_groups} does not divide block_out_channels entry {c} (it must "
+                    f"divide every entry of block_out_channels={capped_repr(list(channels))})"))
+        sizes = self.sample_size if isinstance(self.sample_size, tuple) else (self.sample_size,)
+        if not (len(sizes) in (1, 2) and all(_is_int(s) and 1 <= s <= MAX_SAMPLE_SIZE for s in sizes)):
+            fail("sample_size", f"must be an integer in [1, {MAX_SAMPLE_SIZE}] (or [height, width])")
         for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            for block_type in getattr(self, name):
+            types = getattr(self, name)
+            if not isinstance(types, tuple) or len(types) != len(channels):
+                fail(name, f"must have one entry per block_out_channels entry ({len(channels)})")
+            for block_type in types:
                 if block_type != allowed:
-                    raise ValueError(f"{name} entry {block_type!r} is not supported (only {allowed!r})")
-        if self.act_fn not in ACTIVATIONS:
-            raise ValueError(f"act_fn {self.act_fn!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+                    raise AutoencoderConfigError(
+                        name, f"{name} entry {capped_repr(block_type)} is not supported (only {allowed!r})")
+        if not (isinstance(self.act_fn, str) and self.act_fn in ACTIVATIONS):
+            fail("act_fn", f"is not supported; choose one of {sorted(ACTIVATIONS)}")
+        if not (_is_finite_number(self.scaling_factor) and self.scaling_factor > 0):
+            fail("scaling_factor", "must be a finite number > 0")
+        if self.shift_factor is not None and not _is_finite_number(self.shift_factor):
+            fail("shift_factor", "must be a finite number or null")
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
-            if value is not None and len(value) != self.latent_channels:
-                raise ValueError(f"{name} has {len(value)} entries but latent_channels is {self.latent_channels}")
+            if value is None:
+                continue
+            if not (isinstance(value, tuple) and all(_is_finite_number(v) for v in value)):
+                fail(name, "must be a list of finite numbers or null")
+            if len(value) != self.latent_channels:
+                raise AutoencoderConfigError(
+                    name, f"{name} has {len(value)} entries but latent_channels is {self.latent_channels}")
+        for name in ("force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
 
     @property
     def downsampling_factor(self) -> int:
@@ -109,10 +158,15 @@ class AutoencoderConfig:
     def from_dict(cls, data: dict[str, Any]) -> "AutoencoderConfig":
         """Build from a diffusers config dict; bookkeeping keys (`_class_name`, ...) are dropped, unknown ones warned."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in data if k not in names and not k.startswith("_"))
+        unknown = sorted(k for k in data if k not in names and not str(k).startswith("_"))
         if unknown:
-            warnings.warn(f"ignoring config keys this model does not use: {unknown}", stacklevel=2)
+            warnings.warn(f"ignoring config keys this model does not use: {capped_repr(unknown)}", stacklevel=2)
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def infer_config(state: dict[str, torch.Tensor], **overrides: Any) -> AutoencoderConfig:
+    """The config of a diffusers-keyed state dict that came without one (see `formats.infer_architecture`)."""
+    return AutoencoderConfig.from_dict({**formats.infer_architecture(state), **overrides})
 
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "mish": nn.Mish}
@@ -418,14 +472,57 @@ class KLAutoencoder(nn.Module):
         return sum(p.numel() for p in module.parameters())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **kwargs: Any) -> "KLAutoencoder":
-        """Load a diffusers folder, a pipeline folder (its `vae/`), an LDM single file, or a hub repo id."""
-        from kl_autoencoder.formats import load_model
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        config: AutoencoderConfig | dict | None = None, subfolder: str | None = None) -> "KLAutoencoder":
+        """Load a diffusers folder, a pipeline folder (its `vae/`), an LDM single file, or a hub repo id.
 
-        return load_model(path, dtype=dtype, **kwargs)
+        `config` overrides the config found with the weights (LDM files carry none: it is read off the shapes).
+        Everything is checked before the weights are read: the config's types and bounds, then the file's header
+        (names, shapes, dtypes) against the model that config builds; NaN/inf weights load with a warning.
+        """
+        files = formats.locate_model(path, subfolder)
+        source = str(files.weights)
+        header = formats.to_diffusers_state_dict(formats.read_state_dict(files.weights, meta=True))
+        formats.check_floating(header, source)
+        if config is not None:
+            files.config, files.config_source = config, "the config passed in"
+        model_config = _config_from(files.config, files.config_source, header, source)
+        with torch.device("meta"):  # the shapes this config builds, allocating nothing
+            expected = cls(model_config).state_dict()
+        formats.check_fits(header, expected, source)
+        state = header
+        if any(t.is_meta for t in header.values()):
+            state = formats.to_diffusers_state_dict(formats.read_state_dict(files.weights))
+        formats.warn_nonfinite(state, source)
+        model = cls(model_config)
+        model.load_state_dict(state, strict=True)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
 
-    def save_pretrained(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | None = None) -> Path:
-        """Write `config.json` + `diffusion_pytorch_model.safetensors` (or one LDM-named `.safetensors`), atomically."""
-        from kl_autoencoder.formats import save_model
+    def save_pretrained(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | str | None = None) -> Path:
+        """Write `config.json` + `diffusion_pytorch_model.safetensors` (or one LDM-named `.safetensors`), atomically.
 
-        return save_model(self, path, format=format, dtype=dtype)
+        A config that no longer validates (e.g. a NaN `scaling_factor` set after construction) or NaN/inf weights are
+        refused before anything is written; the previous export at `path` stays as it was.
+        """
+        try:
+            self.config.validate()
+        except ValueError as err:
+            raise WeightsError(f"refusing to export {path}: {err}; nothing was written") from err
+        return formats.save_weights(self.state_dict(), self.config.to_dict(), path, format=format, dtype=dtype)
+
+
+def _config_from(config: AutoencoderConfig | dict | None, origin: str, header: dict[str, torch.Tensor],
+                 weights: str) -> AutoencoderConfig:
+    """The config to build: as given, else read off the weights' shapes; errors name where the bad value came from."""
+    try:
+        if isinstance(config, AutoencoderConfig):
+            config.validate()
+            return config
+        if config is None:
+            origin = f"the config inferred from the shapes in {weights}"
+            return infer_config(header)
+        return AutoencoderConfig.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{origin}: {err}") from err

@@ -10,9 +10,11 @@ from safetensors.torch import save_file
 
 from kl_autoencoder import KLAutoencoder
 from kl_autoencoder.durable import atomic_write_text
-from kl_autoencoder.formats import (WeightsError, diffusers_to_ldm, infer_config, ldm_to_diffusers,
-                                    load_model)
+from kl_autoencoder.formats import WeightsError, diffusers_to_ldm, ldm_to_diffusers
+from kl_autoencoder.model import infer_config
 from tests.conftest import tiny_config
+
+load_model = KLAutoencoder.from_pretrained
 
 X = torch.rand(2, 3, 32, 32) * 2 - 1
 
@@ -198,3 +200,74 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="could not download 'someone/some-vae'"):
         load_model("someone/some-vae")
+
+
+# ---- one rule each: local path or hub id, config.json here or in vae/; no model <-> formats import cycle -------------
+
+
+@pytest.mark.parametrize("text, local", [
+    ("stabilityai/sd-vae-ft-mse", False),
+    ("black-forest-labs/FLUX.1-dev", False),  # a dot in a hub name is not a file suffix
+    ("mnist", False),                         # hub datasets may be a bare name
+    ("./vae", True), ("../vae", True), ("/abs/vae", True), ("~/vae", True), ("runs/q/vae", True),
+    ("C:\\models\\vae", True), (".hidden", True), ("vae.safetensors/", True),
+])
+def test_local_path_or_hub_id(text, local):
+    from kl_autoencoder.formats import is_hub_id, is_local_path
+
+    assert is_local_path(text) is local
+    assert is_hub_id(text) is not local
+
+
+def test_existing_path_is_local_even_when_spelled_like_a_hub_id(tmp_path, monkeypatch):
+    from kl_autoencoder.formats import is_local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not is_local_path("owner/vae")
+    (tmp_path / "owner" / "vae").mkdir(parents=True)
+    assert is_local_path("owner/vae")
+
+
+def test_dotted_hub_id_is_downloaded_not_refused(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="could not download 'black-forest-labs/FLUX.1-dev'"):
+        load_model("black-forest-labs/FLUX.1-dev")
+    with pytest.raises(WeightsError, match="model path not found: missing.safetensors"):
+        load_model("missing.safetensors")  # a weights file name is never a hub id
+
+
+def test_find_config_json_here_or_in_vae(tiny_model, tmp_path):
+    from kl_autoencoder.formats import find_config_json
+
+    assert find_config_json(tmp_path) is None
+    tiny_model.save_pretrained(tmp_path / "pipeline" / "vae")
+    assert find_config_json(tmp_path / "pipeline") == tmp_path / "pipeline" / "vae" / "config.json"
+    assert find_config_json(tmp_path / "pipeline" / "vae") == tmp_path / "pipeline" / "vae" / "config.json"
+
+
+def _imports(path) -> list[tuple[str, bool]]:
+    """(imported module, at module level) for every import statement in a source file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(name, id(node) in top) for name in names]
+    return found
+
+
+def test_no_import_cycle_between_model_and_formats():
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "kl_autoencoder"
+    assert not [name for name, _ in _imports(package / "formats.py") if name.startswith("kl_autoencoder.model")]
+    model_imports = _imports(package / "model.py")
+    assert ("kl_autoencoder.formats", True) in model_imports  # model builds on formats, at the top
+    assert all(top for name, top in model_imports if name.startswith("kl_autoencoder")), model_imports

@@ -77,6 +77,56 @@ def test_config_validation_names_the_problem():
         AutoencoderConfig(latents_mean=(0.0, 0.0, 0.0))
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("block_out_channels", (100000,), r"each an integer in \[1, 2048\]"),
+    ("block_out_channels", (8,) * 9, "1 to 8 channel counts"),
+    ("block_out_channels", (8, 16.0), "block_out_channels"),
+    ("block_out_channels", "abc", "block_out_channels"),
+    ("latent_channels", 10**9, r"latent_channels must be an integer in \[1, 256\]"),
+    ("latent_channels", True, "latent_channels"),
+    ("layers_per_block", 10**7, r"\[1, 8\]"),
+    ("in_channels", 0, "in_channels"),
+    ("norm_num_groups", 2.0, "norm_num_groups"),
+    ("sample_size", 0, "sample_size"),
+    ("sample_size", (64, 64, 64), "sample_size"),
+    ("scaling_factor", "abc", "scaling_factor must be a finite number > 0, got 'abc'"),
+    ("scaling_factor", float("nan"), "scaling_factor"),
+    ("scaling_factor", -0.18215, "scaling_factor"),
+    ("shift_factor", float("inf"), "shift_factor must be a finite number"),
+    ("latents_mean", (0.0, float("nan"), 0.0, 0.0), "latents_mean"),
+    ("force_upcast", "true", "force_upcast must be true or false"),
+    ("down_block_types", ("DownEncoderBlock2D", "CrossAttnDownBlock2D"), "CrossAttnDownBlock2D"),
+])
+def test_config_types_and_bounds_fail_before_building(field, value, match, monkeypatch):
+    from kl_autoencoder.model import AutoencoderConfigError
+
+    def no_layers(*args, **kwargs):
+        raise AssertionError("a layer was built before the config was checked")
+
+    monkeypatch.setattr(torch.nn.Conv2d, "__init__", no_layers)
+    values = dict(block_out_channels=(8, 16), norm_num_groups=4)
+    values[field] = value
+    with pytest.raises(AutoencoderConfigError, match=match) as info:
+        KLAutoencoder(**values)
+    assert info.value.field in (field, "norm_num_groups")
+    assert len(str(info.value)) < 400
+
+
+def test_config_accepts_what_diffusers_accepts():
+    config = AutoencoderConfig(block_out_channels=[8, 16], norm_num_groups=4, sample_size=[64, 48], scaling_factor=1,
+                               latents_mean=[0, 0.5, 0, 0], latents_std=[1, 1, 1, 1])
+    assert config.sample_size == (64, 48) and config.to_dict()["sample_size"] == [64, 48]
+    ref = AutoencoderKL(**{k: v for k, v in config.to_dict().items()}).eval()
+    assert list(ref.config.sample_size) == [64, 48]
+
+
+def test_validate_catches_values_set_after_construction():
+    config = AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4)
+    config.scaling_factor = float("nan")
+    with pytest.raises(ValueError, match="scaling_factor"):
+        config.validate()
+
+
 def test_kl_closed_form_matches_monte_carlo():
     torch.manual_seed(0)
     mean = torch.randn(2, 3, 4, 4) * 0.5
