@@ -17,19 +17,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--vae", default="outputs/quickstart/vae", help="exported VAE folder (diffusers format)")
     p.add_argument("--steps", type=int, default=400, help="training steps of the diffusion UNet")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: few steps, small crops, few samples")
     p.add_argument("--resolution", type=int, default=64, help="pixel size of the training crops")
     p.add_argument("--num-crops", type=int, default=512, help="random crops encoded once before training")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--out", default="outputs/latent_diffusion/samples.png")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="latents per UNet training step")
+    p.add_argument("--num-samples", type=int, default=16, help="images sampled and decoded into the grid")
+    p.add_argument("--out", default="outputs/latent_diffusion/samples.png", help="where the PNG grid is written")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crops, the training and the sampling")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.resolution, args.num_crops, args.num_samples = min(args.steps, 20), 32, 64, 4
@@ -53,8 +55,8 @@ def random_crops(num: int, size: int, rng: random.Random) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    return torch.cat([vae.to_diffusion_latents(vae.encode(pixels[i:i + batch_size]).mode())
-                      for i in range(0, len(pixels), batch_size)])
+    starts = tqdm(range(0, len(pixels), batch_size), desc="encoding crops", unit="batch")
+    return torch.cat([vae.to_diffusion_latents(vae.encode(pixels[i:i + batch_size]).mode()) for i in starts])
 
 
 def build_unet(latent_channels: int, latent_size: int, width: int = 32):
@@ -69,7 +71,8 @@ def train(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, g
     """The DDPM objective: predict the noise added at a uniformly drawn timestep."""
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
     losses = []
-    for _ in range(steps):
+    progress = tqdm(range(steps), desc="training the UNet", unit="step")
+    for _ in progress:
         x0 = latents[torch.randint(len(latents), (batch_size,), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
@@ -78,6 +81,7 @@ def train(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, g
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     return losses
 
 
@@ -85,7 +89,7 @@ def train(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, g
 def sample(unet, scheduler, shape: tuple[int, ...], num_steps: int, generator: torch.Generator) -> torch.Tensor:
     scheduler.set_timesteps(num_steps)
     x = torch.randn(shape, generator=generator)
-    for t in scheduler.timesteps:
+    for t in tqdm(scheduler.timesteps, desc="sampling", unit="step"):
         x = scheduler.step(unet(x, t).sample, t, x, generator=generator).prev_sample
     return x
 

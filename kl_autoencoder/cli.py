@@ -1,16 +1,26 @@
 """The `kl-autoencoder` command: convert | info | encode | decode | reconstruct | sample | interpolate | evaluate.
 
-Tile flags (`--tile-size`, `--tile-overlap`) are in pixels for every command (see tiling.py). Latents written by
+Tile flags (`--tile-size`, `--tile-overlap`) are in pixels for every command (see tiling.py); the default
+`--tile-size auto` tiles only images over a pixel budget (tiling costs time, see `resolve_tile_size`). Latents written by
 `encode` are diffusion latents ((z - shift_factor) * scaling_factor); `sample` draws from the VAE prior N(0, I) on
-the raw latent z, which is what the KL term pulls the posterior towards. User mistakes (bad paths, bad flags, files
-that do not fit the model) print one `error: ...` line and exit with status 2.
+the raw latent z, which is what the KL term pulls the posterior towards.
+
+Exit status: 0 done; 2 a user mistake (bad paths, bad flags, files that do not fit the model, an output folder that
+would overwrite inputs); 1 the system failed us (disk full, I/O error, an unwritable safetensors file); 143 / 130
+stopped by SIGTERM / Ctrl-C. Each failure prints one `error: ...` line, no traceback. SIGTERM is turned into an
+exception so the atomic writes' clean-ups run: no hidden temporary file is left behind, and every file already
+written is complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +31,11 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 class UsageError(ValueError):
     """A mistake in what the user asked for; printed as one line."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread. A BaseException (like KeyboardInterrupt), so no `except Exception` on the
+    way swallows it, while every `finally` (temporary-file clean-up) runs."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -48,13 +63,23 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 def _report(result) -> None:
-    print(result.summary())
+    """Each skipped file first, then the summary that counts them: the summary is the last line."""
     for name, reason in result.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    sys.stderr.flush()
+    print(result.summary())
 
 
 def _tiling(args) -> dict:
     return {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
+
+
+def _check_tiling_args(args, model) -> None:
+    from kl_autoencoder.tiling import check_tile_option
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_tile_option(args.tile_size, args.tile_overlap, model.config.downsampling_factor)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -62,12 +87,13 @@ def _tiling(args) -> dict:
 
 
 def cmd_convert(args) -> int:
-    from kl_autoencoder.formats import load_model, read_config
+    from kl_autoencoder.formats import read_config
+    from kl_autoencoder.model import KLAutoencoder
 
     if args.config and Path(args.config).name != "config.json":
         raise UsageError(f"--config must point to a config.json, got {args.config}")
     config = read_config(Path(args.config).parent) if args.config else None
-    model = load_model(args.src, config=config)
+    model = KLAutoencoder.from_pretrained(args.src, config=config)
     if args.scaling_factor is not None:
         model.config.scaling_factor = args.scaling_factor
     if args.shift_factor is not None:
@@ -110,51 +136,58 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _image_folder_command(run, args) -> int:
+def _image_folder_command(run, args, **options) -> int:
     """encode / reconstruct: a folder of images through `run(model, input, out, ...)`, then the report."""
     model = _load(args.model, args.device)
     generator = _generator(args.seed, next(model.parameters()).device)
     _report(run(model, args.input, args.out, batch_size=args.batch_size, mode=args.mode, generator=generator,
-                **_tiling(args)))
+                **_tiling(args), **options))
     return 0
 
 
 def cmd_encode(args) -> int:
-    from kl_autoencoder.inference import encode_folder
+    from kl_autoencoder.inference import check_shard_folder, encode_folder
 
-    return _image_folder_command(encode_folder, args)
+    check_shard_folder(args.out, args.overwrite)  # before the model loads: no work for a run that must stop
+    return _image_folder_command(encode_folder, args, overwrite=args.overwrite)
 
 
 def cmd_decode(args) -> int:
-    from kl_autoencoder.inference import decode_latents
+    from kl_autoencoder.inference import check_output_folder, decode_latents
 
+    check_output_folder(args.out, args.latents, kind="latents")
     model = _load(args.model, args.device)
     _report(decode_latents(model, args.latents, args.out, batch_size=args.batch_size, **_tiling(args)))
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    from kl_autoencoder.inference import reconstruct_folder
+    from kl_autoencoder.inference import check_output_folder, reconstruct_folder
 
+    check_output_folder(args.out, args.input)
     return _image_folder_command(reconstruct_folder, args)
 
 
 def cmd_sample(args) -> int:
-    from kl_autoencoder.data import tensor_to_image
-    from kl_autoencoder.inference import decode_sliced, sample_prior
+    from tqdm.auto import tqdm
+
+    from kl_autoencoder.inference import decode_sliced, sample_prior, save_png
 
     if args.num < 1:
         raise UsageError(f"--num must be >= 1, got {args.num}")
     model = _load(args.model, args.device)
+    _check_tiling_args(args, model)
     device = next(model.parameters()).device
     shape = (args.num, *model.config.latent_shape(args.image_size, args.image_size))
     z = sample_prior(shape, args.truncation, torch.Generator().manual_seed(args.seed)).to(device)
-    images = decode_sliced(model, z, args.batch_size, **_tiling(args))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        tensor_to_image(image.cpu()).save(out / f"sample-{i:05d}.png")
-    print(f"wrote {args.num} samples to {out}")
+    with tqdm(total=args.num, desc="sampling", unit="img") as progress:
+        for start in range(0, args.num, args.batch_size):
+            images = decode_sliced(model, z[start:start + args.batch_size], None, **_tiling(args))
+            for i, image in enumerate(images, start):
+                save_png(image, out / f"sample-{i:05d}.png")
+            progress.update(len(images))
+    print(f"wrote {args.num} sample{'s' if args.num != 1 else ''} to {out}")
     return 0
 
 
@@ -168,9 +201,10 @@ def _load_square(path: str, size: int) -> torch.Tensor:
 
 
 def cmd_interpolate(args) -> int:
-    from kl_autoencoder.data import tensor_to_image
-    from kl_autoencoder.inference import decode_sliced, encode_batch, lerp, slerp
+    from kl_autoencoder.inference import decode_sliced, encode_batch, lerp, refuse_overwriting_inputs, save_png, slerp
 
+    out = Path(args.out)
+    refuse_overwriting_inputs([out], [Path(args.image_a), Path(args.image_b)])
     model = _load(args.model, args.device)
     device = next(model.parameters()).device
     f = model.config.downsampling_factor
@@ -181,9 +215,7 @@ def cmd_interpolate(args) -> int:
     path = (slerp if args.slerp else lerp)(z[0], z[1], args.steps)
     images = decode_sliced(model, path, args.batch_size).clamp(-1, 1)
     strip = torch.cat(list(images.cpu()), dim=-1)  # [3, S, steps * S], left to right
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensor_to_image(strip).save(out)
+    save_png(strip, out)
     print(f"wrote {out} ({args.steps} steps, {'slerp' if args.slerp else 'lerp'})")
     return 0
 
@@ -203,9 +235,10 @@ def _add_model_io(p: argparse.ArgumentParser, needs_input: bool, needs_latents: 
     p.add_argument("--model", required=True, help="diffusers folder, pipeline folder, LDM .safetensors or hub id")
     if needs_input:
         p.add_argument("--input", required=True, help="folder of images (searched recursively) or one image")
+        _add_image_limit(p)
     if needs_latents:
         p.add_argument("--latents", required=True, help="a latents-*.safetensors shard or a folder of them")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (not the input folder nor inside it)")
     if has_mode:
         p.add_argument("--mode", choices=("mean", "sample"), default="mean",
                        help="use the posterior mean or a sample of it (default: mean)")
@@ -215,10 +248,34 @@ def _add_model_io(p: argparse.ArgumentParser, needs_input: bool, needs_latents: 
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def _tile_size(text: str) -> int | str | None:
+    """--tile-size: 'auto', 'off', or a number of pixels."""
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'off' or a tile side in pixels, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a tile side must be >= 1 pixel, got {value} (use 'off' for no tiling)")
+    return value
+
+
 def _add_tiling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile-size", type=int, default=None,
-                   help="tile side in pixels (a multiple of the downsampling factor); off by default")
+    from kl_autoencoder.tiling import AUTO_TILE_PIXELS, AUTO_TILE_SIZE
+
+    p.add_argument("--tile-size", type=_tile_size, default="auto",
+                   help=f"'auto' (default): one untiled pass unless an image has more than "
+                        f"{AUTO_TILE_PIXELS / 1e6:.1f} megapixels, then {AUTO_TILE_SIZE}-px tiles; N: always tile "
+                        "with N-px tiles (a multiple of the "
+                        "downsampling factor), less memory for ~2-2.5x the time; 'off': never tile")
     p.add_argument("--tile-overlap", type=int, default=64, help="overlap between tiles in pixels (default: 64)")
+
+
+def _add_image_limit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels than this as possible decompression bombs (default: "
+                        "Pillow's limit, about 89 million; 0: no limit, for trusted files only)")
 
 
 def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
@@ -243,6 +300,8 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="images -> diffusion latents (safetensors shards)")
     _add_model_io(p, needs_input=True, needs_latents=False, has_mode=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the latent shards --out already holds (refused otherwise: a decode would mix them)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="latent shards -> PNGs with the original names and sizes")
@@ -253,15 +312,24 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     _add_model_io(p, needs_input=True, needs_latents=False, has_mode=True)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("sample", help="decode draws from the prior N(0, I)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--num", type=int, default=8)
-    p.add_argument("--truncation", type=float, default=None, help="redraw latent entries with |z| above this")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default=None)
+    p = sub.add_parser(
+        "sample", help="decode draws from the prior N(0, I)",
+        description="Decode latents drawn from the VAE prior N(0, I) into PNGs (sample-00000.png, ...). A KL-VAE's "
+                    "prior samples look like texture, not photos: its KL weight is tiny, so the latents carry the image "
+                    "and the prior is only loosely matched. For real generation, train a diffusion model on the "
+                    "latents: examples/latent_diffusion.py.")
+    p.add_argument("--model", required=True, help="diffusers folder, pipeline folder, LDM .safetensors or hub id")
+    p.add_argument("--num", type=int, default=8, help="how many images to draw and decode (default: 8)")
+    p.add_argument("--truncation", type=float, default=None,
+                   help="redraw latent entries with |z| above this (default: no truncation)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the latent draws: the same seed, model and sizes give the same images (default: 0)")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="side of the square images in pixels; the latent is image-size / downsampling factor, "
+                        "rounded up (default: 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="images decoded at once (default: 8)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     _add_tiling(p)
     p.set_defaults(func=cmd_sample)
 
@@ -273,8 +341,9 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
     p.add_argument("--image-size", type=int, default=256, help="both images are resized and centre-cropped to this")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", required=True, help="output PNG (not one of the two inputs)")
     p.add_argument("--device", default=None)
+    _add_image_limit(p)
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("evaluate", help="reconstruction metrics, latent statistics, report")
@@ -300,15 +369,68 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _system_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the machine, not of the request: disk full, I/O errors, safetensors failing to write or read."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises `Terminated` in the main thread (a second SIGTERM during the clean-up is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _image_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit for the duration of one command (None: keep it; 0: no limit)."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    if limit is not None:
+        if limit < 0:
+            raise UsageError(f"--max-image-pixels must be >= 0 (0: no limit), got {limit}")
+        Image.MAX_IMAGE_PIXELS = limit or None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        args = build_parser(with_evaluate=command == "evaluate").parse_args(argv)
-        return args.func(args)
+        with _sigterm_raises():
+            args = build_parser(with_evaluate=command == "evaluate").parse_args(argv)
+            with _image_pixel_limit(getattr(args, "max_image_pixels", None)):
+                return args.func(args)
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except _system_errors() as err:
+        print(f"error: {command} failed: {err}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("error: stopped by SIGTERM; temporary files were removed, files already written are complete",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("error: interrupted; temporary files were removed, files already written are complete", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

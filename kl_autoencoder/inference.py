@@ -8,15 +8,24 @@ each of shape [C, h, w] (float32), plus safetensors metadata "images": a JSON li
 {"index", "name", "original_size": [H, W], "padded_size": [H, W]}, and "scaling_factor"/"shift_factor".
 Images whose sides are not multiples of the downsampling factor are reflect-padded on the bottom/right before
 encoding and cropped back to `original_size` after decoding.
+
+What the folder helpers promise about their outputs (all checked before the first file is written):
+  - a shard is trusted for nothing: every record of every shard must be well formed, with a plain relative name
+    (`name_problem`) unique across the shards, else a LatentFormatError names the shard and the record;
+  - outputs never collide: `photo.jpg` -> `photo.png`, but a folder with both photo.jpg and photo.png gives
+    `photo.png` and `photo.jpg.png` (`output_names`), and the count reported is the count of files written;
+  - outputs stay inside the output folder, which may not be (or be inside) the input / latents folder, and each is
+    written atomically (`save_png`: a symlink at the path is replaced, never written through);
+  - `encode_folder` refuses a folder that already holds shards unless told to replace them (`overwrite=True`).
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
 import torch
@@ -24,6 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 SHARD_PATTERN = "latents-{:05d}.safetensors"
+SHARD_GLOB = "latents-*.safetensors"
 
 
 class LatentFormatError(ValueError):
@@ -104,38 +114,43 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def encode_batch(model, x: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None,
-                 tile_size: int | None = None, tile_overlap: int = 0):
-    """Posterior of a pixel batch in [-1, 1] (fp32 mean/logvar), taken as its mean or a sample."""
+def _check_mode(mode: str) -> None:
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
+
+
+@torch.no_grad()
+def encode_batch(model, x: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None,
+                 tile_size: int | str | None = None, tile_overlap: int = 0):
+    """Posterior of a pixel batch in [-1, 1] (fp32 mean/logvar), taken as its mean or a sample.
+
+    `tile_size`: None (one pass), pixels (tiled), or "auto" (tiled only over the pixel budget, see tiling.py)."""
+    from kl_autoencoder.tiling import encode_tiled, resolve_tile_size
+
+    _check_mode(mode)
+    tile = resolve_tile_size(tile_size, *x.shape[-2:])
     device = model_device(model)
     with autocast_for(device):
-        if tile_size:
-            from kl_autoencoder.tiling import encode_tiled
-            posterior = encode_tiled(model, x, tile_size, tile_overlap)
-        else:
-            posterior = model.encode(x)
+        posterior = encode_tiled(model, x, tile, tile_overlap) if tile else model.encode(x)
     posterior = posterior.to(torch.float32)  # logvar -> std is where bf16 loses the most
     return posterior.mode() if mode == "mean" else posterior.sample(generator=generator)
 
 
 @torch.no_grad()
-def decode_sliced(model, z: torch.Tensor, slice_size: int | None = None, tile_size: int | None = None,
+def decode_sliced(model, z: torch.Tensor, slice_size: int | None = None, tile_size: int | str | None = None,
                   tile_overlap: int = 0) -> torch.Tensor:
     """Decode raw latents `z` [B, C, h, w] `slice_size` samples at a time (bounds activation memory by the slice)."""
+    from kl_autoencoder.tiling import decode_tiled, resolve_tile_size
+
     device = model_device(model)
+    f = model.config.downsampling_factor
+    tile = resolve_tile_size(tile_size, z.shape[-2] * f, z.shape[-1] * f)
     slice_size = slice_size or z.shape[0]
     outputs = []
     for start in range(0, z.shape[0], slice_size):
         chunk = z[start:start + slice_size].to(device)
         with autocast_for(device):
-            if tile_size:
-                from kl_autoencoder.tiling import decode_tiled
-                out = decode_tiled(model, chunk, tile_size, tile_overlap)
-            else:
-                out = model.decode(chunk)
+            out = decode_tiled(model, chunk, tile, tile_overlap) if tile else model.decode(chunk)
         outputs.append(out.float())
     return torch.cat(outputs)
 
@@ -156,7 +171,123 @@ def pad_to_multiple(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# where outputs go: names, folders, atomic writes
+
+# Longest path component accepted in a name: the usual 255-byte file-name limit, less the 14 bytes atomic_write's
+# temporary name adds (".NAME.xxxxxxxx.tmp") and a ".png" the output name may gain.
+MAX_NAME_BYTES = 255 - 14 - 4
+
+
+class OutputLocationError(ValueError):
+    """An output that would land outside its folder, on an input, on another output, or among stale outputs."""
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: names in error messages come from files and may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` cannot be a path relative to an output folder, or None when it can.
+
+    Accepted: a relative POSIX path whose every component is a plain file name (what `encode` records for images
+    in subfolders, e.g. "sub/b.png"). Refused: non-strings, empty names, absolute paths, "." / ".." / empty
+    components, backslashes, NUL bytes, and components longer than MAX_NAME_BYTES bytes.
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not a string"
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains a NUL byte"
+    if "\\" in name:
+        return "contains a backslash (a path separator on Windows)"
+    if name.startswith("/"):
+        return "is an absolute path"
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            return f"has a {part or 'empty'!r} path component (names must stay inside the output folder)"
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > MAX_NAME_BYTES:
+            return f"has a component of {size} bytes (at most {MAX_NAME_BYTES})"
+    return None
+
+
+def output_names(names: Sequence[str]) -> list[str]:
+    """The PNG name (relative path) each input name is written to; all distinct, in the order given.
+
+    `dir/photo.jpg` -> `dir/photo.png`. When several inputs would share that name (photo.jpg and photo.png), the
+    one already named so keeps it and the others keep their extension in front of ".png": `photo.jpg.png`. Names are
+    compared case-insensitively (as macOS and Windows file systems do); a clash this rule cannot separate is an
+    OutputLocationError naming both inputs, raised before anything is written.
+    """
+    plain = [str(PurePosixPath(name).with_suffix(".png")) for name in names]
+    claims = Counter(p.casefold() for p in plain)
+    planned = [p if claims[p.casefold()] == 1 or p == name else f"{name}.png" for name, p in zip(names, plain)]
+    owner: dict[str, str] = {}
+    for name, out in zip(names, planned):
+        other = owner.setdefault(out.casefold(), name)
+        if other != name:
+            raise OutputLocationError(f"inputs {_short(other)} and {_short(name)} would both be written to "
+                                      f"{_short(out)}; rename one of them")
+    return planned
+
+
+def output_paths(out: Path, names: Sequence[str]) -> list[Path]:
+    """`out / name` for each name, refusing any whose folder resolves outside `out` (e.g. a symlinked subfolder)."""
+    root = out.resolve()
+    paths = []
+    for name in names:
+        target = out / name
+        folder = target.parent.resolve()
+        if folder != root and not folder.is_relative_to(root):
+            raise OutputLocationError(f"{_short(name)} would be written into {folder}, outside the output folder "
+                                      f"{out} (a symlinked subfolder?)")
+        paths.append(target)
+    return paths
+
+
+def check_output_folder(out: str | Path, *inputs: str | Path, kind: str = "input") -> None:
+    """Refuse an output folder that is, or lies inside, one of the `inputs` folders (files are ignored): its outputs
+    would overwrite the inputs, or be read back as inputs by the next run. `kind` names the inputs in the error."""
+    resolved = Path(out).resolve()
+    for source in inputs:
+        source = Path(source).expanduser()
+        if not source.is_dir():
+            continue
+        folder = source.resolve()
+        if resolved == folder or resolved.is_relative_to(folder):
+            where = "is" if resolved == folder else "is inside"
+            raise OutputLocationError(f"output folder {out} {where} the {kind} folder {source}: its files would be "
+                                      "overwritten or mixed with the outputs; choose a folder outside it")
+
+
+def refuse_overwriting_inputs(targets: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """Refuse any output path that is (or resolves to) one of the input files."""
+    sources = {path.resolve(): path for path in inputs}
+    for target in targets:
+        source = sources.get(target.resolve())
+        if source is not None:
+            raise OutputLocationError(f"output {target} is the input file {source}; choose another output folder")
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write an image tensor [3, H, W] in [-1, 1] to `path` as PNG, atomically: the file is complete or absent, and a
+    symlink at `path` is replaced by the file, never written through."""
+    from kl_autoencoder.data import tensor_to_image
+    from kl_autoencoder.durable import atomic_write
+
+    picture = tensor_to_image(image.cpu())
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # folders of images <-> shards of latents
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -171,8 +302,30 @@ class ImageRecord:
                 "padded_size": list(self.padded_size)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "ImageRecord":
-        return cls(int(data["index"]), str(data["name"]), tuple(data["original_size"]), tuple(data["padded_size"]))
+    def from_json(cls, data: object) -> "ImageRecord":
+        """One entry of a shard's "images" metadata; ValueError naming the field that is missing or wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object with index, name, original_size, padded_size; got {_short(data)}")
+        missing = [key for key in ("index", "name", "original_size", "padded_size") if key not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        index, name = data["index"], data["name"]
+        if not _is_int(index) or index < 0:
+            raise ValueError(f"index must be a non-negative integer, got {_short(index)}")
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(f"name {_short(name)} {problem}")
+        sizes = []
+        for key in ("original_size", "padded_size"):
+            size = data[key]
+            if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)):
+                raise ValueError(f"{key} must be [height, width], two positive integers; got {_short(size)}")
+            sizes.append((size[0], size[1]))
+        return cls(index, name, sizes[0], sizes[1])
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 @dataclass
@@ -184,33 +337,46 @@ class FolderResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
     def summary(self) -> str:
-        text = f"{len(self.records)} images, {len(self.written)} files written"
+        text = f"{_plural(len(self.records), 'image')}, {_plural(len(self.written), 'file')} written"
         if self.skipped:
             names = ", ".join(name for name, _ in self.skipped[:10]) + (" ..." if len(self.skipped) > 10 else "")
             text += f"; skipped {len(self.skipped)} unreadable images: {names}"
         return text
 
 
-def _iter_image_batches(input_folder: str | Path, batch_size: int, factor: int, result: FolderResult
-                        ) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
-    """Read the folder in sorted order, grouping images of the same size into batches of padded tensors.
+def _input_images(input_path: str | Path) -> list[tuple[str, Path]]:
+    """(name, path) of every image to read: one file, or a folder's images (sorted), named relative to it.
 
-    Only one partly filled batch per distinct size is held in memory. Unreadable files are recorded in `result.skipped`.
+    Names are checked like shard names, so an input whose output could not be written fails before any work."""
+    from kl_autoencoder.data import iter_image_folder
+
+    root = Path(input_path).expanduser()
+    items = [(root.name, root)] if root.is_file() else [(p.relative_to(root).as_posix(), p)
+                                                         for p in iter_image_folder(root)]
+    for name, path in items:
+        problem = name_problem(name)
+        if problem:
+            raise OutputLocationError(f"input {path}: its name {problem}")
+    return items
+
+
+def _iter_image_batches(items: Sequence[tuple[str, Path]], batch_size: int, factor: int, result: FolderResult,
+                        progress: tqdm) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
+    """Read the images in order, grouping images of the same size into batches of padded tensors.
+
+    Only one partly filled batch per distinct size is held in memory. Unreadable files are recorded in
+    `result.skipped` (and counted on `progress` at once; readable ones are counted by the caller once processed).
     """
-    from kl_autoencoder.data import BadImageError, image_to_tensor, iter_image_folder, load_image
+    from kl_autoencoder.data import BadImageError, image_to_tensor, load_image
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    root = Path(input_folder)
     pending: dict[tuple[int, int], list[tuple[ImageRecord, torch.Tensor]]] = defaultdict(list)
     index = 0
-    paths = [root] if root.is_file() else iter_image_folder(root)
-    for path in paths:
-        name = path.relative_to(root).as_posix() if root.is_dir() else path.name
+    for name, path in items:
         try:
             pixels = image_to_tensor(load_image(path))
         except BadImageError as err:
             result.skipped.append((name, getattr(err, "reason", str(err))))
+            progress.update(1)
             continue
         size = tuple(pixels.shape[-2:])
         padded = pad_to_multiple(pixels.unsqueeze(0), factor)
@@ -222,6 +388,15 @@ def _iter_image_batches(input_folder: str | Path, batch_size: int, factor: int, 
             yield [r for r, _ in group], torch.stack([t for _, t in group])
     for group in pending.values():
         yield [r for r, _ in group], torch.stack([t for _, t in group])
+
+
+def _check_folder_args(model, batch_size: int, tile_size: int | str | None, tile_overlap: int) -> None:
+    """Argument errors a folder command can detect before it reads anything (so before any progress bar)."""
+    from kl_autoencoder.tiling import check_tile_option
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_tile_option(tile_size, tile_overlap, model.config.downsampling_factor)
 
 
 def _write_shard(path: Path, latents: dict[int, torch.Tensor], records: list[ImageRecord], model) -> Path:
@@ -240,15 +415,41 @@ def _write_shard(path: Path, latents: dict[int, torch.Tensor], records: list[Ima
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def _shards_in(folder: Path) -> list[Path]:
+    return sorted(folder.glob(SHARD_GLOB)) if folder.is_dir() else []
+
+
+def check_shard_folder(out: str | Path, overwrite: bool = False) -> list[Path]:
+    """The shards an earlier encode left in `out`: refused (OutputLocationError) unless `overwrite`, since a decode of
+    the folder would mix them with the new ones. Returns them, for the caller to delete once it has shards to write."""
+    out = Path(out)
+    stale = _shards_in(out)
+    if stale and not overwrite:
+        more = ", ..." if len(stale) > 1 else ""
+        raise OutputLocationError(
+            f"{out} already holds {_plural(len(stale), 'latent shard')} ({stale[0].name}{more}) from an earlier encode; "
+            "a decode of the folder would mix them with the new ones. Choose an empty folder, or replace them "
+            "(--overwrite / overwrite=True)")
+    return stale
+
+
 def encode_folder(model, input_folder: str | Path, out: str | Path, batch_size: int = 8, mode: str = "mean",
-                  tile_size: int | None = None, tile_overlap: int = 64, shard_size: int = 1024,
-                  generator: torch.Generator | None = None) -> FolderResult:
+                  tile_size: int | str | None = None, tile_overlap: int = 64, shard_size: int = 1024,
+                  generator: torch.Generator | None = None, overwrite: bool = False) -> FolderResult:
     """Encode every image under `input_folder` into diffusion latents, written to `out/latents-00000.safetensors`, ...
 
     Each image becomes one float32 tensor [C, h, w] keyed by its index; sizes that are not multiples of the
-    downsampling factor are reflect-padded (and recorded, so `decode_latents` crops back).
+    downsampling factor are reflect-padded (and recorded, so `decode_latents` crops back). A folder that already
+    holds shards is refused (a later decode would mix old and new), unless `overwrite`: then the old shards are
+    deleted just before the first new one is written.
     """
+    _check_mode(mode)
+    _check_folder_args(model, batch_size, tile_size, tile_overlap)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    items = _input_images(input_folder)
     out = Path(out)
+    stale = check_shard_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     result = FolderResult()
     device = model_device(model)
@@ -256,13 +457,19 @@ def encode_folder(model, input_folder: str | Path, out: str | Path, batch_size: 
     buffer_records: list[ImageRecord] = []
 
     def flush() -> None:
-        if buffer:
-            result.written.append(_write_shard(out / SHARD_PATTERN.format(len(result.written)), buffer, buffer_records, model))
-            buffer.clear()
-            buffer_records.clear()
+        if not buffer:
+            return
+        if not result.written:  # about to write the first new shard: the old ones go now, not before
+            for path in stale:
+                path.unlink(missing_ok=True)
+        result.written.append(_write_shard(out / SHARD_PATTERN.format(len(result.written)), buffer, buffer_records, model))
+        buffer.clear()
+        buffer_records.clear()
 
-    with tqdm(desc="encoding", unit="img") as progress:  # `with`: the bar ends its line even on an error
-        for records, pixels in _iter_image_batches(input_folder, batch_size, model.config.downsampling_factor, result):
+    # `with`: the bar ends its line even on an error
+    with tqdm(total=len(items), desc="encoding", unit="img") as progress:
+        for records, pixels in _iter_image_batches(items, batch_size, model.config.downsampling_factor, result,
+                                                   progress):
             z = encode_batch(model, pixels.to(device), mode, generator, tile_size, tile_overlap)
             latents = model.to_diffusion_latents(z).float().cpu()
             for record, latent in zip(records, latents):
@@ -272,7 +479,7 @@ def encode_folder(model, input_folder: str | Path, out: str | Path, batch_size: 
                 if len(buffer) >= shard_size:
                     flush()
             progress.update(len(records))
-    flush()
+        flush()
     result.records.sort(key=lambda r: r.index)
     if not result.records:
         raise ValueError(f"no readable images in {input_folder} ({len(result.skipped)} unreadable)")
@@ -284,69 +491,117 @@ def latent_shards(latents_path: str | Path) -> list[Path]:
     path = Path(latents_path)
     if path.is_file():
         return [path]
-    shards = sorted(path.glob("latents-*.safetensors")) if path.is_dir() else []
+    shards = _shards_in(path)
     if not shards:
         raise FileNotFoundError(f"no latents found at {path} (expected a latents-*.safetensors file or a folder of them)")
     return shards
 
 
-def read_shard(path: str | Path, latent_channels: int | None = None) -> list[tuple[ImageRecord, torch.Tensor]]:
-    """(record, diffusion latent [C, h, w]) pairs of one shard, checked against the model's channel count."""
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype names a latent may have
+
+
+@dataclass
+class ShardHeader:
+    """A shard's records and latent shapes, read and checked from its header alone (no tensor data)."""
+
+    path: Path
+    records: list[ImageRecord]
+    shapes: dict[int, tuple[int, ...]]  # record index -> latent shape [C, h, w]
+
+
+def read_shard_header(path: str | Path, latent_channels: int | None = None,
+                      factor: int | None = None) -> ShardHeader:
+    """Check every record of one shard: well-formed metadata, a plain unique name, a float [C, h, w] tensor with
+    `latent_channels` channels, and (given the downsampling `factor`) an original size the latent covers.
+
+    Any problem is a LatentFormatError naming the shard and the record."""
     from safetensors import safe_open
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            keys = set(f.keys())
+            info = {key: (f.get_slice(key).get_dtype(), tuple(f.get_slice(key).get_shape())) for key in keys}
     except Exception as err:  # safetensors raises its own error types for truncated / foreign files
         raise LatentFormatError(f"{path}: not a readable safetensors latents file ({err})") from err
     if "images" not in metadata:
         raise LatentFormatError(f"{path}: no 'images' metadata (was it written by `kl-autoencoder encode`?)")
-    records = [ImageRecord.from_json(d) for d in json.loads(metadata["images"])]
-    pairs = []
-    for record in records:
-        latent = tensors.get(str(record.index))
-        if latent is None:
+    try:
+        entries = json.loads(metadata["images"])
+    except json.JSONDecodeError as err:
+        raise LatentFormatError(f"{path}: the 'images' metadata is not valid JSON ({err})") from err
+    if not isinstance(entries, list):
+        raise LatentFormatError(f"{path}: the 'images' metadata must be a list of records, got {type(entries).__name__}")
+    records, shapes, names = [], {}, {}
+    for position, entry in enumerate(entries):
+        where = f"{path}: record {position}"
+        try:
+            record = ImageRecord.from_json(entry)
+        except ValueError as err:
+            raise LatentFormatError(f"{where}: {err}") from err
+        where = f"{where} ({_short(record.name)})"
+        if record.index in shapes:
+            raise LatentFormatError(f"{where}: index {record.index} is listed twice")
+        if record.name in names:
+            raise LatentFormatError(f"{where}: the name is listed twice (records {names[record.name]} and {position})")
+        key = str(record.index)
+        if key not in info:
             raise LatentFormatError(f"{path}: metadata lists image {record.index} ({record.name}) but has no tensor for it")
-        if latent.dim() != 3:
-            raise LatentFormatError(f"{path}: latent {record.index} has shape {tuple(latent.shape)}, expected [C, h, w]")
-        if latent_channels is not None and latent.shape[0] != latent_channels:
+        dtype, shape = info[key]
+        if len(shape) != 3:
+            raise LatentFormatError(f"{path}: latent {record.index} has shape {shape}, expected [C, h, w]")
+        if dtype not in FLOAT_DTYPES:
+            raise LatentFormatError(f"{where}: latent {record.index} has dtype {dtype}, expected a float type")
+        if latent_channels is not None and shape[0] != latent_channels:
             raise LatentFormatError(
-                f"{path}: latents have {latent.shape[0]} channels but the model expects {latent_channels} "
+                f"{path}: latents have {shape[0]} channels but the model expects {latent_channels} "
                 f"(latent {record.index}, {record.name})"
             )
-        pairs.append((record, latent))
-    return pairs
+        if factor is not None and any(o > s * factor for o, s in zip(record.original_size, shape[1:])):
+            raise LatentFormatError(f"{where}: original_size {list(record.original_size)} is larger than its latent "
+                                    f"{list(shape[1:])} decodes to ({shape[1] * factor}x{shape[2] * factor})")
+        records.append(record)
+        shapes[record.index] = shape
+        names[record.name] = position
+    return ShardHeader(path, records, shapes)
 
 
-def _png_name(name: str) -> str:
-    return str(Path(name).with_suffix(".png"))
+def read_shards(latents_path: str | Path, latent_channels: int | None = None,
+                factor: int | None = None) -> list[ShardHeader]:
+    """Every shard's checked header (see `read_shard_header`), and no name twice across shards."""
+    headers = [read_shard_header(path, latent_channels, factor) for path in latent_shards(latents_path)]
+    first: dict[str, Path] = {}
+    for header in headers:
+        for record in header.records:
+            other = first.setdefault(record.name, header.path)
+            if other != header.path:
+                raise LatentFormatError(f"{header.path}: record {_short(record.name)} is also in {other}; "
+                                        "were two encodes written into one folder?")
+    return headers
 
 
-def _crop_and_save(images: torch.Tensor, records: list[ImageRecord], out_folder: Path, result: FolderResult) -> None:
-    from kl_autoencoder.data import tensor_to_image
-
-    for image, record in zip(images, records):
-        height, width = record.original_size
-        target = out_folder / _png_name(record.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tensor_to_image(image[:, :height, :width].cpu()).save(target)
-        result.written.append(target)
-        result.records.append(record)
+def read_shard(path: str | Path, latent_channels: int | None = None) -> list[tuple[ImageRecord, torch.Tensor]]:
+    """(record, diffusion latent [C, h, w]) pairs of one shard, checked as `read_shard_header` checks them."""
+    return _load_latents(read_shard_header(path, latent_channels))
 
 
-def iter_decoded(model, latents_path: str | Path, batch_size: int = 8, tile_size: int | None = None,
-                 tile_overlap: int = 64) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
-    """Decode shards batch by batch, grouping latents of one shape: (records, padded images [B, 3, H, W] in ~[-1, 1]).
+def _load_latents(header: ShardHeader) -> list[tuple[ImageRecord, torch.Tensor]]:
+    from safetensors import safe_open
 
-    Raises LatentFormatError naming the file when a shard's channel count is not the model's."""
-    channels = model.config.latent_channels
+    try:
+        with safe_open(str(header.path), framework="pt") as f:
+            return [(record, f.get_tensor(str(record.index)).float()) for record in header.records]
+    except Exception as err:  # changed or truncated since its header was read
+        raise LatentFormatError(f"{header.path}: cannot read its tensors ({err})") from err
+
+
+def _decode_shards(model, headers: Sequence[ShardHeader], batch_size: int, tile_size: int | str | None,
+                   tile_overlap: int) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
     device = model_device(model)
-    for shard in latent_shards(latents_path):
-        pairs = read_shard(shard, channels)
+    for header in headers:
         by_shape: dict[tuple[int, ...], list[tuple[ImageRecord, torch.Tensor]]] = defaultdict(list)
-        for record, latent in pairs:
+        for record, latent in _load_latents(header):
             by_shape[tuple(latent.shape)].append((record, latent))
         for group in by_shape.values():
             for start in range(0, len(group), batch_size):
@@ -355,29 +610,70 @@ def iter_decoded(model, latents_path: str | Path, batch_size: int = 8, tile_size
                 yield [r for r, _ in chunk], decode_sliced(model, z, batch_size, tile_size, tile_overlap)
 
 
+def iter_decoded(model, latents_path: str | Path, batch_size: int = 8, tile_size: int | str | None = None,
+                 tile_overlap: int = 64) -> Iterator[tuple[list[ImageRecord], torch.Tensor]]:
+    """Decode shards batch by batch, grouping latents of one shape: (records, padded images [B, 3, H, W] in ~[-1, 1]).
+
+    Every shard's header is checked first (LatentFormatError naming the file and record), then decoding starts."""
+    _check_folder_args(model, batch_size, tile_size, tile_overlap)
+    headers = read_shards(latents_path, model.config.latent_channels, model.config.downsampling_factor)
+    yield from _decode_shards(model, headers, batch_size, tile_size, tile_overlap)
+
+
+def _crop_and_save(images: torch.Tensor, records: list[ImageRecord], targets: dict[int, Path],
+                   result: FolderResult) -> None:
+    for image, record in zip(images, records):
+        height, width = record.original_size
+        result.written.append(save_png(image[:, :height, :width], targets[record.index]))
+        result.records.append(record)
+
+
 def decode_latents(model, latents_path: str | Path, out_folder: str | Path, batch_size: int = 8,
-                   tile_size: int | None = None, tile_overlap: int = 64) -> FolderResult:
-    """Decode shards written by `encode_folder` into PNGs with the original names (suffix .png) and sizes."""
+                   tile_size: int | str | None = None, tile_overlap: int = 64) -> FolderResult:
+    """Decode shards written by `encode_folder` into PNGs with the original names and sizes (names per
+    `output_names`: photo.jpg -> photo.png unless that clashes).
+
+    Before anything is written: every record of every shard is checked (`read_shards`), the output folder must not
+    be the latents folder or inside it, and every output must land inside `out_folder`."""
+    _check_folder_args(model, batch_size, tile_size, tile_overlap)
+    headers = read_shards(latents_path, model.config.latent_channels, model.config.downsampling_factor)
+    check_output_folder(out_folder, latents_path, kind="latents")
     out_folder = Path(out_folder)
+    records = [record for header in headers for record in header.records]
+    try:
+        paths = output_paths(out_folder, output_names([record.name for record in records]))
+    except OutputLocationError as err:
+        raise OutputLocationError(f"latents {latents_path}: {err}") from err
+    targets = {record.index: path for record, path in zip(records, paths)}
     result = FolderResult()
-    with tqdm(desc="decoding", unit="img") as progress:
-        for records, images in iter_decoded(model, latents_path, batch_size, tile_size, tile_overlap):
-            _crop_and_save(images, records, out_folder, result)
-            progress.update(len(records))
+    with tqdm(total=len(records), desc="decoding", unit="img") as progress:
+        for batch, images in _decode_shards(model, headers, batch_size, tile_size, tile_overlap):
+            _crop_and_save(images, batch, targets, result)
+            progress.update(len(batch))
     return result
 
 
 def reconstruct_folder(model, input_folder: str | Path, out_folder: str | Path, batch_size: int = 8,
-                       mode: str = "mean", tile_size: int | None = None, tile_overlap: int = 64,
+                       mode: str = "mean", tile_size: int | str | None = None, tile_overlap: int = 64,
                        generator: torch.Generator | None = None) -> FolderResult:
-    """Encode and decode every image in one pass (no scaling round trip), writing PNG reconstructions."""
+    """Encode and decode every image in one pass (no scaling round trip), writing PNG reconstructions named per
+    `output_names`. The output folder may not be the input folder or inside it, and no output may be an input."""
+    _check_mode(mode)
+    _check_folder_args(model, batch_size, tile_size, tile_overlap)
+    items = _input_images(input_folder)
+    check_output_folder(out_folder, input_folder)
     out_folder = Path(out_folder)
+    paths = output_paths(out_folder, output_names([name for name, _ in items]))
+    refuse_overwriting_inputs(paths, [path for _, path in items])
+    by_name = {name: path for (name, _), path in zip(items, paths)}
     result = FolderResult()
     device = model_device(model)
-    with tqdm(desc="reconstructing", unit="img") as progress:
-        for records, pixels in _iter_image_batches(input_folder, batch_size, model.config.downsampling_factor, result):
+    with tqdm(total=len(items), desc="reconstructing", unit="img") as progress:
+        for records, pixels in _iter_image_batches(items, batch_size, model.config.downsampling_factor, result,
+                                                   progress):
             z = encode_batch(model, pixels.to(device), mode, generator, tile_size, tile_overlap)
-            _crop_and_save(decode_sliced(model, z, batch_size, tile_size, tile_overlap), records, out_folder, result)
+            targets = {record.index: by_name[record.name] for record in records}
+            _crop_and_save(decode_sliced(model, z, batch_size, tile_size, tile_overlap), records, targets, result)
             progress.update(len(records))
     if not result.records:
         raise ValueError(f"no readable images in {input_folder} ({len(result.skipped)} unreadable)")

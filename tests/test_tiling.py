@@ -216,3 +216,54 @@ def test_tiled_decode_memory_grows_with_the_tile_not_the_image(tiny_model):
         peaks_full.append(_largest_activation(tiny_model, lambda: tiny_model.decode(z)))
     assert peaks_tiled[0] == peaks_tiled[1] == peaks_full[0]  # one tile-sized decode at most
     assert peaks_full[1] == 4 * peaks_full[0]
+
+
+# ---------------------------------------------------------------------------------------- tile only when it must
+
+
+def test_auto_tiles_only_over_the_pixel_budget():
+    from kl_autoencoder.tiling import AUTO_TILE_PIXELS, AUTO_TILE_SIZE, check_tile_option, resolve_tile_size
+
+    assert resolve_tile_size("auto", 1100, 1500) is None  # 1.65 MP: one untiled pass (about 2.5x faster)
+    assert resolve_tile_size("auto", 1, AUTO_TILE_PIXELS) is None
+    assert resolve_tile_size("auto", 1, AUTO_TILE_PIXELS + 1) == AUTO_TILE_SIZE
+    assert resolve_tile_size(64, 8, 8) == 64  # an explicit size always tiles
+    assert resolve_tile_size(None, 10**5, 10**5) is None
+    with pytest.raises(ValueError, match="tile_size must be an int, None or 'auto'"):
+        resolve_tile_size("big", 8, 8)
+    with pytest.raises(ValueError, match=rf"tile_size \({AUTO_TILE_SIZE}\) must be larger than tile_overlap"):
+        check_tile_option("auto", AUTO_TILE_SIZE, 8)  # caught before any image is read, not at the first big one
+
+
+def test_auto_in_the_folder_helpers_matches_the_untiled_or_the_tiled_pass(tiny_model, monkeypatch):
+    import kl_autoencoder.tiling as tiling
+    from kl_autoencoder.inference import decode_sliced, encode_batch
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        full_z = tiny_model.encode(x).mode()
+        full_image = tiny_model.decode(full_z)
+    torch.testing.assert_close(encode_batch(tiny_model, x, tile_size="auto", tile_overlap=4), full_z, rtol=0, atol=0)
+    torch.testing.assert_close(decode_sliced(tiny_model, full_z, tile_size="auto", tile_overlap=4), full_image,
+                               rtol=0, atol=0)
+    monkeypatch.setattr(tiling, "AUTO_TILE_PIXELS", 32 * 48 - 1)  # one pixel over budget
+    monkeypatch.setattr(tiling, "AUTO_TILE_SIZE", 16)
+    with torch.no_grad():
+        tiled_z = encode_tiled(tiny_model, x, 16, 4).mode()
+        tiled_image = decode_tiled(tiny_model, full_z, 16, 4)
+    assert (tiled_z - full_z).abs().max() > 1e-4  # the two passes differ, so the comparisons below tell them apart
+    torch.testing.assert_close(encode_batch(tiny_model, x, tile_size="auto", tile_overlap=4), tiled_z)
+    torch.testing.assert_close(decode_sliced(tiny_model, full_z, tile_size="auto", tile_overlap=4), tiled_image)
+
+
+def test_cli_tiles_automatically_by_default():
+    from kl_autoencoder.cli import build_parser
+
+    parser = build_parser(with_evaluate=False)
+    base = ["reconstruct", "--model", "m", "--input", "i", "--out", "o"]
+    assert parser.parse_args(base).tile_size == "auto"
+    assert parser.parse_args(base + ["--tile-size", "off"]).tile_size is None
+    assert parser.parse_args(base + ["--tile-size", "256"]).tile_size == 256
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--tile-size", "huge"])
