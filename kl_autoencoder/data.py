@@ -128,12 +128,20 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> 
         except OSError as err:
             raise BadImageError(name, f"{type(err).__name__}: {err}") from err
         stream = source
+    import warnings
+
     try:
-        with Image.open(stream) as image:
-            image.load()  # decode everything now: truncated data fails here, not halfway through a transform
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        with warnings.catch_warnings():
+            # Between 1x and 2x its pixel limit Pillow only warns, then decodes anyway: treat that as a bomb too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                image.load()  # decode everything now: truncated data fails here, not halfway through a transform
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise BadImageError(name, f"{err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS "
+                                  "(kl-autoencoder: --max-image-pixels N, 0 for no limit).") from err
+    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ...)
         raise BadImageError(name, f"{type(err).__name__}: {err}") from err
 
 
@@ -141,7 +149,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file as upright 8-bit RGB (EXIF orientation applied, alpha on white).
 
     Raises `BadImageError(path, reason)` for missing, empty, truncated, undecodable files and for
-    decompression bombs (Pillow's `Image.MAX_IMAGE_PIXELS` limit is kept).
+    decompression bombs: anything over Pillow's `Image.MAX_IMAGE_PIXELS` (where Pillow itself only warns below
+    twice the limit).
     """
     return decode_image(path, str(path))
 
