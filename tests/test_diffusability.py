@@ -272,3 +272,24 @@ def test_probe_config_and_crops_refuse_bad_values():
         ProbeConfig(steps=0)
     with pytest.raises(ValueError, match=r"\(3, 8, 8\) is smaller than the crop 16"):
         random_crops([torch.zeros(3, 8, 8)], 1, 16, torch.Generator())
+
+
+def test_command_line_probe_writes_json_and_reports_errors(tmp_path, tiny_model, monkeypatch, capsys):
+    import json
+
+    from eval import diffusability as script
+    from kl_autoencoder import diffusability as D
+
+    monkeypatch.setattr(D, "probe_pixels", lambda config: probe_pixels(config.seed))  # skip decoding the photos
+    tiny_model.save_pretrained(tmp_path / "my-vae")
+    out = tmp_path / "probe.json"
+    args = ["--model", str(tmp_path / "my-vae"), "--steps", "2", "--batch-size", "4", "--width", "8",
+            "--resolution", "16", "--latent-scale", "measured", "--out", str(out)]
+    assert script.main(args) == 0
+    entry = json.loads(out.read_text())["models"]["my-vae"]
+    assert set(entry["probe"]["heldout_loss"]) == {"100", "250", "500", "750"}
+    assert entry["spectrum"]["latent"]["high_frequency_share"] > 0
+    assert "my-vae: held-out loss" in capsys.readouterr().out
+    assert script.main(["--model", str(tmp_path / "missing")]) == 2
+    assert script.main(["--model", str(tmp_path / "my-vae"), "--steps", "0"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
