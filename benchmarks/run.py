@@ -8,8 +8,9 @@
     python benchmarks/run.py --device cuda --config configs/kl-f8.yaml --only encode --tiled-size 4096 --tile-size 512
 
 Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alternating who goes first; medians):
-  train    forward + L1 + LPIPS + KL + backward + AdamW step; ours = KLAutoencoder + trainer.training_step +
-           fast path (fastpath.FastPath.for_device), reference = benchmarks/reference.py (plain diffusers + lpips)
+  train    forward + L1 + LPIPS + KL + backward + AdamW step; ours = trainer.train_step on trainer.build_training of
+           the config (exactly what train() runs: accelerate, clipping, non-finite skip, fast path), reference =
+           benchmarks/reference.py (plain diffusers + lpips)
   encode   posterior mode under inference_mode;  decode: latents -> images
   tiled    decode of a latent 4x the training resolution per side, ours tiling.decode_tiled vs diffusers
            enable_tiling() with the same tile (config sample_size = resolution) and 25% overlap
@@ -25,6 +26,7 @@ The ratio column is ours / reference computed from the medians shown (speed: hig
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -43,8 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kl_autoencoder.fastpath import (FastPath, apply_fast_path, autocast, make_adamw, prepare_loss_network,
-                                     to_model_input)  # noqa: E402
+from kl_autoencoder.fastpath import FastPath, apply_fast_path, autocast, to_model_input  # noqa: E402
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
 
 import reference as ref  # noqa: E402  (benchmarks/reference.py)
@@ -127,6 +128,7 @@ class Setup:
     kl_weight: float = 1e-6
     perceptual_weight: float = 1.0
     lpips_net: str = "vgg"
+    base_config: Any = None  # the TrainConfig the training benchmark starts from
     fast: FastPath = field(default_factory=FastPath)  # inference (encode/decode/tiled)
     train_fast: FastPath = field(default_factory=FastPath)  # the training step
 
@@ -140,12 +142,12 @@ def with_block_types(architecture: dict[str, Any]) -> dict[str, Any]:
 
 def load_setup(args: argparse.Namespace) -> Setup:
     """Architecture, resolution and batch from the config (command-line values win)."""
+    from kl_autoencoder.config import load_config
+
     architecture: dict[str, Any] = dict(TINY_ARCHITECTURE)
     resolution, batch_size, kl_weight = 32, 2, 1e-6
+    cfg = load_config(None if args.tiny else args.config)
     if not args.tiny:
-        from kl_autoencoder.config import load_config
-
-        cfg = load_config(args.config)
         architecture = dict(cfg.model.architecture)
         resolution, batch_size, kl_weight = cfg.data.resolution, cfg.train.batch_size, cfg.loss.kl_weight
     architecture = with_block_types(architecture)
@@ -157,7 +159,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
         overrides["compile"] = True
     return Setup(device=device, architecture=architecture, resolution=args.resolution or resolution,
                  batch_size=args.batch_size or batch_size, kl_weight=kl_weight,
-                 lpips_net=args.lpips_net or ("alex" if args.tiny else "vgg"),
+                 lpips_net=args.lpips_net or ("alex" if args.tiny else "vgg"), base_config=cfg,
                  fast=FastPath.for_device(device, **overrides),
                  train_fast=FastPath.for_device(device, training=True, **overrides))
 
@@ -227,44 +229,55 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def training_config(s: Setup, base: Any) -> Any:
+    """The production TrainConfig the benchmark trains with: the setup's architecture, batch and KL weight, LPIPS with
+    a random backbone (offline; the same cost), no GAN/EMA/log-variance, and this run's fast-path switches."""
+    cfg = copy.deepcopy(base)
+    cfg.model.architecture = dict(s.architecture)
+    cfg.model.pretrained, cfg.model.freeze_encoder = None, False
+    cfg.model.channels_last, cfg.model.compile = s.train_fast.channels_last, s.train_fast.compile
+    cfg.data.resolution, cfg.train.batch_size = s.resolution, s.batch_size
+    cfg.train.mixed_precision = PRECISION[s.train_fast.autocast_dtype]
+    cfg.train.grad_accum_steps, cfg.train.ema.enabled = 1, False
+    cfg.loss.pixel, cfg.loss.learned_logvar, cfg.loss.gan.enabled = "l1", False, False
+    cfg.loss.kl_weight, cfg.loss.kl_warmup_steps, cfg.loss.free_bits = s.kl_weight, 0, 0.0
+    cfg.loss.perceptual_weight, cfg.loss.perceptual_net = s.perceptual_weight, s.lpips_net
+    cfg.loss.perceptual_pretrained = False
+    cfg.optim.lr, cfg.optim.fused = 1e-4, s.train_fast.fused_adamw
+    return cfg
+
+
+PRECISION = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any]) -> None:
-    from kl_autoencoder.losses import PerceptualLoss
-    from kl_autoencoder.trainer import LossWeights, training_step
+    """Ours is the trainer's own `train_step` on a `build_training` of the production config: what `train()` runs."""
+    from kl_autoencoder.trainer import build_training, train_step
 
     torch.manual_seed(0)
     ref_vae = ref.build_reference_vae(s.architecture).to(s.device)
     ref_lpips = ref.build_reference_lpips(s.lpips_net).to(s.device)
-    ours = KLAutoencoder(AutoencoderConfig.from_dict(s.architecture))
-    ours.load_state_dict(ref_vae.state_dict())
-    ours.to(s.device)
-    perceptual = PerceptualLoss(s.lpips_net, pretrained=False).to(s.device)
-    copy_lpips_weights(ref_lpips, perceptual)
-    prepare_loss_network(perceptual, s.train_fast)
-    model = apply_fast_path(ours, s.train_fast, s.device)
-    ours_opt = make_adamw(ours.parameters(), lr=1e-4, fused=s.train_fast.fused_adamw)
+    ours = build_training(training_config(s, s.base_config), s.train_fast)
+    ours.raw_model.load_state_dict(ref_vae.state_dict())
+    if ours.perceptual is not None:
+        copy_lpips_weights(ref_lpips, ours.perceptual)
     ref_opt = torch.optim.AdamW(ref_vae.parameters(), lr=1e-4)
-    weights = LossWeights(pixel="l1", perceptual_weight=s.perceptual_weight, kl_weight=s.kl_weight)
     x = x.to(s.device)
-    x_ours = to_model_input(x, s.train_fast)
-    ours_gen = torch.Generator(device=s.device).manual_seed(0)
     ref_gen = torch.Generator(device=s.device).manual_seed(0)
 
     def steps(perceptual_weight: float) -> tuple[Callable[[], None], Callable[[], None]]:
         """(ours, reference) training steps at this perceptual weight (0: LPIPS is not computed at all)."""
-        ours_weights = replace(weights, perceptual_weight=perceptual_weight)
+        cfg = copy.deepcopy(ours.cfg)
+        cfg.loss.perceptual_weight = perceptual_weight
+        training = replace(ours, cfg=cfg, perceptual=ours.perceptual if perceptual_weight > 0 else None)
 
-        def ours() -> None:
-            with autocast(s.device, s.train_fast):
-                loss, _ = training_step(model, x_ours, perceptual if perceptual_weight > 0 else None, ours_weights,
-                                        generator=ours_gen)
-            loss.backward()
-            ours_opt.step()
-            ours_opt.zero_grad(set_to_none=True)
+        def ours_step() -> None:
+            train_step(training, x, step=0)
 
         def reference() -> None:
             ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, perceptual_weight, ref_gen)
 
-        return ours, reference
+        return ours_step, reference
 
     ours_step, ref_step = steps(s.perceptual_weight)
 
@@ -297,14 +310,14 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
             return call
 
         parts = {"vae_ours": ours_vae_step, "vae_reference": ref_vae_step,
-                 "lpips_ours": lpips_call(perceptual, x_ours),
+                 "lpips_ours": lpips_call(ours.perceptual, to_model_input(x, s.train_fast)),
                  "lpips_reference": lpips_call(lambda a, b: ref_lpips(a, b).mean(), x)}
         part_times = interleaved_times(parts, repeats, s.device, warmup)
         for label, key in (("train step without LPIPS", "vae"), ("LPIPS forward + backward", "lpips")):
             rows.append(Row(label, "images/s", b / median(part_times[f"{key}_ours"]),
                             b / median(part_times[f"{key}_reference"])))
         extras["breakdown_seconds"] = part_times
-    del ref_opt, ours_opt
+    del ref_opt, ours
 
 
 def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any],

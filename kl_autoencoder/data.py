@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from kl_autoencoder.formats import is_local_path
 
 if TYPE_CHECKING:
     from kl_autoencoder.config import DataConfig
@@ -139,7 +141,7 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> 
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise BadImageError(name, f"{err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS "
+        raise BadImageError(name, f"{type(err).__name__}: {err} If the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS "
                                   "(kl-autoencoder: --max-image-pixels N, 0 for no limit).") from err
     except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ...)
         raise BadImageError(name, f"{type(err).__name__}: {err}") from err
@@ -265,11 +267,6 @@ def iter_image_folder(folder: str | os.PathLike) -> list[Path]:
             f"no image files in {str(root)!r} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
         )
     return paths
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else that is not on disk is a missing folder."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source or os.path.exists(source)
 
 
 def load_hub_dataset(name: str, split: str = "train", streaming: bool = False, cache_dir: str | None = None):
@@ -500,8 +497,8 @@ class HFIterableImageDataset(IterableDataset):
     """A streaming `datasets.IterableDataset`, image column decoded by us.
 
     Inside DataLoader workers `datasets` hands each worker its own shards (found via `get_worker_info`),
-    so each example comes out once; workers beyond `num_shards` stay idle. Across processes (DDP), split
-    first with `datasets.distributed.split_dataset_by_node` (the trainer's job).
+    so each example comes out once; workers beyond `num_shards` stay idle. Across processes (DDP), `for_rank`
+    gives each rank its own share.
     """
 
     def __init__(self, hf_dataset: Any, transform: ImageTransform, image_column: str | None = None, prefix: str = ""):
@@ -514,6 +511,16 @@ class HFIterableImageDataset(IterableDataset):
         self.resolution = transform.resolution
         self.prefix = prefix
         self.skipped = SkipLog()
+
+    def for_rank(self, rank: int, world: int) -> "HFIterableImageDataset":
+        """This process's share of the stream (whole shards where they divide evenly, else every world-th row)."""
+        from datasets.distributed import split_dataset_by_node
+
+        share = HFIterableImageDataset.__new__(HFIterableImageDataset)
+        share.__dict__.update(self.__dict__)
+        share.hf_dataset = split_dataset_by_node(self.hf_dataset, rank=rank, world_size=world)
+        share.prefix = f"{self.prefix}{{rank {rank}/{world}}}"
+        return share
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle a shuffled stream differently each epoch."""
@@ -585,7 +592,7 @@ def build_dataset(
         return PhotoListDataset(photos, transform, repeats=_repeats_for(len(photos), train))
 
     transform = build_transform(resolution, random_crop, random_flip)
-    if _looks_like_path(source):
+    if is_local_path(source):
         paths = iter_image_folder(source)[: data_cfg.max_images]
         return ImageFolderDataset(paths, transform, repeats=_repeats_for(len(paths), train))
 
@@ -663,26 +670,29 @@ def build_dataloader(
 
 
 def load_eval_images(
-    source: str, resolution: int, num_images: int | None = None, split: str = "train"
+    source: str, resolution: int, num_images: int | None = None, split: str = "train",
+    skipped: SkipLog | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """Centre-cropped evaluation images: (names, [N, 3, R, R] in [-1, 1]).
 
     `source`: "sample" (all 14 built-in photos: reconstruction quality is not judged on held-out data
     alone; "sample:heldout" / "sample:train" pick one part), an image folder (unreadable files are skipped
-    with a warning) or a hub dataset name (`split`, streamed when `num_images` is set).
+    with a warning, and recorded in `skipped` when given) or a hub dataset name (`split`, streamed when
+    `num_images` is set).
     """
+    skipped = SkipLog() if skipped is None else skipped
     transform = build_transform(resolution, random_crop=False, random_flip=False)
     named: list[tuple[str, Image.Image]] = []
     if source == "sample" or source.startswith("sample:"):
         named = sample_images(source.partition(":")[2] or "all")[:num_images]
-    elif _looks_like_path(source):
+    elif is_local_path(source):
         for path in iter_image_folder(source):
             if num_images is not None and len(named) >= num_images:
                 break
             try:
                 named.append((str(path), load_image(path)))
             except BadImageError as err:
-                logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
+                skipped.add(err.path, err.reason)
         if not named:
             raise FileNotFoundError(f"no readable images in {source!r}")
     else:
@@ -695,7 +705,100 @@ def load_eval_images(
             try:
                 named.append((name, decode_hub_value(row[column], name)))
             except BadImageError as err:
-                logger.warning("skipping unreadable image %s (%s)", err.path, err.reason)
+                skipped.add(err.path, err.reason)
         if not named:
             raise ValueError(f"no readable images in dataset {source!r} split {split!r}")
     return [name for name, _ in named], torch.stack([transform(image) for _, image in named])
+
+
+# --------------------------------------------------------------------------------------------- training batches
+#
+# The data order is a pure function of (seed, epoch, rank) and every item's crop/flip of (seed, epoch, position), so a
+# resumed run replays exactly the batches a straight run would have seen, with or without DataLoader workers; the
+# resume position is one number, the micro-batches this rank has consumed.
+
+
+class EpochSampler(Sampler):
+    """This rank's items of one epoch: a permutation seeded by (seed, epoch), every `world`-th item, from `start`.
+
+    Yields (index, item_seed) pairs: `SeededItems` seeds torch's RNG with item_seed before building the item, so
+    random crops/flips are the same in a resumed run, in the main process or in any DataLoader worker.
+    """
+
+    def __init__(self, length: int, seed: int, epoch: int, rank: int, world: int, shuffle: bool = True, start: int = 0):
+        self.length, self.seed, self.epoch = length, seed, epoch
+        self.rank, self.world, self.shuffle, self.start = rank, world, shuffle, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
+        per_rank = self.length // self.world  # equal shares keep the ranks in step
+        mine = order[self.rank::self.world][:per_rank].tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
+        for position in range(self.start, len(mine)):
+            yield mine[position], (base + position * self.world + self.rank) % (2**63)
+
+    def __len__(self) -> int:
+        return max(0, self.length // self.world - self.start)
+
+
+class SeededItems(Dataset):
+    """Dataset view that takes (index, seed) and builds the item under that seed (global RNG restored)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def _epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, rank: int, world: int, start_batch: int,
+                  num_workers: int) -> DataLoader:
+    collate = partial(collate_images, resolution=getattr(dataset, "resolution", None))
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, drop_last=True)
+    sampler = EpochSampler(len(dataset), seed, epoch, rank, world, start=start_batch * batch_size)
+    return DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available())
+
+
+def training_batches(dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                     batches_seen: int = 0, num_workers: int | None = None) -> Iterator[dict]:
+    """Endless collated batches for this rank, resuming after `batches_seen` of its batches (epochs included).
+
+    Map-style datasets: each rank draws its own share of every epoch's permutation. Streams: each rank reads its own
+    share of the stream (`datasets.distributed.split_dataset_by_node`), so no rank decodes another rank's images;
+    a resumed stream skips the batches already seen.
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    if isinstance(dataset, IterableDataset):
+        if world > 1:
+            dataset = dataset.for_rank(rank, world)
+        epoch, skip = 0, batches_seen
+        while True:
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            yielded = 0
+            for batch in _epoch_loader(dataset, batch_size, seed, epoch, rank, world, 0, workers):
+                if skip:
+                    skip -= 1
+                    continue
+                yielded += 1
+                yield batch
+            if yielded == 0 and skip == 0:
+                raise ValueError("the streaming dataset yielded no batch for this process")
+            epoch += 1
+    per_epoch = (len(dataset) // world) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} items: too few for train.batch_size={batch_size} on "
+                         f"{world} process(es)")
+    epoch, start = divmod(batches_seen, per_epoch)
+    while True:
+        yield from _epoch_loader(dataset, batch_size, seed, epoch, rank, world, start, workers)
+        epoch, start = epoch + 1, 0

@@ -16,7 +16,6 @@ posterior and every loss in fp32 (model.encode and losses.py cast), fused SDPA a
 
 from __future__ import annotations
 
-import functools
 import importlib
 import shutil
 import warnings
@@ -163,6 +162,15 @@ def make_adamw(params: Iterable[nn.Parameter], lr: float, fused: bool = False, *
     return torch.optim.AdamW(params, lr=lr, **kwargs)
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model under DDP / torch.compile / CompiledWithFallback wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if inner is None:
+            return module
+        module = inner
+
+
 class CompiledWithFallback(nn.Module):
     """torch.compile'd module that falls back to eager, with one warning, if compiling fails at the first call.
 
@@ -193,31 +201,9 @@ class CompiledWithFallback(nn.Module):
 
 
 def compile_with_fallback(model: nn.Module, device: torch.device | str, mode: str | None = None) -> nn.Module:
-    """torch.compile `model` (forward; encode/decode through `compile_method`) or return it unchanged, with a warning,
-    when no compiler is available here."""
+    """torch.compile `model`'s forward, or return it unchanged, with a warning, when no compiler is available here."""
     if not compiler_available(device):
         warnings.warn(f"torch.compile is unavailable on {device} (no Triton / C++ compiler); running eager",
                       RuntimeWarning, stacklevel=2)
         return model
     return CompiledWithFallback(model, torch.compile(model, mode=mode))
-
-
-def compile_method(fn: Callable[..., Any], device: torch.device | str, mode: str | None = None) -> Callable[..., Any]:
-    """torch.compile a function such as `model.encode` / `model.decode`, falling back to eager at the first failure."""
-    if not compiler_available(device):
-        return fn
-    compiled = torch.compile(fn, mode=mode)
-    state = {"compiled": compiled}
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if state["compiled"] is not None:
-            try:
-                return state["compiled"](*args, **kwargs)
-            except Exception as error:
-                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:300]}); running eager",
-                              RuntimeWarning, stacklevel=2)
-                state["compiled"] = None
-        return fn(*args, **kwargs)
-
-    return run

@@ -1,14 +1,21 @@
-"""Training losses of the KL autoencoder: pixel, KL (schedule + free bits), perceptual (LPIPS) and PatchGAN.
+"""The training objective of the KL autoencoder, LDM's way: every term a small pure function, composed here.
 
-Each term is a small pure function or module; the trainer composes them, the LDM way:
+    weights = loss_weights_at(cfg.loss, step)                    # KL warm-up and GAN switch-on for this step
+    loss, logs, reconstruction = autoencoder_loss(model, x, weights, perceptual, discriminator, logvar, last_layer)
+    d_loss, d_logs = discriminator_loss(discriminator, x, reconstruction, weights.gan_loss)
 
-    loss = pixel_loss(x_hat, x, logvar=logvar) + w_p * perceptual(x_hat, x)
-           + kl_weight_at(step, ...) * kl_loss(posterior, free_bits)
-           + adaptive_gan_weight(rec, g, model.last_decoder_layer) * w_gan * generator_loss(disc(x_hat))
+The convention is CompVis LDM's (`contperceptual.py`), which sgm and diffusers' train_autoencoderkl.py share, so
+hyper-parameters from their configs mean the same here:
 
-Scale note: `pixel_loss` is a mean over every element while `kl_loss` is summed over latent dimensions (averaged over
-the batch), as in diffusers' train_autoencoderkl.py. LDM instead sums both over C, H, W, so its kl_weight of 1e-6
-corresponds to 1e-6 / (3 * H * W) here.
+    nll  = sum over C, H, W of (pixel_weight * |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)) / exp(logvar) + logvar,
+           divided by the batch size (`reconstruction_nll`; |.| or (.)^2; LPIPS, one number per image, is added at
+           every pixel as LDM broadcasts it; logvar is 0 unless learned)
+    kl   = KL(q(z|x) || N(0, I)) summed over latent dimensions, divided by the batch size (`kl_loss`)
+    loss = nll + kl_weight * kl + gan_weight * adaptive_gan_weight(nll, g, last_layer) * generator_loss(D(x_hat))
+
+Both sums grow with the image area, so the balance of the terms does not change with the training resolution.
+`loss.free_bits` is in nats per latent element (the per-channel budget is free_bits * latent H * W).
+`pixel_loss` (a per-element mean) is what logs and the simpler examples report.
 """
 
 from __future__ import annotations
@@ -17,7 +24,11 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -50,6 +61,28 @@ def pixel_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "
     if logvar is None:
         return error.mean()
     return (error / torch.exp(logvar) + logvar).mean()
+
+
+def reconstruction_nll(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1",
+                       pixel_weight: float = 1.0, perceptual: torch.Tensor | None = None,
+                       perceptual_weight: float = 0.0, logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """LDM's reconstruction NLL: sum over C, H, W of (pixel_weight * error + perceptual_weight * perceptual)
+    / exp(logvar) + logvar, averaged over the batch.
+
+    `perceptual` holds one distance per image ([B] or [B, 1, 1, 1], e.g. LPIPS), added at every pixel as LDM does.
+    """
+    if reconstruction.shape != target.shape:
+        raise ValueError(f"reconstruction_nll: reconstruction shape {tuple(reconstruction.shape)} != target shape "
+                         f"{tuple(target.shape)}")
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"reconstruction_nll: kind must be 'l1' or 'l2', got {kind!r}")
+    diff = reconstruction.float() - target.float()
+    error = pixel_weight * (diff.abs() if kind == "l1" else diff.pow(2))
+    if perceptual is not None and perceptual_weight > 0:
+        error = error + perceptual_weight * perceptual.float().reshape(-1, 1, 1, 1)
+    if logvar is not None:
+        error = error / torch.exp(logvar) + logvar
+    return error.sum() / error.shape[0]
 
 
 def kl_loss(posterior, free_bits: float = 0.0) -> torch.Tensor:
@@ -217,6 +250,11 @@ class PerceptualLoss(nn.Module):
         return super().train(False)
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS distance over the batch."""
+        return self.distances(reconstruction, target).mean()
+
+    def distances(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance of each image pair, [B]."""
         # float32 with autocast off: LPIPS divides each feature vector by its L2 norm (eps 1e-10) and compares
         # nearly equal unit vectors; in fp16 the squared VGG activations overflow and eps underflows (inf/NaN), in
         # bf16 the 8-bit mantissa turns the small differences of a good reconstruction into rounding noise.
@@ -225,7 +263,7 @@ class PerceptualLoss(nn.Module):
             raise RuntimeError("PerceptualLoss runs in float32; move it with .to(device) only, not .to(dtype)/.half()")
         with torch.autocast(device_type=reconstruction.device.type, enabled=False):
             distance = self.lpips(reconstruction.float(), target.float())
-        return distance.mean()
+        return distance.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -331,3 +369,117 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
                                "decoder's output conv (model.last_decoder_layer) used to produce the reconstruction")
     weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The composition: the loss mix at a step, the autoencoder's loss, the discriminator's loss.
+
+
+class LearnedLogVar(nn.Module):
+    """LDM's learned scalar log-variance of the reconstruction likelihood (a module so it is checkpointed)."""
+
+    def __init__(self, initial: float = 0.0):
+        super().__init__()
+        self.value = nn.Parameter(torch.full((), float(initial)))
+
+
+@dataclass
+class LossWeights:
+    """The loss mix at one step (the KL and GAN weights already scheduled for that step)."""
+
+    pixel: str = "l1"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    kl_weight: float = 1e-6
+    free_bits: float = 0.0
+    gan_weight: float = 0.0  # 0 = no adversarial term at this step
+    gan_loss: str = "hinge"
+    adaptive_gan_weight: bool = True
+
+
+def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
+    """The loss mix of a `LossConfig` at optimizer step `step` (0-based): KL schedule and the GAN switch-on."""
+    gan_on = loss_cfg.gan.enabled and step >= loss_cfg.gan.disc_start
+    cycle = loss_cfg.kl_cycle_steps if loss_cfg.kl_schedule == "cyclical" else None
+    return LossWeights(
+        pixel=loss_cfg.pixel,
+        pixel_weight=loss_cfg.pixel_weight,
+        perceptual_weight=loss_cfg.perceptual_weight,
+        kl_weight=kl_weight_at(step, loss_cfg.kl_weight, loss_cfg.kl_warmup_steps, loss_cfg.kl_schedule, cycle),
+        free_bits=loss_cfg.free_bits,
+        gan_weight=loss_cfg.gan.disc_weight if gan_on else 0.0,
+        gan_loss=loss_cfg.gan.disc_loss,
+        adaptive_gan_weight=loss_cfg.gan.adaptive_weight,
+    )
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily turn off requires_grad of a module's parameters (restored afterwards)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def autoencoder_loss(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    weights: LossWeights,
+    perceptual: nn.Module | None = None,
+    discriminator: nn.Module | None = None,
+    logvar: torch.Tensor | None = None,
+    last_layer: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Forward + the whole autoencoder objective. Returns (loss, logs of detached fp32 scalars, reconstruction).
+
+    `model` is whatever the caller trains through (a DDP wrapper included); `discriminator` is the bare module (its
+    parameters are frozen for this pass, so the generator's loss leaves no gradient in it); `last_layer` is the
+    decoder's output weight, needed for the adaptive GAN weight. The reconstruction and every term are fp32 whatever
+    the autocast dtype. Nothing here syncs with the host.
+    """
+    reconstruction, posterior = model(pixel_values, sample=True, generator=generator)
+    reconstruction = reconstruction.float()
+    target = pixel_values.float()
+    logs: dict[str, torch.Tensor] = {"pixel": pixel_loss(reconstruction.detach(), target, kind=weights.pixel)}
+    distances = None
+    if perceptual is not None and weights.perceptual_weight > 0:
+        distances = perceptual.distances(reconstruction, target)
+        logs["perceptual"] = distances.detach().mean()
+    rec = reconstruction_nll(reconstruction, target, weights.pixel, weights.pixel_weight, distances,
+                             weights.perceptual_weight, logvar)
+    latent_positions = posterior.mean[0, 0].numel() if posterior.mean.dim() == 4 else 1
+    kl = kl_loss(posterior, free_bits=weights.free_bits * latent_positions)
+    loss = rec + weights.kl_weight * kl
+    logs.update(kl=kl.detach(), rec=rec.detach())
+    if logvar is not None:
+        logs["logvar"] = logvar.detach().float()
+    if discriminator is not None and weights.gan_weight > 0:
+        with frozen(discriminator):
+            g_loss = generator_loss(discriminator(reconstruction).float(), kind=weights.gan_loss)
+        if weights.adaptive_gan_weight:
+            if last_layer is None:
+                raise ValueError("autoencoder_loss: the adaptive GAN weight needs last_layer=model.last_decoder_layer")
+            d_weight = adaptive_gan_weight(rec, g_loss, last_layer)
+        else:
+            d_weight = torch.ones((), device=loss.device)
+        loss = loss + weights.gan_weight * d_weight * g_loss
+        logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
+    logs["loss"] = loss.detach()
+    return loss, logs, reconstruction
+
+
+def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge"
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The discriminator's loss on detached real and reconstructed images."""
+    logits_real = discriminator(real.detach()).float()
+    logits_fake = discriminator(fake.detach()).float()
+    loss_fn = hinge_d_loss if kind == "hinge" else non_saturating_d_loss
+    loss = loss_fn(logits_real, logits_fake)
+    return loss, {"d_loss": loss.detach(), "logits_real": logits_real.detach().mean(),
+                  "logits_fake": logits_fake.detach().mean()}

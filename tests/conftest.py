@@ -32,3 +32,29 @@ def tiny_model():
 
     torch.manual_seed(0)
     return KLAutoencoder(tiny_config()).eval()
+
+
+@pytest.fixture
+def nan_at_steps(monkeypatch):
+    """`nan_at_steps({3, 5})` makes the autoencoder loss NaN at those optimizer steps (1-based) of in-process runs."""
+    from kl_autoencoder import losses, trainer
+
+    def install(steps: set[int]) -> None:
+        current = {"step": None}
+        real_step, real_loss = trainer.train_step, losses.autoencoder_loss
+
+        def train_step(t, x, step, micro=0):
+            current["step"] = step
+            return real_step(t, x, step, micro)
+
+        def autoencoder_loss(*args, **kwargs):
+            loss, logs, reconstruction = real_loss(*args, **kwargs)
+            if current["step"] is not None and current["step"] + 1 in steps:
+                loss = loss * float("nan")
+                logs["loss"] = loss.detach()
+            return loss, logs, reconstruction
+
+        monkeypatch.setattr(trainer, "train_step", train_step)
+        monkeypatch.setattr(losses, "autoencoder_loss", autoencoder_loss)
+
+    return install

@@ -101,7 +101,7 @@ def test_fused_adamw_matches_default_adamw():
 @pytest.mark.parametrize("model_channels_last", [True, False], ids=["model-nhwc", "model-nchw"])
 def test_whole_training_step_same_loss_and_gradients_with_fast_path(model_channels_last):
     from kl_autoencoder.losses import PerceptualLoss
-    from kl_autoencoder.trainer import LossWeights, training_step
+    from kl_autoencoder.losses import LossWeights, autoencoder_loss
 
     torch.manual_seed(0)
     perceptual = PerceptualLoss("alex", pretrained=False)  # same code path as vgg, a fraction of the time
@@ -114,7 +114,7 @@ def test_whole_training_step_same_loss_and_gradients_with_fast_path(model_channe
     results = []
     for model, fn, x, lpips in ((plain, plain, X, perceptual),
                                 (fast_model, call, to_model_input(X, fast), perceptual_fast)):
-        loss, logs = training_step(fn, x, lpips, weights, generator=torch.Generator().manual_seed(3))
+        loss, logs, _ = autoencoder_loss(fn, x, weights, lpips, generator=torch.Generator().manual_seed(3))
         model.zero_grad(set_to_none=True)
         loss.backward()
         results.append((loss.detach(), logs["perceptual"], [p.grad for p in model.parameters()]))

@@ -15,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
 from kl_autoencoder.formats import WeightsError  # noqa: E402
+from kl_autoencoder.run_folder import RunFolderError  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
+
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number: `train && evaluate` stops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,16 +32,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        export_dir = train(cfg)
-    except (ConfigError, WeightsError) as e:  # e.g. model.pretrained that does not load: found before training
+        train(cfg)  # prints "exported <folder>" once, from the main process
+    except (ConfigError, WeightsError, RunFolderError) as e:  # found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingInterrupted:
-        return 0  # the trainer printed where the checkpoint is and how to resume
+    except TrainingInterrupted as stop:
+        print(f"\n{stop.signal_name or 'stop signal'}: stopped after step {stop.step}; checkpoint: {stop.checkpoint}\n"
+              f"resume with: python training/train.py --config {args.config or '<config>'} "
+              f"train.output_dir={cfg.train.output_dir} train.resume=latest", flush=True)
+        return EXIT_INTERRUPTED.get(stop.signal_name or "", 1)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"done: {export_dir}")
     return 0
 
 
