@@ -165,6 +165,7 @@ def _is_int(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
 # --------------------------------------------------------------------------------------------------------------------
 # The model. Layer positions are the state-dict keys: parameter-free layers hold their index in the Sequential.
 
@@ -241,8 +242,11 @@ class TinyAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latents)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor | None = None, latents: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(encode(x), decode(latents)), None for a missing input: both halves of a distillation step in one call,
+        so a DDP wrapper sees a single forward. (diffusers' forward is a quantized round trip; use encode/decode.)"""
+        return (None if x is None else self.encode(x)), (None if latents is None else self.decode(latents))
 
     # The 8-bit storage convention (TAESD's): latents in [-magnitude, magnitude] <-> [0, 1].
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -333,25 +337,25 @@ def distillation_loss(student: nn.Module, targets: DistillationTargets, x: torch
     """Decoder: pixel (+ LPIPS) of student.decode(teacher latents) vs the teacher's decode; encoder: latent MSE.
 
     loss = pixel_weight * pixel_loss + perceptual_weight * LPIPS + latent_weight * MSE(student.encode(x), latents)
-    A half whose weights are all 0 is not run (decoder-only or encoder-only distillation). `student` is whatever
-    the loop trains through (a DDP wrapper included; its `.module` is used for encode/decode). Logs are detached
-    fp32 scalars; nothing here syncs with the host.
+    `student` is called once, `student(x, latents)`, so it may be a DDP / Accelerate wrapper. A half whose weights
+    are all 0 is not run (decoder-only or encoder-only distillation; under DDP freeze the idle half or set
+    find_unused_parameters). Logs are detached fp32 scalars; nothing here syncs with the host.
     """
-    model = student.module if hasattr(student, "module") else student
-    zero = torch.zeros((), device=x.device)
-    loss, logs = zero, {}
-    use_perceptual = perceptual is not None and perceptual_weight > 0
-    if pixel_weight > 0 or use_perceptual:
-        decoded = model.decode(targets.latents).float()
+    run_decoder = pixel_weight > 0 or (perceptual is not None and perceptual_weight > 0)
+    encoded, decoded = student(x if latent_weight > 0 else None, targets.latents if run_decoder else None)
+    loss = torch.zeros((), device=x.device)
+    logs: dict[str, torch.Tensor] = {}
+    if decoded is not None:
+        decoded = decoded.float()
         pixel_term = pixel_loss(decoded, targets.decoded, kind=pixel)
         loss = loss + pixel_weight * pixel_term
         logs["pixel"] = pixel_term.detach()
-        if use_perceptual:
+        if perceptual is not None and perceptual_weight > 0:
             lpips_term = perceptual(decoded, targets.decoded)
             loss = loss + perceptual_weight * lpips_term
             logs["perceptual"] = lpips_term.detach()
-    if latent_weight > 0:
-        latent_term = F.mse_loss(model.encode(x).float(), targets.latents)
+    if encoded is not None:
+        latent_term = F.mse_loss(encoded.float(), targets.latents)
         loss = loss + latent_weight * latent_term
         logs["latent"] = latent_term.detach()
     logs["loss"] = loss.detach()

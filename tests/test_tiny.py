@@ -247,6 +247,37 @@ def test_loss_is_the_weighted_sum_of_its_terms():
     assert all(p.grad is not None for p in student.decoder.parameters())
 
 
+def test_loss_runs_through_a_ddp_wrapper_with_the_same_gradients(tmp_path):
+    import torch.distributed as dist
+
+    teacher, x = f8_teacher(), images()
+    student = small_student(teacher)
+    targets = distillation_targets(teacher, x, sample=False)
+    distillation_loss(student, targets, x)[0].backward()
+    expected = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(student)
+        loss, _ = distillation_loss(wrapped, targets, x)  # one forward through the wrapper: encode and decode
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def test_latent_storage_convention_matches_diffusers():
+    reference = diffusers_tiny(**SMALL)
+    ours = TinyAutoencoder(TinyConfig(**SMALL))
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4)) * 2
+    torch.testing.assert_close(ours.scale_latents(latents), reference.scale_latents(latents))
+    stored = ours.scale_latents(latents).mul(255).round().byte()  # TAESD's 8-bit latent image
+    torch.testing.assert_close(ours.unscale_latents(stored / 255.0), reference.unscale_latents(stored / 255.0))
+    inside = latents.abs() < 3
+    assert (ours.unscale_latents(stored / 255.0) - latents)[inside].abs().max() <= 3 / 255 + 1e-6
+
+
 def crops(split, n, size=32, seed=0):
     """n random size x size crops of the built-in photos (downscaled to 96 px, so a crop holds a whole object part)."""
     generator = torch.Generator().manual_seed(seed)
@@ -354,3 +385,26 @@ def test_student_decodes_pipeline_latents_as_the_teacher_would(tmp_path, kind):
     with torch.no_grad():
         ours = (student.decode(latents) / 2 + 0.5).clamp(0, 1)
     np.testing.assert_allclose(image[0], ours[0].permute(1, 2, 0).numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_teacher(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tiny", ASSETS.parents[1] / "benchmarks" / "tiny.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = tmp_path / "teacher.yaml"
+    config.write_text("model:\n  architecture:\n    block_out_channels: [8, 8, 16, 16]\n    norm_num_groups: 4\n"
+                      "    latent_channels: 16\n")
+    result = bench.main(["--config", str(config), "--resolution", "32", "--repeats", "2", "--json",
+                         str(tmp_path / "out.json")])
+    rows = {row["name"]: row for row in result["rows"]}
+    assert set(rows) == {"parameters", "decode 32^2", "encode 32^2", "decode 32^2 peak memory",
+                         "encode 32^2 peak memory"}
+    assert rows["parameters"]["teacher"] == pytest.approx(
+        KLAutoencoder(tiny_config(block_out_channels=(8, 8, 16, 16), latent_channels=16)).num_parameters() / 1e6)
+    assert all(len(times) == 2 for job in result["seconds"].values() for times in job.values())
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == result["rows"]
