@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     b = args.batch_size
     for job, fns in calls(teacher, student, args.resolution, b, device).items():
         times = interleaved_times(fns, args.repeats, device, warmup=args.warmup)
-        rows.append((f"{job} {args.resolution}^2", "images/s", b / median(times["student"]), b / median(times["teacher"])))
+        rows.append((f"{job} {args.resolution}^2", "images/s", b / median(times["student"]),
+                     b / median(times["teacher"])))
         seconds[job] = times
     if not args.no_memory:
         size = args.memory_resolution or args.resolution
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"command: python benchmarks/tiny.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"teacher {Path(args.config).name} {list(teacher.config.block_out_channels)}, student "
               f"{list(student.config.num_encoder_blocks)}/{list(student.config.num_decoder_blocks)} x "
-              f"{student.config.encoder_block_out_channels[0]}, batch {b}, repeats {args.repeats}, warm-up {args.warmup}")
+              f"{student.config.encoder_block_out_channels[0]}, batch {b}, repeats {args.repeats}, "
+              f"warm-up {args.warmup}")
     table = markdown_table(rows)
     print(header, table, sep="\n", flush=True)
     result = {"header": header, "rows": [dict(name=n, unit=u, student=s, teacher=t) for n, u, s, t in rows],

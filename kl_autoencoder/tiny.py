@@ -19,15 +19,17 @@ Latent convention. The student lives in the teacher's *diffusion* latents, the s
 Its decoder maps those latents straight to the teacher's decode of z, its encoder maps images straight to them.
 Diffusers pipelines undo the VAE's scale before decoding and apply it after encoding, reading the factors from the
 *VAE they are given*:
-    SD / SDXL style (4 channels, scaling only):  vae.decode(latents / vae.config.scaling_factor)
-                                                 vae.encode(x) * vae.config.scaling_factor
-    SD3 / FLUX style (16 channels, + shift):     vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor)
-                                                 (vae.encode(x) - vae.config.shift_factor) * vae.config.scaling_factor
+    SD / SDXL style (4 channels, scaling only):  vae.decode(latents / scaling_factor)
+                                                 vae.encode(x) * scaling_factor
+    SD3 / FLUX style (16 channels, + shift):     vae.decode(latents / scaling_factor + shift_factor)
+                                                 (vae.encode(x) - shift_factor) * scaling_factor
+(both factors read from vae.config)
 For `AutoencoderTiny` as the pipeline's `vae` to see exactly the pipeline's latents, both maps must be the identity,
 so the export carries scaling_factor = 1.0 and shift_factor = 0.0 whatever the teacher's factors: the teacher's
-scale and shift are baked into the student's weights, once, by distillation. (This is TAESD's own convention:
-madebyollin's taesd/taesdxl/taesd3/taef1 configs all say 1.0 / 0.0; ComfyUI applies the teacher's factors outside
-the tiny model for the same reason.) latent_magnitude = 3 and latent_shift = 0.5 stay at diffusers' defaults: they
+scale and shift are baked into the student's weights, once, by distillation. (TAESD's own convention: "TAESD
+directly converts SD(XL) latents into RGB images ... set [scaling_factor] to 1.0", madebyollin/taesd#3; diffusers
+added shift_factor, default 0.0, to AutoencoderTiny for SD3's pipeline, huggingface/diffusers#8618; ComfyUI applies
+the teacher's factors outside the tiny model.) latent_magnitude = 3 and latent_shift = 0.5 stay at diffusers' defaults: they
 only map latents to [0, 1] for 8-bit storage (`scale_latents`), and 3 matches the decoder's fixed input clamp
 tanh(x / 3) * 3, right for unit-variance diffusion latents. Per-channel `latents_mean` / `latents_std` (which some
 SDXL-style pipelines apply when the VAE config has them) are not part of `to_diffusion_latents`; `build_student`
@@ -226,7 +228,7 @@ class TinyDecoder(nn.Module):
 
 
 class TinyAutoencoder(nn.Module):
-    """encode: image [-1, 1] -> diffusion latents; decode: diffusion latents -> image [-1, 1]. AutoencoderTiny's keys."""
+    """encode: image [-1, 1] -> diffusion latents; decode: latents -> image [-1, 1]. AutoencoderTiny's state dict."""
 
     def __init__(self, config: TinyConfig | dict | None = None, **config_kwargs: Any):
         super().__init__()
@@ -263,7 +265,7 @@ class TinyAutoencoder(nn.Module):
         module = self if part is None else getattr(self, part)
         return sum(p.numel() for p in module.parameters())
 
-    # -- files ----------------------------------------------------------------------------------------------------------
+    # -- files --------------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "TinyAutoencoder":
@@ -444,7 +446,8 @@ def save_tiny(model: TinyAutoencoder, path: str | Path, dtype: torch.dtype | str
 _DECODER_OFFSET = 1
 
 
-def to_single_file_state_dicts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def to_single_file_state_dicts(state: dict[str, torch.Tensor]
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """diffusers AutoencoderTiny keys -> (TAESD encoder state, TAESD decoder state)."""
     encoder, decoder = {}, {}
     for key, value in state.items():

@@ -85,7 +85,8 @@ def test_invalid_configs_are_refused_naming_the_field():
         TinyConfig(latent_channels="4")
 
 
-@pytest.mark.parametrize("levels, latent_channels", [(3, 4), (4, 4), (4, 16), (5, 16)], ids=["f4", "f8", "f8c16", "f16"])
+@pytest.mark.parametrize("levels, latent_channels", [(3, 4), (4, 4), (4, 16), (5, 16)],
+                         ids=["f4", "f8", "f8c16", "f16"])
 def test_student_has_the_teachers_latent_grid(levels, latent_channels):
     teacher = KLAutoencoder(tiny_config(block_out_channels=(8,) * levels, latent_channels=latent_channels,
                                         mid_block_add_attention=False)).eval()
@@ -124,7 +125,8 @@ def test_diffusers_loads_our_export_and_computes_the_same(tmp_path, latent_chann
         latents = student.encode(x)
         torch.testing.assert_close(reference.encode(x).latents, latents, rtol=0, atol=1e-5)
         torch.testing.assert_close(reference.decode(latents).sample, student.decode(latents), rtol=0, atol=1e-5)
-    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "tiny").iterdir())
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert not list(tmp_path.glob(".*")), "temporary files left beside the export"
 
 
@@ -215,7 +217,8 @@ def test_targets_are_the_teachers_diffusion_latents_and_decode():
     targets = distillation_targets(teacher, x, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         posterior = teacher.encode(x)
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+        z = posterior.mean + posterior.std * eps
         torch.testing.assert_close(targets.latents, (z - 0.2) * 0.7)
         torch.testing.assert_close(targets.decoded, teacher.decode(z).clamp(-1, 1))
     mean_targets = distillation_targets(teacher, x, sample=False)
