@@ -251,6 +251,85 @@ def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor
     return value if total is None else total + value
 
 
+def plot_spectra(entries: dict[str, dict[str, Any]], title: str = "radially averaged power spectra"):
+    """One figure: each model's latent spectrum and the image spectrum, relative to white noise, log scale.
+
+    `entries`: {model name: diffusability_metrics result}. The image curve is drawn once per distinct image set.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display: never open a window
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn_images = []
+    for name, entry in entries.items():
+        latent, image = entry["spectrum"]["latent"], entry["spectrum"]["image"]
+        ax.plot(latent["frequencies"], latent["relative_power"], lw=1.5,
+                label=f"{name} latent (HF share {latent['high_frequency_share']:.3f})")
+        if image["relative_power"] not in drawn_images:
+            drawn_images.append(image["relative_power"])
+            ax.plot(image["frequencies"], image["relative_power"], "k--", lw=1,
+                    label=f"image (HF share {image['high_frequency_share']:.3f})")
+    cutoff = next(iter(entries.values()))["spectrum"]["latent"]["cutoff"]
+    ax.axvline(cutoff, color="grey", lw=0.8, ls=":")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_xlim(0, 0.5)
+    ax.set_xlabel("frequency (cycles per pixel of each grid; Nyquist 0.5)")
+    ax.set_ylabel("power relative to white noise")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def report_lines(models: dict[str, dict[str, Any]], picture: str | None = None) -> list[str]:
+    """report.md's diffusability section: {model name: metrics.json entry with a "diffusability" key}; `picture`:
+    the spectra plot's path relative to the report."""
+    names = [m for m in models if models[m].get("diffusability")]
+    if not names:
+        return []
+    entries = {m: models[m]["diffusability"] for m in names}
+    lines = ["## Diffusability", "",
+             "How easy the latents are for a diffusion model (kl_autoencoder/diffusability.py). High-frequency share: "
+             f"spectral energy above {HIGH_FREQUENCY_CUTOFF} cycles/pixel (half Nyquist) of the posterior mean and of "
+             "the image, each on its own grid (white noise: 0.80). Equivariance: PSNR of decode(T(z)) against T(x).",
+             "", "| measure | " + " | ".join(f"`{m}`" for m in names) + " |", "|---|" + "---|" * len(names)]
+    for part in ("latent", "image"):
+        lines.append(f"| high-frequency share, {part} ↓ | " + " | ".join(
+            f"{entries[m]['spectrum'][part]['high_frequency_share']:.3f}" for m in names) + " |")
+    transforms = list(dict.fromkeys(t for m in names for t in entries[m]["equivariance_psnr"]))
+    for t in transforms:
+        values = [entries[m]["equivariance_psnr"].get(t) for m in names]
+        lines.append(f"| equivariance PSNR {t} (dB) ↑ | " + " | ".join(
+            "n/a" if v is None else f"{v['mean']:.2f} ± {v['std']:.2g}" for v in values) + " |")
+    probes = {m: entries[m].get("probe") for m in names}
+    if any(probes.values()):
+        timesteps = list(next(p for p in probes.values() if p)["heldout_loss"])
+        lines.append("| probe held-out loss, mean ↓ | " + " | ".join(
+            "n/a" if p is None else f"{p['heldout_loss_mean']:.4f}" for p in probes.values()) + " |")
+        for t in timesteps:
+            lines.append(f"| probe held-out loss, t = {t} ↓ | " + " | ".join(
+                "n/a" if p is None else f"{p['heldout_loss'][t]:.4f}" for p in probes.values()) + " |")
+        lines.append("| probe latent std | " + " | ".join(
+            "n/a" if p is None else f"{p['latent_std']:.3g}" for p in probes.values()) + " |")
+    lines.append("")
+    for m in names:
+        for transform, reason in entries[m]["equivariance_skipped"].items():
+            lines.append(f"- `{m}`: {transform} not measured: {reason}")
+        for message in (probes[m] or {}).get("warnings", []):
+            lines.append(f"- `{m}` probe: {message}")
+    if any(probes.values()):
+        lines.append("- Probe: a small UNet2DModel trained on the VAE's diffusion latents of fixed crops of the "
+                     "sample photos with fixed seeds and budget; epsilon-prediction MSE on held-out latents at "
+                     "fixed noise levels. Compare VAEs only at the same budget and downsampling factor.")
+    lines.append("")
+    if picture:
+        lines += [f"![spectra]({picture})", ""]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The probe: a small latent diffusion model trained for a fixed budget.
 
@@ -440,6 +519,6 @@ __all__ = [
     "HIGH_FREQUENCY_CUTOFF", "frequency_radius", "power_spectrum_2d", "radial_average", "radial_power_spectrum",
     "high_frequency_share", "high_frequency_share_of", "spectrum_summary", "Transform", "TRANSFORM_KINDS",
     "EVAL_TRANSFORMS", "random_transform", "equivariance_loss", "equivariance_psnr", "transform_fits",
-    "diffusability_metrics", "ProbeConfig", "random_crops", "sample_photo_crops", "probe_pixels", "encode_means",
+    "diffusability_metrics", "plot_spectra", "report_lines", "ProbeConfig", "random_crops", "sample_photo_crops", "probe_pixels", "encode_means",
     "build_probe_unet", "train_denoiser", "denoising_loss", "diffusability_probe",
 ]

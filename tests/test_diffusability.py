@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kl_autoencoder import KLAutoencoder
 from kl_autoencoder.diffusability import (
-    EVAL_TRANSFORMS, ProbeConfig, Transform, diffusability_metrics, diffusability_probe, equivariance_loss,
+    EVAL_TRANSFORMS, ProbeConfig, Transform, diffusability_metrics, plot_spectra, report_lines, diffusability_probe, equivariance_loss,
     equivariance_psnr, frequency_radius, high_frequency_share, power_spectrum_2d, radial_power_spectrum,
     random_crops, random_transform, spectrum_summary,
 )
@@ -210,6 +210,22 @@ def test_diffusability_metrics_report_both_spectra_and_skip_what_does_not_fit(ti
     assert set(result["equivariance_psnr"]) == {t.name for t in EVAL_TRANSFORMS} - {"scale_1/4"}
     assert "not divisible" in result["equivariance_skipped"]["scale_1/4"]
     assert all(math.isfinite(v["mean"]) for v in result["equivariance_psnr"].values())
+
+
+def test_report_section_and_plot_show_every_model(tiny_model):
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    entries = {"a": diffusability_metrics(tiny_model, images), "b": diffusability_metrics(tiny_model, images[:1])}
+    entries["b"]["probe"] = {"heldout_loss": {"100": 0.25, "750": 0.03}, "heldout_loss_mean": 0.14, "latent_std": 0.9,
+                             "warnings": ["scale is off"]}
+    text = "\n".join(report_lines({m: {"diffusability": e} for m, e in entries.items()}, picture="spectra.png"))
+    share = entries["a"]["spectrum"]["latent"]["high_frequency_share"]
+    assert f"| high-frequency share, latent ↓ | {share:.3f} |" in text
+    assert "| probe held-out loss, t = 750 ↓ | n/a | 0.0300 |" in text
+    assert "`b` probe: scale is off" in text and "![spectra](spectra.png)" in text
+    assert report_lines({"a": {"diffusability": None}}) == []
+    axes = plot_spectra(entries).axes[0]
+    labels = [line.get_label() for line in axes.get_lines() if not line.get_label().startswith("_")]
+    assert len(labels) == 4 and labels[0].startswith("a latent")  # two latents, two distinct image sets
 
 
 # --------------------------------------------------------------------------------------------------------------------
