@@ -98,6 +98,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     grad_clip: float | None = None  # max global grad norm; None = off (LDM does not clip)
+    scale_lr: bool = False  # lr x batch_size x grad_accum_steps x processes (LDM's base_learning_rate convention)
     fused: bool | None = None  # None = fused AdamW when on CUDA
 
 

@@ -165,6 +165,10 @@ def backbone_checkpoint(net: str) -> tuple[str, Path]:
     return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
+class PerceptualWeightsError(RuntimeError):
+    """The pretrained LPIPS backbone could not be loaded; the message names the file and where to put it."""
+
+
 def _load_backbone(lpips_model: nn.Module, net: str) -> None:
     """Load torchvision's ImageNet weights into lpips' sliced backbone (`sliceK.<i>.*` <- `features.<i>.*`)."""
     url, path = backbone_checkpoint(net)
@@ -173,7 +177,7 @@ def _load_backbone(lpips_model: nn.Module, net: str) -> None:
         state = torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), progress=False,
                                                    check_hash=True, weights_only=True)
     except Exception as error:
-        raise RuntimeError(
+        raise PerceptualWeightsError(
             f"Could not load the pretrained {net} backbone for LPIPS ({type(error).__name__}: {error}). "
             f"Without internet, download {url} elsewhere and place it at {path} "
             f"(that is $TORCH_HOME/hub/checkpoints/{path.name}), or use pretrained=False."
@@ -184,7 +188,7 @@ def _load_backbone(lpips_model: nn.Module, net: str) -> None:
         _, index, rest = name.split(".", 2)
         source = f"features.{index}.{rest}"
         if source not in state:
-            raise RuntimeError(f"{path}: key {source!r} missing; is this the torchvision {net} ImageNet checkpoint? "
+            raise PerceptualWeightsError(f"{path}: key {source!r} missing; is this the torchvision {net} ImageNet checkpoint? "
                                f"Expected the file from {url}")
         mapped[name] = state[source]
     backbone.load_state_dict(mapped, strict=True)
@@ -237,7 +241,7 @@ class PerceptualLoss(nn.Module):
             try:
                 _load_backbone(self.lpips, net)
                 self.pretrained_loaded = True
-            except RuntimeError as error:
+            except PerceptualWeightsError as error:
                 message = (f"PerceptualLoss: FALLING BACK TO A RANDOM {net} BACKBONE; the LPIPS loss will not be "
                            f"perceptual. {error}")
                 warnings.warn(message, RuntimeWarning, stacklevel=2)

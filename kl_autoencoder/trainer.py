@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -93,6 +93,14 @@ class EMA(nn.Module):
         return state
 
 
+def base_learning_rate(cfg: TrainConfig, world: int) -> float:
+    """optim.lr, or with optim.scale_lr (LDM's `base_learning_rate`, diffusers' --scale_lr) optim.lr times the total
+    batch: per-process batch x accumulation steps x processes."""
+    if not cfg.optim.scale_lr:
+        return cfg.optim.lr
+    return cfg.optim.lr * cfg.train.batch_size * cfg.train.grad_accum_steps * world
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Linear warm-up to 1, then constant, cosine or linear decay to 0 at `total_steps`."""
     if step < warmup_steps:
@@ -139,12 +147,17 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
+    for engine in ("FSDP", "DEEPSPEED"):  # `accelerate launch --use_fsdp/--use_deepspeed` tells its processes so
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"accelerate is configured for {engine}, which this trainer does not support (the "
+                              "adaptive GAN weight, EMA and checkpoints need whole, unsharded weights); use plain "
+                              "data parallelism: accelerate launch --multi_gpu (no --use_fsdp / --use_deepspeed)")
     # accelerate keeps its settings in process-wide singletons; forget a previous run's (mixed precision, grad
     # accumulation) so train() can be called again in one process. The process group (PartialState) stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    accelerator = Accelerator(
+    return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="tensorboard",
@@ -152,10 +165,6 @@ def make_accelerator(cfg: TrainConfig):
                                             automatic_checkpoint_naming=False),
         cpu=use_cpu,
     )
-    if accelerator.distributed_type.name.startswith("FSDP") or accelerator.distributed_type.name == "DEEPSPEED":
-        raise ConfigError(f"accelerate is configured for {accelerator.distributed_type.name}, which this trainer does "
-                          "not support (the adaptive GAN weight, EMA and checkpoints need whole, unsharded weights); "
-                          "use plain multi-GPU data parallelism (accelerate config: multi-GPU, no FSDP/DeepSpeed)")
     return accelerator
 
 
@@ -203,6 +212,9 @@ class Training:
     d_optimizer: Any
     ema: EMA | None
     channels_last: bool
+    # What the loop calls for one micro-batch and at the end; another task (distillation) supplies its own.
+    step_fn: Callable[..., StepResult] | None = None  # default: train_step
+    export_fn: Callable[[Training, Path], Path] | None = None  # default: export_model
 
     @property
     def device(self) -> torch.device:
@@ -393,8 +405,10 @@ def export_model(t: Training, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = None) -> Path:
     """Train (or fine-tune) per `cfg`; return the diffusers export folder `output_dir/vae`.
+
+    `build` (default `build_training`) makes what the loop trains; distillation passes its own.
 
     Raises TrainingInterrupted (after writing a checkpoint) on SIGINT/SIGTERM and NonFiniteLossError after
     `train.max_nonfinite_steps` consecutive skipped steps.
@@ -402,7 +416,7 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)  # same initial weights on every rank
-    t = build_training(cfg)
+    t = (build or build_training)(cfg)
     acc, device = t.accelerator, t.device
     run = RunFolder(cfg.train.output_dir, is_main=acc.is_main_process)
     resume_from = run.resolve_resume(cfg.train.resume)
@@ -447,11 +461,11 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
     with stop_signals() as stop:
         while state.step < cfg.train.max_steps:
             for group in t.optimizer.param_groups:
-                group["lr"] = cfg.optim.lr * lr_factor(state.step, cfg.optim.warmup_steps, cfg.train.max_steps,
+                group["lr"] = base_learning_rate(cfg, world) * lr_factor(state.step, cfg.optim.warmup_steps, cfg.train.max_steps,
                                                        cfg.optim.schedule)
             for micro in range(cfg.train.grad_accum_steps):
                 x = next_readable_batch(batches, state, skip_log).to(device, non_blocking=True)
-                result = train_step(t, x, state.step, micro)
+                result = (t.step_fn or train_step)(t, x, state.step, micro)
                 images_since_log += x.shape[0] * world
             if t.ema is not None:
                 t.ema.update(t.raw_model)
@@ -562,7 +576,7 @@ def _finish(t: Training, run: RunFolder, state: TrainingState, skip_log: Any, tr
         else:
             if not trained:
                 acc.print(f"the run is complete at step {state.step}; nothing trained, exporting {run.export_dir}")
-            export_model(t, run.export_dir)
+            (t.export_fn or export_model)(t, run.export_dir)
             run.write_summary({"steps": state.step, "skipped_images": skipped,
                                "skipped_files": skip_log.files if skip_log is not None else [],
                                "nonfinite_steps": state.nonfinite_total, "perceptual_weights": perceptual_weights(t),

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
 from kl_autoencoder.formats import WeightsError  # noqa: E402
+from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.run_folder import RunFolderError  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg)  # prints "exported <folder>" once, from the main process
-    except (ConfigError, WeightsError, RunFolderError) as e:  # found before training: nothing was written
+    except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError) as e:  # found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
