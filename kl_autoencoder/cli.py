@@ -268,7 +268,7 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
                    help=f"'auto' (default): one untiled pass unless an image has more than "
                         f"{AUTO_TILE_PIXELS / 1e6:.1f} megapixels, then {AUTO_TILE_SIZE}-px tiles; N: always tile "
                         "with N-px tiles (a multiple of the "
-                        "downsampling factor), less memory for ~2-2.5x the time; 'off': never tile")
+                        "downsampling factor), less memory for ~2-3x the time; 'off': never tile")
     p.add_argument("--tile-overlap", type=int, default=64, help="overlap between tiles in pixels (default: 64)")
 
 
