@@ -75,6 +75,16 @@ class GanConfig:
 
 
 @dataclass
+class EquivarianceConfig:
+    """EQ-VAE's regulariser: decode(T(z)) should be T(x) for geometric transforms T (weight 0 = off)."""
+
+    weight: float = 0.0  # times the transformed image's reconstruction NLL (LDM convention, pixel term only)
+    transforms: list[str] = field(default_factory=lambda: ["scale", "rotate"])  # of: scale, rotate, flip
+    scales: list[int] = field(default_factory=lambda: [2, 4])  # downscale factors for "scale"
+    probability: float = 0.5  # share of steps that add the term (EQ-VAE: 0.5)
+
+
+@dataclass
 class LossConfig:
     pixel: Literal["l1", "l2"] = "l1"
     pixel_weight: float = 1.0
@@ -86,8 +96,9 @@ class LossConfig:
     kl_warmup_steps: int = 0
     kl_schedule: Literal["linear", "cyclical", "constant"] = "linear"
     kl_cycle_steps: int | None = None
-    free_bits: float = 0.0
+    free_bits: float = 0.0  # nats per latent element (a channel's budget is free_bits x latent H x W)
     gan: GanConfig = field(default_factory=GanConfig)
+    equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
 
 
 @dataclass
@@ -133,12 +144,29 @@ class TrainSection:
 
 
 @dataclass
+class DistillSection:
+    """Distilling a tiny autoencoder (diffusers' AutoencoderTiny) from a KL VAE: `kl-autoencoder distill`.
+
+    The decoder's terms are loss.pixel / loss.pixel_weight / loss.perceptual_* (against the teacher's decode); the
+    encoder's is latent_weight x MSE against the teacher's diffusion latents. model.* and the KL / GAN terms do not
+    apply (the student is built from the teacher's config)."""
+
+    teacher: str | None = None  # diffusers folder / pipeline folder / LDM file / hub id of the KL VAE to distil
+    width: int = 64  # the student's channels in every stage (TAESD: 64)
+    encoder_blocks: int = 3  # residual blocks per encoder stage after the first (TAESD: 3)
+    decoder_blocks: int = 3  # residual blocks per decoder stage before the last (TAESD: 3)
+    latent_weight: float = 1.0  # encoder: MSE against the teacher's diffusion latents; 0 = decoder only
+    sample_posterior: bool = True  # teacher latents z ~ q(z|x), what a diffusion model trains on; false = its mean
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -392,7 +420,10 @@ def validate(cfg: TrainConfig) -> None:
     """Reject impossible values before any work starts."""
     validate_finite(cfg)
     validate_model(cfg)
-    validate_data(cfg.data, resolved_architecture(cfg.model))
+    validate_distill(cfg)
+    # a distillation's crops are cut for the teacher's downsampling factor
+    teacher = ModelSection(pretrained=cfg.distill.teacher) if cfg.distill.teacher else cfg.model
+    validate_data(cfg.data, resolved_architecture(teacher))
     validate_loss(cfg.loss)
     validate_optim(cfg.optim)
     validate_train(cfg.train)
@@ -483,6 +514,13 @@ def validate_loss(loss: LossConfig) -> None:
     for key in ("pixel_weight", "perceptual_weight", "kl_weight", "free_bits"):
         value = getattr(loss, key)
         _require(value >= 0, f"loss.{key}", value, "must be >= 0")
+    eq = loss.equivariance
+    _require(eq.weight >= 0, "loss.equivariance.weight", eq.weight, "must be >= 0")
+    _require(0 <= eq.probability <= 1, "loss.equivariance.probability", eq.probability, "must be in [0, 1]")
+    _require(bool(eq.transforms) and set(eq.transforms) <= {"scale", "rotate", "flip"},
+             "loss.equivariance.transforms", eq.transforms, "must be a non-empty list of: scale, rotate, flip")
+    _require(all(isinstance(f, int) and f >= 2 for f in eq.scales) and (bool(eq.scales) or "scale" not in eq.transforms),
+             "loss.equivariance.scales", eq.scales, "must be integer factors >= 2")
     _require(loss.kl_warmup_steps >= 0, "loss.kl_warmup_steps", loss.kl_warmup_steps, "must be >= 0")
     if loss.kl_schedule == "cyclical":
         _require(loss.kl_cycle_steps is not None and loss.kl_cycle_steps >= 2, "loss.kl_cycle_steps",
@@ -519,3 +557,28 @@ def validate_train(train: TrainSection) -> None:
     if train.resume not in (None, "latest"):
         _require(os.path.isdir(os.path.expanduser(train.resume)), "train.resume", train.resume,
                  "must be null, 'latest' or an existing checkpoint folder")
+
+
+def validate_distill(cfg: TrainConfig) -> None:
+    """The distill section's ranges; with a teacher set, the settings a distillation cannot honour are refused."""
+    distill = cfg.distill
+    _require(1 <= distill.width <= 4096, "distill.width", distill.width, "must be in [1, 4096]")
+    for key in ("encoder_blocks", "decoder_blocks"):
+        value = getattr(distill, key)
+        _require(0 <= value <= 64, f"distill.{key}", value, "must be in [0, 64]")
+    _require(distill.latent_weight >= 0, "distill.latent_weight", distill.latent_weight, "must be >= 0")
+    if not distill.teacher:
+        return
+    if is_local_path(distill.teacher):
+        _require(os.path.exists(os.path.expanduser(distill.teacher)), "distill.teacher", distill.teacher,
+                 "no such file or folder (a KL VAE: diffusers folder, pipeline folder or LDM file)")
+    _require(distill.latent_weight > 0 or cfg.loss.pixel_weight > 0 or cfg.loss.perceptual_weight > 0,
+             "distill.latent_weight", distill.latent_weight,
+             "with loss.pixel_weight and loss.perceptual_weight also 0 nothing would be trained")
+    for key, value, default in (("model.pretrained", cfg.model.pretrained, None),
+                                ("model.architecture", cfg.model.architecture, {}),
+                                ("model.freeze_encoder", cfg.model.freeze_encoder, False),
+                                ("loss.learned_logvar", cfg.loss.learned_logvar, False),
+                                ("loss.gan.enabled", cfg.loss.gan.enabled, False)):
+        _require(value == default, key, value, "does not apply to distillation (the student is built from "
+                 "distill.teacher and distill.width / *_blocks; its losses are pixel, LPIPS and latent MSE)")
