@@ -215,6 +215,7 @@ class Training:
     # What the loop calls for one micro-batch and at the end; another task (distillation) supplies its own.
     step_fn: Callable[..., StepResult] | None = None  # default: train_step
     export_fn: Callable[[Training, Path], Path] | None = None  # default: export_model
+    teacher: nn.Module | None = None  # distillation: the frozen model the student learns from (not checkpointed)
 
     @property
     def device(self) -> torch.device:
