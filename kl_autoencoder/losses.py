@@ -12,6 +12,7 @@ hyper-parameters from their configs mean the same here:
            every pixel as LDM broadcasts it; logvar is 0 unless learned)
     kl   = KL(q(z|x) || N(0, I)) summed over latent dimensions, divided by the batch size (`kl_loss`)
     loss = nll + kl_weight * kl + gan_weight * adaptive_gan_weight(nll, g, last_layer) * generator_loss(D(x_hat))
+           [+ equivariance_weight * nll(decode(T(z)), T(x)) on the steps that draw a transform T: EQ-VAE]
 
 Both sums grow with the image area, so the balance of the terms does not change with the training resolution.
 `loss.free_bits` is in nats per latent element (the per-channel budget is free_bits * latent H * W).
@@ -24,7 +25,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kl_autoencoder.fastpath import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +402,7 @@ class LossWeights:
     gan_weight: float = 0.0  # 0 = no adversarial term at this step
     gan_loss: str = "hinge"
     adaptive_gan_weight: bool = True
+    equivariance_weight: float = 0.0  # EQ-VAE term, added when a latent transform is given for the step
 
 
 def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
@@ -414,6 +418,7 @@ def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
         gan_weight=loss_cfg.gan.disc_weight if gan_on else 0.0,
         gan_loss=loss_cfg.gan.disc_loss,
         adaptive_gan_weight=loss_cfg.gan.adaptive_weight,
+        equivariance_weight=loss_cfg.equivariance.weight,
     )
 
 
@@ -439,13 +444,15 @@ def autoencoder_loss(
     logvar: torch.Tensor | None = None,
     last_layer: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Forward + the whole autoencoder objective. Returns (loss, logs of detached fp32 scalars, reconstruction).
 
     `model` is whatever the caller trains through (a DDP wrapper included); `discriminator` is the bare module (its
     parameters are frozen for this pass, so the generator's loss leaves no gradient in it); `last_layer` is the
     decoder's output weight, needed for the adaptive GAN weight. The reconstruction and every term are fp32 whatever
-    the autocast dtype. Nothing here syncs with the host.
+    the autocast dtype. Nothing here syncs with the host. `transform` (a geometric map applied alike to images and
+    latents, e.g. diffusability.Transform) adds EQ-VAE's term equivariance_weight * NLL(decode(T(z)), T(x)).
     """
     reconstruction, posterior = model(pixel_values, sample=True, generator=generator)
     reconstruction = reconstruction.float()
@@ -461,6 +468,11 @@ def autoencoder_loss(
     kl = kl_loss(posterior, free_bits=weights.free_bits * latent_positions)
     loss = rec + weights.kl_weight * kl
     logs.update(kl=kl.detach(), rec=rec.detach())
+    if transform is not None and weights.equivariance_weight > 0:
+        decoded = unwrap(model).decode(transform(posterior.sample(generator))).float()
+        equivariance = reconstruction_nll(decoded, transform(target), weights.pixel, weights.pixel_weight)
+        loss = loss + weights.equivariance_weight * equivariance
+        logs["equivariance"] = equivariance.detach()
     if logvar is not None:
         logs["logvar"] = logvar.detach().float()
     if discriminator is not None and weights.gan_weight > 0:

@@ -36,6 +36,7 @@ from torch import nn
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.data import build_dataset, default_num_workers, training_batches
+from kl_autoencoder.diffusability import Transform, random_transform
 from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
@@ -328,10 +329,11 @@ def train_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepR
     seed = (t.cfg.train.seed * 1_000_003 + step * 1009 + micro) * 131 + t.accelerator.process_index
     generator = torch.Generator(device=t.device).manual_seed(seed)
     logvar = t.logvar.value if t.logvar is not None else None
+    transform = equivariance_transform(t.cfg.loss.equivariance, seed)
     with t.accelerator.accumulate(*(m for m in (t.model, t.discriminator) if m is not None)):
         loss, logs, reconstruction = L.autoencoder_loss(
             t.model, x, weights, t.perceptual, unwrap(t.discriminator) if gan_on else None, logvar,
-            t.raw_model.last_decoder_layer, generator)
+            t.raw_model.last_decoder_layer, generator, transform)
         outcome = optimizer_step(t.accelerator, t.optimizer, loss, t.params, t.cfg.optim.grad_clip,
                                  outside_ddp=(logvar,) if logvar is not None else ())
         if outcome is not None:
@@ -342,6 +344,16 @@ def train_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepR
             logs.update(d_logs)
     logs["kl_weight"] = torch.tensor(weights.kl_weight)
     return StepResult(logs, reconstruction, outcome[0] if outcome is not None else None)
+
+
+def equivariance_transform(eq: Any, seed: int) -> Transform | None:
+    """The step's EQ-VAE transform, or None: drawn with `probability` from a CPU generator seeded by the step."""
+    if eq.weight <= 0:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    if torch.rand((), generator=generator).item() >= eq.probability:
+        return None
+    return random_transform(generator, eq.transforms, eq.scales)
 
 
 class NonFiniteCounter:

@@ -150,3 +150,35 @@ def test_fsdp_and_deepspeed_are_refused_clearly(engine, monkeypatch, tmp_path):
     monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
     with pytest.raises(ConfigError, match=f"{engine}.*not support.*--multi_gpu"):
         make_accelerator(load_config(None, [f"train.output_dir={tmp_path}"]))
+
+
+def test_equivariance_term_is_eq_vaes_objective():
+    from kl_autoencoder.diffusability import Transform
+
+    torch.manual_seed(0)
+    model = KLAutoencoder(tiny_config(mid_block_add_attention=False))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    weights = LossWeights(pixel="l1", perceptual_weight=0.0, kl_weight=1e-3, equivariance_weight=0.5)
+    rotate = Transform("rotate", 1)
+    plain, _, _ = autoencoder_loss(model, x, weights, generator=torch.Generator().manual_seed(3))
+    loss, logs, _ = autoencoder_loss(model, x, weights, generator=torch.Generator().manual_seed(3), transform=rotate)
+    generator = torch.Generator().manual_seed(3)
+    mean, logvar = model.quant_conv(model.encoder(x)).chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)
+    torch.randn(mean.shape, generator=generator)  # the reconstruction's sample
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+    expected = (model.decode(torch.rot90(z, 1, dims=(-2, -1))) - torch.rot90(x, 1, dims=(-2, -1))).abs().sum() / 2
+    torch.testing.assert_close(loss - plain, 0.5 * expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(logs["equivariance"], expected.detach(), rtol=1e-4, atol=1e-3)
+
+
+def test_eq_finetune_recipe_trains_with_the_term(tmp_path):
+    pretrained = ROOT / "tests" / "assets" / "trained-f8"
+    out = tmp_path / "eq"
+    train(load_config(ROOT / "configs" / "eq-finetune.yaml", TINY[4:] + [
+        f"model.pretrained={pretrained}", f"train.output_dir={out}", "train.max_steps=4", "train.log_every=1",
+        "loss.equivariance.probability=1.0", "train.mixed_precision=no", "train.ema.enabled=false"]))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("equivariance" in m and m["equivariance"] > 0 for m in logged)
+    config = json.loads((out / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] != json.loads((pretrained / "config.json").read_text())["scaling_factor"]
