@@ -144,3 +144,27 @@ def test_tiled_memory_script_measures_each_method_in_a_subprocess(tmp_path):
     for r in results:  # each decoded a 64x64 image (asserted in the subprocess) and was timed
         assert r["size"] == 64 and r["tile"] == 32 and r["seconds"] > 0 and r["peak_mib"] >= 0
     assert json.loads(out.read_text()) == results
+
+
+def test_benchmark_and_train_run_the_same_step_function(tmp_path, monkeypatch):
+    """benchmarks/run.py times trainer.train_step on trainer.build_training, the very function train() runs."""
+    from kl_autoencoder import trainer
+    from kl_autoencoder.config import load_config
+
+    callers = []
+    real_step = trainer.train_step
+
+    def recording_step(t, x, step, micro=0):
+        callers.append(type(t).__name__)
+        return real_step(t, x, step, micro)
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    bench.main(["--tiny", "--repeats", "1", "--only", "train", "--no-memory"])
+    from_benchmark = len(callers)
+    assert from_benchmark >= 2  # warm-up + one timed round
+    trainer.train(load_config(None, [
+        "model.architecture.block_out_channels=[8, 16]", "model.architecture.norm_num_groups=4",
+        "model.architecture.layers_per_block=1", "data.resolution=32", "data.num_workers=0",
+        "loss.perceptual_weight=0", "train.batch_size=2", "train.max_steps=2", "train.scaling_images=4",
+        f"train.output_dir={tmp_path / 'run'}"]))
+    assert len(callers) == from_benchmark + 2 and set(callers) == {"Training"}
