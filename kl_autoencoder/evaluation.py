@@ -20,6 +20,11 @@ is one.
     <model>/worst.png             the same for the images with the lowest PSNR
     <model>/latent_histograms.png per-channel histogram of diffusion-scaled latents against the N(0, 1) pdf
     <model>/latent_channels.png   posterior-mean channels of the first images
+    spectra.png                   latent vs image power spectra of every model (diffusability)
+
+Diffusability (kl_autoencoder/diffusability.py), per model under "diffusability": the high-frequency share of the
+latent and image spectra and the equivariance PSNR, always; with `diffusability_probe=True` the probe's held-out
+denoising loss too (it trains a small UNet: about a minute per quickstart-size VAE on a CPU).
 
 `write_config=True` stores the measured scaling_factor / shift_factor (and with `write_latent_stats` the
 per-channel latents_mean / latents_std) into the model folder's config.json.
@@ -41,6 +46,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from kl_autoencoder import diffusability as D
 from kl_autoencoder import metrics as M
 from kl_autoencoder.data import SkipLog, load_eval_images
 from kl_autoencoder.durable import atomic_write, atomic_write_text
@@ -87,6 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for posterior samples")
     parser.add_argument("--worst-k", type=int, default=4, help="worst images (by PSNR) shown in the report")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--diffusability-probe", action="store_true",
+                        help="also train the diffusability probe on crops of the sample photos (~1 min per VAE)")
     return parser
 
 
@@ -99,6 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size, sample=args.sample, write_config=args.write_config,
         write_latent_stats=args.write_latent_stats, shift=SHIFT_CHOICES[args.shift_factor], lpips_net=args.lpips_net,
         device=args.device, seed=args.seed, worst_k=args.worst_k, progress=not args.no_progress,
+        diffusability_probe=args.diffusability_probe,
     )
     headline = result["headline"]
     for name, values in headline["models"].items():
@@ -609,9 +618,14 @@ def model_sections(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def diffusability_section(result: dict[str, Any]) -> list[str]:
+    return D.report_lines(result["models"], picture=result.get("diffusability_picture"))
+
+
 ReportSection = Callable[[dict[str, Any]], list[str]]
 REPORT_SECTIONS: list[ReportSection] = [
-    headline_section, image_metrics_section, whole_set_section, notes_section, skipped_section, model_sections,
+    headline_section, image_metrics_section, whole_set_section, notes_section, skipped_section,
+    diffusability_section, model_sections,
 ]
 
 
@@ -694,7 +708,7 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
              batch_size: int = 8, sample: bool = False, write_config: bool = False, write_latent_stats: bool = False,
              shift: bool | None = None, lpips_net: str = "alex", device: str | torch.device | None = None,
              seed: int = 0, worst_k: int = 4, progress: bool = True, lpips_network: torch.nn.Module | None = None,
-             fid_feature: torch.nn.Module | None = None) -> dict[str, Any]:
+             fid_feature: torch.nn.Module | None = None, diffusability_probe: bool = False) -> dict[str, Any]:
     """Evaluate `models` on the same images from `data`; write metrics.json, report.md and pictures into `out`.
 
     Everything is checked (flags, --write-config targets, images, every model) before any work. `shift`: see
@@ -736,12 +750,18 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
         if write_config:
             written = write_latent_config(path, run_.metrics["latents"], write_latent_stats)
             run_.metrics["config_written"] = str(written)
+        # Diffusability: spectra and equivariance on the evaluation images; the probe (it trains) on request.
+        run_.metrics["diffusability"] = D.diffusability_metrics(model, images.images, batch_size, device)
+        if diffusability_probe:
+            run_.metrics["diffusability"]["probe"] = D.diffusability_probe(model, D.ProbeConfig(seed=seed))
         result["models"][name] = run_.metrics
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result["headline"] = headline(result)
     result["image_names"] = images.names
+    spectra = {m: e["diffusability"] for m, e in result["models"].items()}
+    result["diffusability_picture"] = save_figure(D.plot_spectra(spectra), out / "spectra.png").name
     write_json(out / "metrics.json", result)
     atomic_write_text(out / "report.md", render_report(result))
     return result

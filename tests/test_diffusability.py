@@ -309,3 +309,30 @@ def test_command_line_probe_writes_json_and_reports_errors(tmp_path, tiny_model,
     assert script.main(["--model", str(tmp_path / "missing")]) == 2
     assert script.main(["--model", str(tmp_path / "my-vae"), "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_reports_diffusability_and_runs_the_probe_on_request(tmp_path, tiny_model, monkeypatch):
+    import functools
+    import json
+
+    from kl_autoencoder import diffusability as D
+    from kl_autoencoder.data import tensor_to_image
+    from kl_autoencoder.evaluation import evaluate
+
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        tensor = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1
+        tensor_to_image(tensor).save(folder / f"{i}.png")
+    monkeypatch.setattr(D, "probe_pixels", lambda config: probe_pixels(config.seed))
+    monkeypatch.setattr(D, "ProbeConfig", functools.partial(ProbeConfig, **{**TINY_PROBE, "eval_timesteps": (10,)}))
+    result = evaluate([str(tmp_path / "tiny")], str(folder), tmp_path / "eval", resolution=16, progress=False,
+                      diffusability_probe=True)
+    entry = json.loads((tmp_path / "eval" / "metrics.json").read_text())["models"]["tiny"]["diffusability"]
+    assert entry == json.loads(json.dumps(result["models"]["tiny"]["diffusability"]))
+    assert set(entry["equivariance_psnr"]) == {t.name for t in EVAL_TRANSFORMS}
+    assert set(entry["probe"]["heldout_loss"]) == {"10"}
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Diffusability" in report and "probe held-out loss, t = 10" in report
+    assert "![spectra](spectra.png)" in report and (tmp_path / "eval" / "spectra.png").stat().st_size > 0
