@@ -1,7 +1,7 @@
 """Diffusability probe: how easily a small diffusion model learns each VAE's latents, under one fixed budget.
 
     python eval/diffusability.py --model outputs/quickstart/vae other/vae [--out diffusability.json]
-                                 [--steps 150] [--seed 0] [--latent-scale config|measured]
+                                 [--steps 150] [--seed 0] [--latent-scale measured|config]
 
 For every model: encode the same random crops of the sample photos (training photos vs held-out photos), train a
 small diffusers UNet2DModel (DDPM, epsilon prediction) on the training latents with fixed seeds, and report its
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=defaults.resolution, help="crop size in pixels")
     p.add_argument("--width", type=int, default=defaults.width, help="UNet channels (width, 2 x width)")
     p.add_argument("--latent-scale", choices=("config", "measured"), default=defaults.latent_scale,
-                   help="config: the model's scaling_factor / shift_factor; measured: standardise the latents")
+                   help="measured: standardise the latents (compares VAEs whatever their scaling_factor); config: "
+                        "the model's scaling_factor / shift_factor, as a pipeline would")
     p.add_argument("--seed", type=int, default=defaults.seed)
     return p.parse_args(argv)
 

@@ -273,6 +273,7 @@ def plot_spectra(entries: dict[str, dict[str, Any]], title: str = "radially aver
                     label=f"image (HF share {image['high_frequency_share']:.3f})")
     cutoff = next(iter(entries.values()))["spectrum"]["latent"]["cutoff"]
     ax.axvline(cutoff, color="grey", lw=0.8, ls=":")
+    ax.text(cutoff, 0.98, " half Nyquist", transform=ax.get_xaxis_transform(), va="top", fontsize=7, color="grey")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_yscale("log")
     ax.set_xlim(0, 0.5)
@@ -321,9 +322,10 @@ def report_lines(models: dict[str, dict[str, Any]], picture: str | None = None) 
         for message in (probes[m] or {}).get("warnings", []):
             lines.append(f"- `{m}` probe: {message}")
     if any(probes.values()):
-        lines.append("- Probe: a small UNet2DModel trained on the VAE's diffusion latents of fixed crops of the "
-                     "sample photos with fixed seeds and budget; epsilon-prediction MSE on held-out latents at "
-                     "fixed noise levels. Compare VAEs only at the same budget and downsampling factor.")
+        lines.append("- Probe: a small UNet2DModel trained on the VAE's posterior means of fixed crops of the sample "
+                     "photos (standardised; with latent_scale 'config', scaled by the model's scaling_factor), with "
+                     "fixed seeds and budget; epsilon-prediction MSE on held-out latents at fixed noise levels. "
+                     "Compare VAEs only at the same budget and downsampling factor.")
     lines.append("")
     if picture:
         lines += [f"![spectra]({picture})", ""]
@@ -338,9 +340,11 @@ def report_lines(models: dict[str, dict[str, Any]], picture: str | None = None) 
 class ProbeConfig:
     """The probe's fixed budget. Compare VAEs only under the same ProbeConfig (and the same downsampling factor).
 
-    `latent_scale`: "config" diffuses model.to_diffusion_latents(mu) (the model's scaling_factor / shift_factor, as a
-    pipeline would); "measured" standardises mu with the training latents' global mean and std (what
-    `evaluate --write-config` would set), so a badly set scaling_factor does not decide the comparison.
+    `latent_scale`: "measured" (default) standardises the posterior means mu with the training latents' global mean
+    and std, so a badly set scaling_factor does not decide the comparison (a random-init VAE with a trained model's
+    scaling_factor has latents of std ~0.1, and small latents are trivially "easy" to denoise); "config" diffuses
+    model.to_diffusion_latents(mu) (the model's scaling_factor / shift_factor, as a pipeline would) and warns when
+    their std is outside [0.5, 2]. For an export whose scaling_factor was measured the two agree closely.
     """
 
     resolution: int = 128             # pixel crops: 16x16 latents at f8
@@ -352,7 +356,7 @@ class ProbeConfig:
     lr: float = 1e-3
     num_train_timesteps: int = 1000   # DDPM linear beta schedule (diffusers' default betas)
     eval_timesteps: tuple[int, ...] = (100, 250, 500, 750)
-    latent_scale: str = "config"
+    latent_scale: str = "measured"
     seed: int = 0
     encode_batch_size: int = 32
 
