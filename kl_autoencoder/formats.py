@@ -173,8 +173,9 @@ def embedded_config(path: Path) -> dict | None:
     return data
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """A diffusers `config.json` as a dict, checked to describe an AutoencoderKL."""
+def read_config(folder: Path, class_name: str = "AutoencoderKL") -> dict[str, Any]:
+    """A diffusers `config.json` as a dict, checked to describe a `class_name` (a missing `_class_name` is taken as
+    that class)."""
     config_path = Path(folder) / CONFIG_NAME
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
@@ -184,9 +185,11 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise WeightsError(f"cannot read {config_path}: {err}") from err
     if not isinstance(data, dict):
         raise WeightsError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
-    class_name = data.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-        raise WeightsError(f"{config_path} describes a {capped_repr(class_name)}, not an AutoencoderKL")
+    found = data.get("_class_name", class_name)
+    if found != class_name:
+        hint = {"AutoencoderKL": "KLAutoencoder.from_pretrained", "AutoencoderTiny": "TinyAutoencoder.from_pretrained"}
+        raise WeightsError(f"{config_path} describes a {capped_repr(found)}, not an {class_name}"
+                           + (f" (load it with {hint[found]})" if found in hint else ""))
     return data
 
 

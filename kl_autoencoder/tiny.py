@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kl_autoencoder.durable import atomic_write, atomic_write_dir
-from kl_autoencoder.formats import (CONFIG_NAME, DTYPES, WEIGHTS_NAME, WeightsError, _verify_export, capped_repr,
+from kl_autoencoder.formats import (CONFIG_NAME, DTYPES, WEIGHTS_NAME, WeightsError, _verify_export, capped_repr, read_config,
                                     check_fits, check_floating, model_folder, nonfinite_keys, read_state_dict,
                                     warn_nonfinite)
 from kl_autoencoder.losses import pixel_loss
@@ -377,22 +377,11 @@ def load_state(model: TinyAutoencoder, state: dict[str, torch.Tensor], source: s
 
 
 def read_tiny_config(folder: Path) -> TinyConfig:
-    config_path = folder / CONFIG_NAME
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{config_path} is not valid JSON: {err}") from err
-    except OSError as err:
-        raise WeightsError(f"cannot read {config_path}: {err}") from err
-    if not isinstance(data, dict):
-        raise WeightsError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
-    if data.get("_class_name", "AutoencoderTiny") != "AutoencoderTiny":
-        raise WeightsError(f"{config_path} describes a {capped_repr(data['_class_name'])}, not an AutoencoderTiny "
-                           "(a KL VAE loads with KLAutoencoder.from_pretrained)")
+    data = read_config(folder, class_name="AutoencoderTiny")
     try:
         return TinyConfig.from_dict(data)
     except (TypeError, ValueError) as err:
-        raise WeightsError(f"{config_path}: {err}") from err
+        raise WeightsError(f"{folder / CONFIG_NAME}: {err}") from err
 
 
 def load_tiny(path: str | Path, dtype: torch.dtype | None = None) -> TinyAutoencoder:
