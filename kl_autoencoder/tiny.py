@@ -59,9 +59,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kl_autoencoder.durable import atomic_write, atomic_write_dir
-from kl_autoencoder.formats import (CONFIG_NAME, DTYPES, WEIGHTS_NAME, WeightsError, _verify_export, capped_repr, read_config,
-                                    check_fits, check_floating, model_folder, nonfinite_keys, read_state_dict,
-                                    warn_nonfinite)
+from kl_autoencoder.formats import (CONFIG_NAME, DTYPES, WEIGHTS_NAME, WeightsError, _verify_export, capped_repr,
+                                    check_fits, check_floating, model_folder, nonfinite_keys, read_config,
+                                    read_state_dict, warn_nonfinite)
 from kl_autoencoder.losses import pixel_loss
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 
