@@ -84,6 +84,13 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path, name: s
         state.setdefault(int(index), {})[field] = value
     groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    # The files hold contiguous (NCHW) tensors; give each per-parameter tensor its parameter's layout again. Fused
+    # AdamW walks moments and parameters as flat memory: NCHW moments of NHWC (channels_last) weights would be
+    # applied to the wrong elements after a resume.
+    for param, fields in optimizer.state.items():
+        for field, value in fields.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                fields[field] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def allowed_checkpoint_files(modules: dict[str, Any], optimizers: dict[str, Any]) -> set[str]:
