@@ -28,6 +28,12 @@ denoising loss too (it trains a small UNet: about a minute per quickstart-size V
 
 `write_config=True` stores the measured scaling_factor / shift_factor (and with `write_latent_stats` the
 per-channel latents_mean / latents_std) into the model folder's config.json.
+
+Tiny autoencoders (a diffusers `AutoencoderTiny` folder, e.g. from `kl-autoencoder distill`) are evaluated beside
+KL VAEs: the same image metrics (encode then decode) and speed; latent statistics and diffusability do not apply (its
+encoder outputs the teacher's diffusion latents directly, there is no posterior). With its teacher among the models
+(or `teacher=`), its entry's "teacher" holds PSNR / SSIM against the teacher's decodes (`compare_with_teacher`) and
+report.md a section for it.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from kl_autoencoder.durable import atomic_write, atomic_write_text
 from kl_autoencoder.fastpath import FastPath, autocast as fast_autocast, prepare_for_inference
 from kl_autoencoder.formats import CONFIG_NAME, find_config_json
 from kl_autoencoder.model import KLAutoencoder
+from kl_autoencoder.tiny import TinyAutoencoder
 
 GRID_IMAGES = 4        # first images shown in reconstructions.png
 LATENT_IMAGES = 2      # images whose latent channels are drawn
@@ -95,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--diffusability-probe", action="store_true",
                         help="also train the diffusability probe on crops of the sample photos (~1 min per VAE)")
+    parser.add_argument("--teacher", default=None, metavar="PATH",
+                        help="the KL VAE the tiny autoencoder(s) among --model were distilled from: evaluated "
+                             "too, each tiny model compared with its decodes (default: the only KL VAE in --model)")
     return parser
 
 
@@ -107,13 +117,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size, sample=args.sample, write_config=args.write_config,
         write_latent_stats=args.write_latent_stats, shift=SHIFT_CHOICES[args.shift_factor], lpips_net=args.lpips_net,
         device=args.device, seed=args.seed, worst_k=args.worst_k, progress=not args.no_progress,
-        diffusability_probe=args.diffusability_probe,
+        diffusability_probe=args.diffusability_probe, teacher=args.teacher,
     )
     headline = result["headline"]
     for name, values in headline["models"].items():
+        entry = result["models"][name]
+        detail = (f"scaling_factor {entry['latents']['scaling_factor']:.5g}" if entry["latents"] is not None else
+                  f"vs teacher {_fmt(entry['teacher']['decode']['splits'][headline['split']]['psnr'])} dB (decode)"
+                  if entry.get("teacher") else "tiny autoencoder")
         print(f"{name}: {headline['split']} images ({headline['num_images']}): PSNR {_fmt(values['psnr'])} dB, "
-              f"SSIM {_fmt(values['ssim'])}; scaling_factor "
-              f"{result['models'][name]['latents']['scaling_factor']:.5g}")
+              f"SSIM {_fmt(values['ssim'])}; {detail}")
     if result["skipped_images"]:
         print(f"skipped {_plural(result['skipped_images'], 'unreadable image')}: "
               + ", ".join(result["skipped_files"]))
@@ -200,10 +213,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_model_for_eval(path: str) -> KLAutoencoder:
-    """The model at `path` on the CPU; any failure is an EvaluationError naming the path."""
+def is_tiny_autoencoder(path: str) -> bool:
+    """Whether `path` is a local diffusers (or pipeline) folder whose config.json names an AutoencoderTiny."""
+    config = find_config_json(path) if Path(path).expanduser().is_dir() else None
+    if config is None:
+        return False
     try:
-        return KLAutoencoder.from_pretrained(path)
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name") == "AutoencoderTiny"
+    except (OSError, ValueError, AttributeError):  # unreadable: the KL loader reports it, naming the file
+        return False
+
+
+def load_model_for_eval(path: str) -> KLAutoencoder | TinyAutoencoder:
+    """The model at `path` on the CPU (a tiny autoencoder by its config's class name); any failure is an
+    EvaluationError naming the path."""
+    try:
+        return (TinyAutoencoder if is_tiny_autoencoder(path) else KLAutoencoder).from_pretrained(path)
     except Exception as err:  # any failure to load is the user's path, said with the reason
         raise EvaluationError(f"could not load model {path!r}: {err}") from err
 
@@ -235,14 +260,16 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
     """Reconstruct `images` ([N, 3, R, R] in [-1, 1]) with `model` and measure everything for one metrics.json entry.
 
     `splits` (name -> image indices) get their own image-metric summaries (default: one split "all"); `autocast`
-    follows the library's inference policy (fastpath); `shift`: see `metrics.uses_shift`.
+    follows the library's inference policy (fastpath); `shift`: see `metrics.uses_shift`. A TinyAutoencoder's
+    encoder is deterministic (no posterior): no latent statistics, `sample` does not apply.
     """
     device = torch.device(device)
     check_resolution(model, name, *images.shape[-2:])
     splits = splits if splits is not None else {ALL: list(range(len(images)))}
     policy = FastPath.for_device(device) if autocast else FastPath()
     generator = torch.Generator(device=device).manual_seed(seed)
-    stats = M.LatentStatistics(seed=seed, keep=KEPT_LATENTS, shift=shift)
+    tiny = isinstance(model, TinyAutoencoder)
+    stats = None if tiny else M.LatentStatistics(seed=seed, keep=KEPT_LATENTS, shift=shift)
     per_image: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "ms_ssim": [], "lpips": []}
     ms_ssim_error: str | None = None
     encode_s, decode_s, timed_images = 0.0, 0.0, 0
@@ -256,11 +283,14 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
         _sync(device)
         t0 = time.perf_counter()
         with fast_autocast(device, policy):
-            posterior = model.encode(x)
+            posterior = model.encode(x)  # a tiny autoencoder's: the latents themselves
             _sync(device)
             t1 = time.perf_counter()
-            z_sample = posterior.sample(generator)  # measured for the latent statistics either way
-            z = z_sample if sample else posterior.mode()
+            if tiny:
+                z = posterior
+            else:
+                z_sample = posterior.sample(generator)  # measured for the latent statistics either way
+                z = z_sample if sample else posterior.mode()
             t2 = time.perf_counter()
             reconstruction = model.decode(z)
             _sync(device)
@@ -268,7 +298,8 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
         if batch_index > 0 or len(starts) == 1:  # the first batch pays for kernel selection / warm-up
             encode_s, decode_s, timed_images = encode_s + t1 - t0, decode_s + t3 - t2, timed_images + len(x)
 
-        stats.update(posterior, z_sample)
+        if stats is not None:
+            stats.update(posterior, z_sample)
         original01, recon01 = M.to_unit_range(x), M.to_unit_range(reconstruction)
         batch_psnr = M.psnr(recon01, original01).cpu()
         per_image["psnr"].append(batch_psnr)
@@ -294,14 +325,15 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
                 heapq.heappush(worst_heap, entry)
             elif worst_k and entry > worst_heap[0]:
                 heapq.heapreplace(worst_heap, entry)
-        if run.latent_means is None:
+        if run.latent_means is None and not tiny:
             run.latent_means = posterior.mean[:LATENT_IMAGES].float().cpu()
 
     measured = {key: torch.cat(values) for key, values in per_image.items() if values}
     if ms_ssim_error is not None:
         measured.pop("ms_ssim", None)
-    latents = stats.result()
-    run.scaled_latents = stats.kept_latents(latents["scaling_factor"], latents["shift_factor"])
+    latents = stats.result() if stats is not None else None
+    if latents is not None:
+        run.scaled_latents = stats.kept_latents(latents["scaling_factor"], latents["shift_factor"])
     run.worst = [record for _, _, record in sorted(worst_heap, key=lambda e: (e[2].psnr, e[2].index))]
     split_of = {index: split for split, indices in splits.items() for index in indices}
     run.metrics = {
@@ -314,7 +346,7 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
         "latents": latents,
         "num_images": len(images),
         "resolution": images.shape[-1],
-        "sample_posterior": sample,
+        "sample_posterior": sample and not tiny,
         "speed": {
             "device": str(device),
             "encode_images_per_s": timed_images / encode_s if encode_s > 0 else None,
@@ -336,13 +368,99 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
     else:
         run.metrics["lpips_reason"] = lpips_metric.reason if lpips_metric is not None else "LPIPS not requested"
     run.metrics.update(_rfid_entry(fid_metric, len(images)))
-    if latents["collapsed_channels"] and len(images) > 1:  # one image has no variance across images to measure
+    if tiny:
+        run.metrics["latents_reason"] = TINY_LATENTS_REASON
+    elif latents["collapsed_channels"] and len(images) > 1:  # one image has no variance across images to measure
         message = (f"posterior collapse in {name!r}: {len(latents['collapsed_channels'])} of "
                    f"{len(latents['unit_activity'])} latent channels are inactive (activity <= "
                    f"{latents['activity_threshold']}): channels {latents['collapsed_channels']}")
         run.metrics["warnings"].append(message)
         warnings.warn(message, stacklevel=3)  # past the no_grad wrapper: the caller
     return run
+
+
+TINY_LATENTS_REASON = ("a tiny autoencoder has no posterior: its encoder outputs the teacher's diffusion latents "
+                       "directly (scaling_factor 1, shift_factor 0 by construction), so latent statistics, the "
+                       "recommended scale and diffusability do not apply to it")
+
+
+@torch.no_grad()
+def compare_with_teacher(student: TinyAutoencoder, teacher: KLAutoencoder, teacher_name: str, images: torch.Tensor,
+                         batch_size: int = 8, device: torch.device | str = "cpu",
+                         splits: dict[str, list[int]] | None = None, autocast: bool = True) -> dict[str, Any]:
+    """A tiny autoencoder against the KL VAE it was distilled from, on `images` ([N, 3, R, R] in [-1, 1]).
+
+    With z the teacher's posterior mode and L = teacher.to_diffusion_latents(z) (what a diffusion model samples):
+      "decode":      PSNR / SSIM of student.decode(L) against teacher.decode(z): the decoder alone, i.e. a preview
+                     of a diffusion model's latents against the full decode;
+      "round_trip":  student.decode(student.encode(x)) against teacher.decode(z): both halves;
+      "latent_rmse": per image, the RMS of student.encode(x) - L (L has about unit spread).
+    Each over all images and per split (`splits`, default one split "all"), decodes clamped to the image range.
+    """
+    device = torch.device(device)
+    splits = splits if splits is not None else {ALL: list(range(len(images)))}
+    policy = FastPath.for_device(device) if autocast else FastPath()
+    per_image: dict[str, dict[str, list[torch.Tensor]]] = {"decode": {"psnr": [], "ssim": []},
+                                                           "round_trip": {"psnr": [], "ssim": []}}
+    rmse = []
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device)
+        with fast_autocast(device, policy):
+            z = teacher.encode(x).mode()
+            target = M.to_unit_range(teacher.decode(z))
+            latents = teacher.to_diffusion_latents(z).float()
+            encoded = student.encode(x).float()
+            outputs = {"decode": M.to_unit_range(student.decode(latents)),
+                       "round_trip": M.to_unit_range(student.decode(encoded))}
+        for kind, output in outputs.items():
+            per_image[kind]["psnr"].append(M.psnr(output, target).cpu())
+            per_image[kind]["ssim"].append(M.ssim(output, target).cpu())
+        rmse.append((encoded - latents).pow(2).flatten(1).mean(1).sqrt().cpu())
+    result: dict[str, Any] = {"teacher": teacher_name}
+    for kind, values in per_image.items():
+        measured = {key: torch.cat(parts) for key, parts in values.items()}
+        result[kind] = {"psnr": M.summarize(measured["psnr"]), "ssim": M.summarize(measured["ssim"]),
+                        "splits": _split_summaries(measured, splits)}
+    result["latent_rmse"] = M.summarize(torch.cat(rmse))
+    return result
+
+
+def _same_model_path(a: str, b: str) -> bool:
+    if Path(a).expanduser().exists() and Path(b).expanduser().exists():
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def find_teacher(paths: list[str], models: list[Any], teacher: str | None) -> int | None:
+    """Index in `paths` of the KL VAE the tiny autoencoders are compared with: `teacher`'s, else the only KL VAE
+    among the models; None when there is no tiny model or no KL VAE. Mismatches are EvaluationErrors, before work."""
+    tiny = [isinstance(m, TinyAutoencoder) for m in models]
+    if not any(tiny):
+        if teacher is not None:
+            raise EvaluationError(f"--teacher {teacher!r} is for tiny autoencoders (AutoencoderTiny folders); none "
+                                  "is among the models")
+        return None
+    if teacher is not None:
+        index = next(i for i, p in enumerate(paths) if _same_model_path(p, teacher))
+        if tiny[index]:
+            raise EvaluationError(f"--teacher {teacher!r} is a tiny autoencoder; name the KL VAE it was distilled from")
+    else:
+        candidates = [i for i, is_tiny in enumerate(tiny) if not is_tiny]
+        if not candidates:
+            return None
+        if len(candidates) > 1:
+            raise EvaluationError("several KL VAEs are among the models (" + ", ".join(paths[i] for i in candidates)
+                                  + "): say which one the tiny autoencoder was distilled from with --teacher")
+        index = candidates[0]
+    for path, model in zip(paths, models):
+        if isinstance(model, TinyAutoencoder) and (
+                model.config.latent_channels != models[index].config.latent_channels
+                or model.downsampling_factor != models[index].config.downsampling_factor):
+            raise EvaluationError(
+                f"the tiny autoencoder {path!r} ({model.config.latent_channels} latent channels, factor "
+                f"{model.downsampling_factor}) cannot be a student of {paths[index]!r} "
+                f"({models[index].config.latent_channels} channels, factor {models[index].config.downsampling_factor})")
+    return index
 
 
 def _rfid_entry(fid_metric: M.FIDMetric | None, num_images: int) -> dict[str, Any]:
@@ -483,11 +601,11 @@ def image_labels(names: list[str], splits: dict[str, list[int]]) -> list[str]:
 def write_pictures(run: ModelRun, labels: list[str], folder: Path) -> dict[str, str]:
     """The four pictures of one model; returns {kind: path relative to the output folder}."""
     folder.mkdir(parents=True, exist_ok=True)
-    pictures = {
-        "reconstructions": plot_reconstructions(run.first, labels, f"{run.name}: first images"),
-        "latent_histograms": plot_latent_histograms(run.scaled_latents, f"{run.name}: scaled latents vs N(0, 1)"),
-        "latent_channels": plot_latent_channels(run.latent_means, labels, f"{run.name}: posterior means"),
-    }
+    pictures = {"reconstructions": plot_reconstructions(run.first, labels, f"{run.name}: first images")}
+    if run.scaled_latents is not None:  # not for a tiny autoencoder (no posterior)
+        pictures["latent_histograms"] = plot_latent_histograms(run.scaled_latents,
+                                                               f"{run.name}: scaled latents vs N(0, 1)")
+        pictures["latent_channels"] = plot_latent_channels(run.latent_means, labels, f"{run.name}: posterior means")
     if run.worst:
         pictures["worst"] = plot_reconstructions(run.worst, labels, f"{run.name}: lowest PSNR")
     written = {}
@@ -550,18 +668,47 @@ def image_metrics_section(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def teacher_section(result: dict[str, Any]) -> list[str]:
+    """Each tiny autoencoder against its teacher's decodes, split by split, and its speed relative to the teacher."""
+    models = result["models"]
+    tiny = [m for m, e in models.items() if e.get("teacher")]
+    if not tiny:
+        return []
+    lines = ["## Tiny autoencoders against their teacher", "",
+             "decode: the student decoding the teacher's diffusion latents (of the posterior mode) against the "
+             "teacher's decode of them, what a preview shows; round trip: the student's encode + decode against the "
+             "same; latent RMSE: student encode vs the teacher's diffusion latents.", "",
+             "| | " + " | ".join(f"`{m}` vs `{models[m]['teacher']['teacher']}`" for m in tiny) + " |",
+             "|---|" + "---|" * len(tiny)]
+    for split in result["splits"]:
+        for kind, label in (("decode", "decode"), ("round_trip", "round trip")):
+            for key, unit in (("psnr", " (dB) ↑"), ("ssim", " ↑")):
+                lines.append(f"| {label} {key.upper()}{unit}, {_split_title(split)} | " + " | ".join(
+                    _fmt(models[m]["teacher"][kind]["splits"][split][key]) for m in tiny) + " |")
+    lines.append("| latent RMSE ↓ | " + " | ".join(_fmt(models[m]["teacher"]["latent_rmse"]) for m in tiny) + " |")
+    for kind in ("encode", "decode"):
+        def ratio(m: str) -> str:
+            ours, theirs = (models[name]["speed"][f"{kind}_images_per_s"]
+                            for name in (m, models[m]["teacher"]["teacher"]))
+            return "n/a" if not ours or not theirs else f"{ours / theirs:.3g}x"
+        lines.append(f"| {kind} speed vs teacher | " + " | ".join(ratio(m) for m in tiny) + " |")
+    return lines + [""]
+
+
 def whole_set_section(result: dict[str, Any]) -> list[str]:
     """rFID, the latent scale and statistics, speed: measured over all images of every split."""
     models = result["models"]
     header = list(models)
     lines = [f"Over all {result['num_images']} images:", "",
              "| | " + " | ".join(f"`{m}`" for m in header) + " |", "|---|" + "---|" * len(header)]
+    def latent(text: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], str]:
+        return lambda e: "n/a (tiny)" if e["latents"] is None else text(e["latents"])
+
     rows = [("rFID ↓", lambda e: _fmt(e["rfid"])),
-            ("scaling_factor", lambda e: f"{e['latents']['scaling_factor']:.5g}"),
-            ("shift_factor", lambda e: "none" if e["latents"]["shift_factor"] is None
-             else f"{e['latents']['shift_factor']:.4g}"),
-            ("active channels", lambda e: f"{e['latents']['active_units']} / {len(e['latents']['unit_activity'])}"),
-            ("KL per image (nats)", lambda e: f"{e['latents']['kl_total']:.4g}"),
+            ("scaling_factor", latent(lambda s: f"{s['scaling_factor']:.5g}")),
+            ("shift_factor", latent(lambda s: "none" if s["shift_factor"] is None else f"{s['shift_factor']:.4g}")),
+            ("active channels", latent(lambda s: f"{s['active_units']} / {len(s['unit_activity'])}")),
+            ("KL per image (nats)", latent(lambda s: f"{s['kl_total']:.4g}")),
             ("encode images/s", lambda e: _speed(e["speed"]["encode_images_per_s"])),
             ("decode images/s", lambda e: _speed(e["speed"]["decode_images_per_s"]))]
     for label, get in rows:
@@ -591,6 +738,22 @@ def skipped_section(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def channel_table(latents: dict[str, Any]) -> list[str]:
+    """A KL VAE's per-channel latent statistics as a table, with its legend."""
+    lines = ["| channel | mean z | std z | mean μ | std μ | mean σ | KL (nats) | activity |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in range(len(latents["latents_mean"])):
+        flag = " (collapsed)" if c in latents["collapsed_channels"] else ""
+        lines.append(
+            f"| {c}{flag} | {latents['latents_mean'][c]:.4g} | {latents['latents_std'][c]:.4g} | "
+            f"{latents['channel_mean'][c]:.4g} | {latents['channel_std'][c]:.4g} | "
+            f"{latents['posterior_std'][c]:.4g} | {latents['kl_per_channel'][c]:.4g} | "
+            f"{latents['unit_activity'][c]:.4g} |")
+    return lines + ["", "z ~ q(z|x); μ, σ: posterior mean and std; KL summed over a channel's positions, averaged over "
+                    "images; activity: variance of μ across images (threshold "
+                    f"{latents['activity_threshold']}).", ""]
+
+
 def model_sections(result: dict[str, Any]) -> list[str]:
     """Per model: warnings, per-channel latent statistics, worst images, pictures."""
     names, lines = result["image_names"], []
@@ -599,18 +762,10 @@ def model_sections(result: dict[str, Any]) -> list[str]:
         lines += [f"## `{m}`", "", f"Model: `{entry['path']}`", ""]
         for message in entry["warnings"]:
             lines += [f"> **Warning:** {message}", ""]
-        lines += ["| channel | mean z | std z | mean μ | std μ | mean σ | KL (nats) | activity |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for c in range(len(latents["latents_mean"])):
-            flag = " (collapsed)" if c in latents["collapsed_channels"] else ""
-            lines.append(
-                f"| {c}{flag} | {latents['latents_mean'][c]:.4g} | {latents['latents_std'][c]:.4g} | "
-                f"{latents['channel_mean'][c]:.4g} | {latents['channel_std'][c]:.4g} | "
-                f"{latents['posterior_std'][c]:.4g} | {latents['kl_per_channel'][c]:.4g} | "
-                f"{latents['unit_activity'][c]:.4g} |")
-        lines += ["", "z ~ q(z|x); μ, σ: posterior mean and std; KL summed over a channel's positions, averaged over "
-                  "images; activity: variance of μ across images (threshold "
-                  f"{latents['activity_threshold']}).", ""]
+        if latents is None:  # a tiny autoencoder
+            lines += [f"Latent statistics: n/a ({entry.get('latents_reason', 'not measured')}).", ""]
+        else:
+            lines += channel_table(latents)
         if entry["worst"]:
             lines += ["Lowest PSNR: " + ", ".join(
                 f"`{Path(names[w['index']]).name}` ({w['split']}, {w['psnr']:.2f} dB)" for w in entry["worst"]), ""]
@@ -624,7 +779,7 @@ def diffusability_section(result: dict[str, Any]) -> list[str]:
 
 ReportSection = Callable[[dict[str, Any]], list[str]]
 REPORT_SECTIONS: list[ReportSection] = [
-    headline_section, image_metrics_section, whole_set_section, notes_section, skipped_section,
+    headline_section, image_metrics_section, teacher_section, whole_set_section, notes_section, skipped_section,
     diffusability_section, model_sections,
 ]
 
@@ -708,17 +863,21 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
              batch_size: int = 8, sample: bool = False, write_config: bool = False, write_latent_stats: bool = False,
              shift: bool | None = None, lpips_net: str = "alex", device: str | torch.device | None = None,
              seed: int = 0, worst_k: int = 4, progress: bool = True, lpips_network: torch.nn.Module | None = None,
-             fid_feature: torch.nn.Module | None = None, diffusability_probe: bool = False) -> dict[str, Any]:
+             fid_feature: torch.nn.Module | None = None, diffusability_probe: bool = False,
+             teacher: str | None = None) -> dict[str, Any]:
     """Evaluate `models` on the same images from `data`; write metrics.json, report.md and pictures into `out`.
 
     Everything is checked (flags, --write-config targets, images, every model) before any work. `shift`: see
     `metrics.uses_shift`. `lpips_network` / `fid_feature` force networks in instead of the pretrained ones (tests
-    only). Returns the metrics.json content (as Python values, with float infinities).
+    only). `teacher`: the KL VAE the tiny autoencoders among `models` are compared with (`find_teacher`; added to
+    the models when not among them). Returns the metrics.json content (as Python values, with float infinities).
     """
     if isinstance(models, str):
         models = [models]
     if not models:
         raise EvaluationError("no model given to evaluate")
+    if teacher is not None and not any(_same_model_path(path, teacher) for path in models):
+        models = [*models, teacher]
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     if num_images is not None and num_images < 1:
@@ -726,10 +885,15 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
     if write_config:
         for path in models:
             config_json_for(path)
+            if is_tiny_autoencoder(path):
+                raise EvaluationError(f"--write-config: {path!r} is a tiny autoencoder, whose latent scale is 1 by "
+                                      "construction (it outputs its teacher's diffusion latents); nothing to write")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     images = load_split_images(data, resolution, num_images)
     loaded = load_models(models, resolution)
+    teacher_index = find_teacher(models, loaded, teacher)
+    teacher_model = loaded[teacher_index] if teacher_index is not None else None
 
     lpips_metric = M.LPIPSMetric(lpips_net, device=device, network=lpips_network)
     labels = image_labels(images.names, images.splits)
@@ -750,18 +914,26 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
         if write_config:
             written = write_latent_config(path, run_.metrics["latents"], write_latent_stats)
             run_.metrics["config_written"] = str(written)
-        # Diffusability: spectra and equivariance on the evaluation images; the probe (it trains) on request.
-        run_.metrics["diffusability"] = D.diffusability_metrics(model, images.images, batch_size, device)
-        if diffusability_probe:
-            run_.metrics["diffusability"]["probe"] = D.diffusability_probe(model, D.ProbeConfig(seed=seed))
+        if isinstance(model, TinyAutoencoder):  # no posterior: no diffusability (TINY_LATENTS_REASON)
+            run_.metrics["diffusability"] = None
+            if teacher_model is not None:
+                run_.metrics["teacher"] = compare_with_teacher(
+                    model, prepare_for_inference(teacher_model, device), model_names(models)[teacher_index],
+                    images.images, batch_size, device, images.splits)
+        else:
+            # Diffusability: spectra and equivariance on the evaluation images; the probe (it trains) on request.
+            run_.metrics["diffusability"] = D.diffusability_metrics(model, images.images, batch_size, device)
+            if diffusability_probe:
+                run_.metrics["diffusability"]["probe"] = D.diffusability_probe(model, D.ProbeConfig(seed=seed))
         result["models"][name] = run_.metrics
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result["headline"] = headline(result)
     result["image_names"] = images.names
-    spectra = {m: e["diffusability"] for m, e in result["models"].items()}
-    result["diffusability_picture"] = save_figure(D.plot_spectra(spectra), out / "spectra.png").name
+    spectra = {m: e["diffusability"] for m, e in result["models"].items() if e["diffusability"] is not None}
+    if spectra:
+        result["diffusability_picture"] = save_figure(D.plot_spectra(spectra), out / "spectra.png").name
     write_json(out / "metrics.json", result)
     atomic_write_text(out / "report.md", render_report(result))
     return result

@@ -1,0 +1,210 @@
+"""Distillation end to end: `kl-autoencoder distill` in the trainer's loop (learning, exact resume, what a checkpoint
+holds), the export in diffusers' AutoencoderTiny and as single files, and `evaluate` on a student beside its teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from skimage.metrics import peak_signal_noise_ratio
+
+from kl_autoencoder import KLAutoencoder
+from kl_autoencoder.cli import main as cli
+from kl_autoencoder.config import ConfigError, load_config
+from kl_autoencoder.data import load_eval_images
+from kl_autoencoder.distill import build_distillation
+from kl_autoencoder.evaluation import EvaluationError, evaluate
+from kl_autoencoder.tiny import TinyAutoencoder, build_student
+from kl_autoencoder.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER = ROOT / "tests" / "assets" / "trained-f8"  # a briefly trained f8 KL VAE (the quickstart architecture)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SMALL = ["distill.width=8", "distill.encoder_blocks=1", "distill.decoder_blocks=1", "data.num_workers=0",
+         "train.batch_size=4", "train.log_every=5", "train.image_every=0", "train.checkpoint_every=0",
+         "optim.warmup_steps=0"]
+
+
+def small_config(out: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "distill.yaml",
+                       [f"distill.teacher={TEACHER}", f"train.output_dir={out}", "data.resolution=32", *SMALL,
+                        *overrides])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def heldout_decode_psnr(student: TinyAutoencoder, size: int = 64) -> float:
+    """skimage PSNR of the student's decode of the teacher's diffusion latents (posterior mode) against the
+    teacher's decode, mean over the held-out sample photos."""
+    teacher = KLAutoencoder.from_pretrained(TEACHER).eval()
+    _, x = load_eval_images("sample:heldout", size)
+    with torch.no_grad():
+        z = teacher.encode(x).mode()
+        target = teacher.decode(z).clamp(-1, 1)
+        decoded = student.eval().decode(teacher.to_diffusion_latents(z)).clamp(-1, 1)
+    a, b = ((target + 1) / 2).numpy(), ((decoded + 1) / 2).numpy()
+    return float(np.mean([peak_signal_noise_ratio(a[i], b[i], data_range=1.0) for i in range(len(a))]))
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory) -> Path:
+    """40 steps of `kl-autoencoder distill` on 32 px crops of the sample photos (shared by the export/eval tests)."""
+    out = tmp_path_factory.mktemp("distill") / "run"
+    code = cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out), "--steps", "40",
+                "--resolution", "32", *SMALL])
+    assert code == 0
+    return out
+
+
+def test_distill_command_lowers_the_student_vs_teacher_error(distilled):
+    logged = metrics(distilled)
+    assert {"loss", "pixel", "latent", "grad_norm", "lr"} <= set(logged[0])
+    first, last = logged[0], logged[-1]
+    assert last["pixel"] < 0.7 * first["pixel"] and last["latent"] < 0.7 * first["latent"], (first, last)
+    torch.manual_seed(0)
+    untrained = build_student(KLAutoencoder.from_pretrained(TEACHER).config, 8, 1, 1)
+    before, after = heldout_decode_psnr(untrained), heldout_decode_psnr(TinyAutoencoder.from_pretrained(distilled / "vae"))
+    assert after > before + 4.0, (before, after)
+    summary = json.loads((distilled / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["nonfinite_steps"] == 0
+    saved = load_config(distilled / "config.yaml")  # the run's resolved config: flags landed where they should
+    assert saved.distill.teacher == str(TEACHER) and saved.data.resolution == 32 and saved.train.max_steps == 40
+
+
+def test_export_loads_in_diffusers_and_as_single_files(distilled):
+    from diffusers import AutoencoderTiny
+
+    folder = distilled / "vae"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny"
+    assert config["scaling_factor"] == 1.0 and config["shift_factor"] == 0.0  # pipelines hand it their latents as is
+    reference = AutoencoderTiny.from_pretrained(folder).eval()
+    ours = TinyAutoencoder.from_pretrained(folder)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), reference.encode(x).latents, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.decode(latents), reference.decode(latents).sample, rtol=0, atol=1e-5)
+    single = TinyAutoencoder.from_single_files(folder / "tiny_encoder.safetensors", folder / "tiny_decoder.safetensors")
+    assert single.config == ours.config
+    for key, value in ours.state_dict().items():
+        assert torch.equal(single.state_dict()[key], value), key
+
+
+def test_resume_is_exact_and_checkpoints_hold_only_the_student(tmp_path):
+    """6 steps straight == 3 steps, stop, resume, 3 steps (random crops, EMA, posterior samples of the teacher)."""
+    common = ["train.checkpoint_every=3", "train.ema.enabled=true", "train.ema.decay=0.9", "train.log_every=1",
+              "optim.warmup_steps=5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(small_config(straight, "train.max_steps=6", *common), build=build_distillation)
+    train(small_config(split, "train.max_steps=3", *common), build=build_distillation)
+    train(small_config(split, "train.max_steps=6", "train.resume=latest", *common), build=build_distillation)
+    checkpoint = straight / "checkpoints" / "step_0000006"
+    assert {p.name for p in checkpoint.iterdir()} == {"model.safetensors", "ema.safetensors", "optimizer.safetensors",
+                                                     "optimizer.json", "trainer_state.json"}  # no teacher
+    a, b = load_file(checkpoint / "model.safetensors"), load_file(split / "checkpoints" / "step_0000006" /
+                                                                  "model.safetensors")
+    assert a.keys() == set(TinyAutoencoder(small_student_config()).state_dict())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    la, lb = ({m["step"]: m["loss"] for m in metrics(run)} for run in (straight, split))
+    for step in (4, 5, 6):
+        assert lb[step] == pytest.approx(la[step], rel=1e-5)
+    ea, eb = load_file(straight / "vae" / WEIGHTS), load_file(split / "vae" / WEIGHTS)
+    assert max((ea[k] - eb[k]).abs().max().item() for k in ea) < 1e-5
+    assert max((ea[k] - a[k]).abs().max().item() for k in ea) > 0  # the export is the EMA, not the raw weights
+
+
+def small_student_config():
+    return build_student(KLAutoencoder.from_pretrained(TEACHER).config, 8, 1, 1).config
+
+
+def test_evaluate_reports_the_student_beside_its_teacher(distilled, tmp_path):
+    out = tmp_path / "eval"
+    student = str(distilled / "vae")
+    code = cli(["evaluate", "--model", student, "--teacher", str(TEACHER), "--data", "sample:heldout",
+                "--resolution", "64", "--out", str(out), "--no-progress"])  # the teacher is added to the models
+    assert code == 0
+    result = json.loads((out / "metrics.json").read_text())
+    entry, teacher = result["models"]["run"], result["models"]["trained-f8"]
+    assert entry["latents"] is None and "no posterior" in entry["latents_reason"]
+    assert entry["diffusability"] is None and teacher["latents"]["scaling_factor"] > 0
+    assert entry["speed"]["decode_images_per_s"] > 0 and entry["speed"]["encode_images_per_s"] > 0
+    comparison = entry["teacher"]
+    assert comparison["teacher"] == "trained-f8"
+    expected = heldout_decode_psnr(TinyAutoencoder.from_pretrained(student))
+    assert comparison["decode"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
+    assert comparison["decode"]["splits"]["held-out"]["psnr"]["mean"] == pytest.approx(expected, abs=1e-3)
+    assert comparison["round_trip"]["ssim"]["mean"] <= 1.0 and comparison["latent_rmse"]["mean"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Tiny autoencoders against their teacher" in report and "`run` vs `trained-f8`" in report
+    assert "n/a (tiny)" in report
+    assert set(entry["pictures"]) == {"reconstructions", "worst"}
+
+
+def test_evaluate_refuses_what_it_cannot_decide(distilled, tmp_path, capsys):
+    student = str(distilled / "vae")
+    twin = tmp_path / "twin"
+    KLAutoencoder.from_pretrained(TEACHER).save_pretrained(twin)
+    with pytest.raises(EvaluationError, match="say which one"):
+        evaluate([student, str(TEACHER), str(twin)], "sample:heldout", tmp_path / "a", resolution=32, progress=False)
+    with pytest.raises(EvaluationError, match="is a tiny autoencoder"):
+        evaluate([student, str(TEACHER)], "sample:heldout", tmp_path / "b", resolution=32, teacher=student,
+                 progress=False)
+    assert cli(["evaluate", "--model", student, str(TEACHER), "--write-config", "--data", "sample:heldout",
+                "--resolution", "32", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "tiny autoencoder" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_bad_distill_settings_fail_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["distill", "--teacher", str(tmp_path / "missing"), "--data", "sample", "--out", str(out)]) == 2
+    assert "distill.teacher" in capsys.readouterr().err
+    assert cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out),
+                "loss.gan.enabled=true"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.gan.enabled" in err and "does not apply to distillation" in err
+    assert cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out), "--resolution", "36"]) == 2
+    assert "data.resolution" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="distill.teacher"):
+        build_distillation(load_config(None, [f"train.output_dir={out}"]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_optimizer_state_resumes_in_the_parameters_layout(tmp_path, fused):
+    """A checkpoint stores contiguous moments; NHWC (channels_last) weights, as the student trains, must get them
+    back NHWC, or fused AdamW applies them to the wrong elements (found through the distillation resume test)."""
+    from kl_autoencoder.run_folder import optimizer_from_files, optimizer_to_files
+
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+
+    def weights():
+        return torch.nn.Parameter(torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+                                  .contiguous(memory_format=torch.channels_last))
+
+    def step(param, optimizer, grad):
+        param.grad = grad.contiguous(memory_format=torch.channels_last)
+        optimizer.step()
+
+    straight = weights()
+    optimizer = torch.optim.AdamW([straight], lr=1e-2, fused=fused)
+    for grad in grads:
+        step(straight, optimizer, grad)
+    resumed = weights()
+    first = torch.optim.AdamW([resumed], lr=1e-2, fused=fused)
+    step(resumed, first, grads[0])
+    optimizer_to_files(first, tmp_path, "optimizer")
+    second = torch.optim.AdamW([resumed], lr=1e-2, fused=fused)
+    optimizer_from_files(second, tmp_path, "optimizer")
+    assert second.state[resumed]["exp_avg"].stride() == resumed.stride()
+    for grad in grads[1:]:
+        step(resumed, second, grad)
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-6)
