@@ -299,7 +299,10 @@ def optimizer_step(accelerator: Any, optimizer: Any, loss: torch.Tensor, params:
     for param in outside_ddp:
         if accelerator.num_processes > 1 and param.grad is not None:
             param.grad = accelerator.reduce(param.grad, "mean")
-    grad_norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+    if max_norm is None and accelerator.scaler is None:  # nothing to clip or unscale: only the norm, for the skip
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        grad_norm = accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
     skipped = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
     inner = _inner(optimizer)
     if getattr(inner, "_step_supports_amp_scaling", False) and accelerator.scaler is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
+from kl_autoencoder.distill import build_distillation  # noqa: E402
 from kl_autoencoder.formats import WeightsError  # noqa: E402
 from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.run_folder import RunFolderError  # noqa: E402
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        train(cfg)  # prints "exported <folder>" once, from the main process
+        # a config naming a distillation teacher trains a tiny autoencoder in the same loop
+        train(cfg, build=build_distillation if cfg.distill.teacher else None)  # prints "exported <folder>" once
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError) as e:  # found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
