@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from kl_autoencoder.data import BadImageError, image_to_tensor, iter_image_folder, load_image, tensor_to_image
+from kl_autoencoder.durable import atomic_write
+from kl_autoencoder.fastpath import FastPath, autocast
+from kl_autoencoder.tiling import check_tile_option, decode_tiled, encode_tiled, resolve_tile_size
 
 SHARD_PATTERN = "latents-{:05d}.safetensors"
 SHARD_GLOB = "latents-*.safetensors"
@@ -103,11 +109,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int, eps: float = 1e-4) -> to
 # precision and batching
 
 
-def autocast_for(device: torch.device) -> torch.autocast | nullcontext:
-    """bf16 autocast on CUDA (the conv stacks), nothing on CPU where fp32 is both faster and exact."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_for(device: torch.device) -> ContextManager:
+    """The inference precision policy of `FastPath.for_device` (bf16 on CUDA, fp32 on CPU) as a context."""
+    return autocast(device, FastPath.for_device(device))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -125,7 +129,6 @@ def encode_batch(model, x: torch.Tensor, mode: str = "mean", generator: torch.Ge
     """Posterior of a pixel batch in [-1, 1] (fp32 mean/logvar), taken as its mean or a sample.
 
     `tile_size`: None (one pass), pixels (tiled), or "auto" (tiled only over the pixel budget, see tiling.py)."""
-    from kl_autoencoder.tiling import encode_tiled, resolve_tile_size
 
     _check_mode(mode)
     tile = resolve_tile_size(tile_size, *x.shape[-2:])
@@ -140,7 +143,6 @@ def encode_batch(model, x: torch.Tensor, mode: str = "mean", generator: torch.Ge
 def decode_sliced(model, z: torch.Tensor, slice_size: int | None = None, tile_size: int | str | None = None,
                   tile_overlap: int = 0) -> torch.Tensor:
     """Decode raw latents `z` [B, C, h, w] `slice_size` samples at a time (bounds activation memory by the slice)."""
-    from kl_autoencoder.tiling import decode_tiled, resolve_tile_size
 
     device = model_device(model)
     f = model.config.downsampling_factor
@@ -275,8 +277,6 @@ def refuse_overwriting_inputs(targets: Sequence[Path], inputs: Sequence[Path]) -
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
     """Write an image tensor [3, H, W] in [-1, 1] to `path` as PNG, atomically: the file is complete or absent, and a
     symlink at `path` is replaced by the file, never written through."""
-    from kl_autoencoder.data import tensor_to_image
-    from kl_autoencoder.durable import atomic_write
 
     picture = tensor_to_image(image.cpu())
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
@@ -348,7 +348,6 @@ def _input_images(input_path: str | Path) -> list[tuple[str, Path]]:
     """(name, path) of every image to read: one file, or a folder's images (sorted), named relative to it.
 
     Names are checked like shard names, so an input whose output could not be written fails before any work."""
-    from kl_autoencoder.data import iter_image_folder
 
     root = Path(input_path).expanduser()
     items = [(root.name, root)] if root.is_file() else [(p.relative_to(root).as_posix(), p)
@@ -367,7 +366,6 @@ def _iter_image_batches(items: Sequence[tuple[str, Path]], batch_size: int, fact
     Only one partly filled batch per distinct size is held in memory. Unreadable files are recorded in
     `result.skipped` (and counted on `progress` at once; readable ones are counted by the caller once processed).
     """
-    from kl_autoencoder.data import BadImageError, image_to_tensor, load_image
 
     pending: dict[tuple[int, int], list[tuple[ImageRecord, torch.Tensor]]] = defaultdict(list)
     index = 0
@@ -392,7 +390,6 @@ def _iter_image_batches(items: Sequence[tuple[str, Path]], batch_size: int, fact
 
 def _check_folder_args(model, batch_size: int, tile_size: int | str | None, tile_overlap: int) -> None:
     """Argument errors a folder command can detect before it reads anything (so before any progress bar)."""
-    from kl_autoencoder.tiling import check_tile_option
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -400,9 +397,7 @@ def _check_folder_args(model, batch_size: int, tile_size: int | str | None, tile
 
 
 def _write_shard(path: Path, latents: dict[int, torch.Tensor], records: list[ImageRecord], model) -> Path:
-    from safetensors.torch import save_file
 
-    from kl_autoencoder.durable import atomic_write
 
     metadata = {
         "images": json.dumps([r.to_json() for r in sorted(records, key=lambda r: r.index)]),
@@ -515,7 +510,6 @@ def read_shard_header(path: str | Path, latent_channels: int | None = None,
     `latent_channels` channels, and (given the downsampling `factor`) an original size the latent covers.
 
     Any problem is a LatentFormatError naming the shard and the record."""
-    from safetensors import safe_open
 
     path = Path(path)
     try:
@@ -587,7 +581,6 @@ def read_shard(path: str | Path, latent_channels: int | None = None) -> list[tup
 
 
 def _load_latents(header: ShardHeader) -> list[tuple[ImageRecord, torch.Tensor]]:
-    from safetensors import safe_open
 
     try:
         with safe_open(str(header.path), framework="pt") as f:

@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
@@ -133,8 +138,6 @@ def stop_signals() -> Iterator[dict]:
 
 def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, count: int = 8) -> torch.Tensor:
     """[3, H, W] grid in [0, 1]: originals on the top row, reconstructions below."""
-    from torchvision.utils import make_grid
-
     n = min(count, originals.shape[0])
     pairs = torch.cat([originals[:n], reconstructions[:n]]).float().clamp(-1, 1)
     return make_grid((pairs + 1) / 2, nrow=n)
@@ -144,10 +147,6 @@ def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, count: in
 
 
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-
     for engine in ("FSDP", "DEEPSPEED"):  # `accelerate launch --use_fsdp/--use_deepspeed` tells its processes so
         if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true", "yes"):
             raise ConfigError(f"accelerate is configured for {engine}, which this trainer does not support (the "
@@ -429,8 +428,6 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
     Raises TrainingInterrupted (after writing a checkpoint) on SIGINT/SIGTERM and NonFiniteLossError after
     `train.max_nonfinite_steps` consecutive skipped steps.
     """
-    from accelerate.utils import set_seed
-
     set_seed(cfg.train.seed)  # same initial weights on every rank
     t = (build or build_training)(cfg)
     acc, device = t.accelerator, t.device
@@ -469,8 +466,6 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
     nonfinite = NonFiniteCounter(state, device)
     progress = None
     if acc.is_main_process:
-        from tqdm.auto import tqdm
-
         progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
     last_log_time, images_since_log = time.perf_counter(), 0
 
