@@ -2,7 +2,8 @@
 
 The diffusion model never sees pixels: random crops of the built-in sample photos are encoded once into diffusion
 latents ((z - shift) * scaling_factor, unit variance by design), a small UNet learns to predict the noise added to
-them, and ancestral DDPM sampling produces latents that the VAE decoder turns into images.
+them, and ancestral DDPM sampling produces latents that the VAE decoder turns into images. The crops, the UNet and
+its training loop are the diffusability probe's (kl_autoencoder/diffusability.py), with a progress bar.
 
     python examples/latent_diffusion.py --vae outputs/quickstart/vae            # a few hundred steps
     python examples/latent_diffusion.py --vae outputs/quickstart/vae --quick    # ~20 s smoke run
@@ -11,12 +12,10 @@ them, and ancestral DDPM sampling produces latents that the VAE decoder turns in
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -39,52 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def random_crops(num: int, size: int, rng: random.Random) -> torch.Tensor:
-    """`num` random size x size crops (with horizontal flips) of the built-in sample photos, in [-1, 1]."""
-    from kl_autoencoder.data import image_to_tensor, sample_images
-
-    photos = [image_to_tensor(image) for _, image in sample_images("train")]
-    crops = []
-    for _ in range(num):
-        photo = rng.choice(photos)
-        top, left = rng.randint(0, photo.shape[1] - size), rng.randint(0, photo.shape[2] - size)
-        crop = photo[:, top:top + size, left:left + size]
-        crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
-    return torch.stack(crops)
-
-
-@torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    starts = tqdm(range(0, len(pixels), batch_size), desc="encoding crops", unit="batch")
-    return torch.cat([vae.to_diffusion_latents(vae.encode(pixels[i:i + batch_size]).mode()) for i in starts])
-
-
-def build_unet(latent_channels: int, latent_size: int, width: int = 32):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-                       layers_per_block=1, block_out_channels=(width, 2 * width), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-
-
-def train(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator) -> list[float]:
-    """The DDPM objective: predict the noise added at a uniformly drawn timestep."""
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    losses = []
-    progress = tqdm(range(steps), desc="training the UNet", unit="step")
-    for _ in progress:
-        x0 = latents[torch.randint(len(latents), (batch_size,), generator=generator)]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-    return losses
-
-
 @torch.no_grad()
 def sample(unet, scheduler, shape: tuple[int, ...], num_steps: int, generator: torch.Generator) -> torch.Tensor:
     scheduler.set_timesteps(num_steps)
@@ -105,16 +58,19 @@ def main(argv=None) -> int:
 
     from kl_autoencoder import KLAutoencoder
     from kl_autoencoder.data import tensor_to_image
+    from kl_autoencoder.diffusability import build_probe_unet, encode_means, sample_photo_crops, train_denoiser
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     vae = KLAutoencoder.from_pretrained(args.vae).eval()
-    latents = encode_latents(vae, random_crops(args.num_crops, args.resolution, random.Random(args.seed)))
+    crops = sample_photo_crops("train", args.num_crops, args.resolution, torch.Generator().manual_seed(args.seed))
+    latents = vae.to_diffusion_latents(encode_means(vae, crops))
     print(f"{len(latents)} training latents of shape {tuple(latents.shape[1:])}, std {latents.std():.3f}")
 
     scheduler = DDPMScheduler(num_train_timesteps=100 if args.quick else 1000, clip_sample=False)
-    unet = build_unet(latents.shape[1], latents.shape[-1], width=16 if args.quick else 32)
-    losses = train(unet, scheduler, latents, args.steps, args.batch_size, generator)
+    unet = build_probe_unet(latents.shape[1], latents.shape[-1], width=16 if args.quick else 32)
+    losses = train_denoiser(unet, scheduler, latents, args.steps, args.batch_size, generator,
+                            progress="training the UNet")
     window = max(1, len(losses) // 10)
     print(f"loss_first={sum(losses[:window]) / window:.4f}")
     print(f"loss_last={sum(losses[-window:]) / window:.4f}")

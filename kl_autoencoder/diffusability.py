@@ -423,12 +423,18 @@ def build_probe_unet(latent_channels: int, latent_size: int, width: int = 32):
 
 
 def train_denoiser(unet, scheduler, latents: torch.Tensor, steps: int, batch_size: int, generator: torch.Generator,
-                   lr: float = 1e-3) -> list[float]:
-    """The DDPM objective: predict the noise added at a uniformly drawn timestep. Returns the loss per step."""
+                   lr: float = 1e-3, progress: str | None = None) -> list[float]:
+    """The DDPM objective: predict the noise added at a uniformly drawn timestep. Returns the loss per step.
+
+    `progress`: a tqdm bar with this description and the current loss (None: silent, as the probe runs).
+    """
+    from tqdm.auto import tqdm
+
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     losses = []
     unet.train()
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc=progress, unit="step", disable=progress is None)
+    for _ in bar:
         x0 = latents[torch.randint(len(latents), (batch_size,), generator=generator)]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
@@ -437,6 +443,8 @@ def train_denoiser(unet, scheduler, latents: torch.Tensor, steps: int, batch_siz
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if progress is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
     return losses
 
 
