@@ -336,3 +336,41 @@ def test_evaluate_reports_diffusability_and_runs_the_probe_on_request(tmp_path, 
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Diffusability" in report and "probe held-out loss, t = 10" in report
     assert "![spectra](spectra.png)" in report and (tmp_path / "eval" / "spectra.png").stat().st_size > 0
+
+
+def test_eq_finetune_benchmark_bookkeeping(tmp_path, tiny_model, monkeypatch):
+    """benchmarks/eq_finetune.py --tiny: two equally long fine-tunes that differ only in the EQ weight, every model
+    measured alike, differences computed from the reported values. No claim about the numbers."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from kl_autoencoder import diffusability as D
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import eq_finetune
+
+    # Random pixels instead of decoded photos for the measures (the fine-tunes still read the sample photos).
+    monkeypatch.setattr(D, "probe_pixels", lambda config: probe_pixels(config.seed))
+    monkeypatch.setattr(eq_finetune, "load_eval_images", lambda source, size: (["a", "b"], probe_pixels(0)[1][:2]))
+    tiny_model.save_pretrained(tmp_path / "start")
+    out = tmp_path / "out"
+    report = eq_finetune.main(["--tiny", "--model", str(tmp_path / "start"), "--out", str(out),
+                               "--probe-seeds", "0", "1", "--eq-weight", "0.7"])
+    assert json.loads((out / "eq_finetune.json").read_text()) == json.loads(json.dumps(report))
+    plain, eq = report["runs"]["plain"]["overrides"], report["runs"]["EQ"]["overrides"]
+    assert set(plain) - set(eq) == {"loss.equivariance.weight=0", f"train.output_dir={out / 'plain'}"}
+    assert set(eq) - set(plain) == {"loss.equivariance.weight=0.7", f"train.output_dir={out / 'eq'}"}
+    assert report["runs"]["plain"]["steps"] == report["runs"]["EQ"]["steps"] == 2
+    assert report["start_model"] == str(tmp_path / "start")
+    results = report["results"]
+    assert list(results) == ["original", "plain", "EQ"]
+    assert all([p["seed"] for p in r["probes"]] == [0, 1] for r in results.values())
+    for name, diff in report["differences"].items():  # a row's differences are its own columns subtracted
+        row = next(values for label, _, values in eq_finetune.table_rows(results) if label == name)
+        assert diff == {"plain - original": row["plain"] - row["original"], "EQ - plain": row["EQ"] - row["plain"]}
+    table = (out / "eq_finetune.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(report["differences"]) and all(line.count("|") == 7 for line in rows)
+    assert any("probe held-out loss, mean of seeds" in line for line in rows)
+    assert report["target"]["met"] == all(v for k, v in report["target"].items() if k != "met")
