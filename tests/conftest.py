@@ -18,6 +18,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+# Overrides that make a training run CPU-sized: a 2-level model on 32 px crops, no LPIPS, small batches.
+TINY_TRAINING = [
+    "model.architecture.block_out_channels=[8, 16]", "model.architecture.norm_num_groups=4",
+    "model.architecture.layers_per_block=1", "model.architecture.mid_block_add_attention=false",
+    "data.resolution=32", "data.num_workers=0", "loss.perceptual_weight=0", "loss.perceptual_pretrained=false",
+    "train.batch_size=4", "train.image_every=0",
+]
+
+
 def tiny_config(**overrides):
     from kl_autoencoder import AutoencoderConfig
 

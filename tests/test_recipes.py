@@ -14,17 +14,12 @@ from kl_autoencoder import KLAutoencoder
 from kl_autoencoder.config import ConfigError, load_config
 from kl_autoencoder.losses import LossWeights, PatchDiscriminator, PerceptualLoss, autoencoder_loss
 from kl_autoencoder.trainer import build_model, make_accelerator, train
-from tests.conftest import tiny_config
+from tests.conftest import TINY_TRAINING, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-TINY = [
-    "model.architecture.block_out_channels=[8, 16]", "model.architecture.norm_num_groups=4",
-    "model.architecture.layers_per_block=1", "model.architecture.mid_block_add_attention=false",
-    "data.resolution=32", "data.num_workers=0", "loss.perceptual_weight=0", "loss.perceptual_pretrained=false",
-    "train.batch_size=4", "train.log_every=10", "train.image_every=0", "train.checkpoint_every=0",
-    "train.scaling_images=32", "optim.lr=2e-3", "optim.betas=[0.9, 0.99]",
-]
+TINY = TINY_TRAINING + ["train.log_every=10", "train.checkpoint_every=0", "train.scaling_images=32", "optim.lr=2e-3",
+                        "optim.betas=[0.9, 0.99]"]
 
 
 def ldm_loss(model, x, eps, lpips_net, perceptual_weight, kl_weight, logvar, disc, disc_weight):

@@ -13,13 +13,9 @@ import torch
 from kl_autoencoder.config import load_config
 from kl_autoencoder.run_folder import STATE_FILE, RunFolder, RunFolderError, TrainingState, list_checkpoints
 from kl_autoencoder.trainer import train
+from tests.conftest import TINY_TRAINING
 
-TINY = [
-    "model.architecture.block_out_channels=[8, 16]", "model.architecture.norm_num_groups=4",
-    "model.architecture.layers_per_block=1", "model.architecture.mid_block_add_attention=false",
-    "data.resolution=32", "data.num_workers=0", "loss.perceptual_weight=0", "loss.perceptual_pretrained=false",
-    "train.batch_size=4", "train.log_every=1", "train.image_every=0", "train.scaling_images=16",
-]
+TINY = TINY_TRAINING + ["train.log_every=1", "train.scaling_images=16"]
 
 
 def tiny(out: Path, *overrides: str):
