@@ -40,6 +40,8 @@ from typing import Any, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
+from kl_autoencoder.model import DiagonalGaussian
+
 # --------------------------------------------------------------------------------------------------------------------
 # PSNR, SSIM, MS-SSIM.
 
@@ -366,8 +368,7 @@ class LatentStatistics:
         self.mean_channel_moments.update(self._channels_last(mean))
         self.latent_moments.update(self._channels_last(latents))
         spatial = tuple(range(2, mean.dim()))
-        kl = 0.5 * (mean.double().pow(2) + logvar.double().exp() - 1.0 - logvar.double())
-        kl = kl.sum(dim=spatial) if spatial else kl  # [B, C]
+        kl = DiagonalGaussian(mean=mean.double(), logvar=logvar.double()).kl_per_channel()  # [B, C]
         std = torch.exp(0.5 * logvar.double())
         std = std.mean(dim=spatial) if spatial else std
         self.kl_sum = kl.sum(0) if self.kl_sum is None else self.kl_sum + kl.sum(0)
