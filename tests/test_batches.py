@@ -1,0 +1,56 @@
+"""The batch order of training (data.training_batches): each rank reads and decodes only its own share of a stream,
+and a resumed position replays the same batches."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from kl_autoencoder import data as D
+
+
+def stream(num_rows: int = 8, num_shards: int = 2):
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rows = {"image": [{"bytes": png(10 * i), "path": None} for i in range(num_rows)]}
+    hf = datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()}))
+    return D.dataset_from_hf(hf.to_iterable_dataset(num_shards=num_shards), D.build_transform(8, False, False))
+
+
+def first_epoch_values(dataset, rank: int, world: int, batch_size: int = 2) -> list[int]:
+    batches = D.training_batches(dataset, batch_size, seed=0, rank=rank, world=world, num_workers=0)
+    per_rank = 8 // world // batch_size
+    values = []
+    for _ in range(per_rank):
+        pixels = next(batches)["pixel_values"]
+        values += [round((float(p.mean()) + 1) / 2 * 255) for p in pixels]
+    return values
+
+
+def test_each_rank_decodes_only_its_own_share_of_a_stream(monkeypatch):
+    decoded = []
+    real = D.decode_hub_value
+    monkeypatch.setattr(D, "decode_hub_value", lambda value, name: decoded.append(name) or real(value, name))
+    rank0 = first_epoch_values(stream(), rank=0, world=2)
+    decoded_by_rank0 = len(decoded)
+    rank1 = first_epoch_values(stream(), rank=1, world=2)
+    assert sorted(rank0 + rank1) == [10 * i for i in range(8)]  # every row once, no row twice
+    assert not set(rank0) & set(rank1)
+    assert decoded_by_rank0 == 4 and len(decoded) == 8  # rank 0 decoded its 4 rows, not the 8 of the stream
+
+
+def test_resuming_a_map_style_order_replays_the_same_batches():
+    dataset = D.PhotoListDataset([(f"p{i}", Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)))
+                                  for i in range(10)], D.build_transform(8, True, True), repeats=3)
+    straight = D.training_batches(dataset, 4, seed=3, rank=1, world=2, num_workers=0)
+    seen = [next(straight)["pixel_values"] for _ in range(7)]  # crosses an epoch boundary (3 batches per epoch)
+    resumed = D.training_batches(dataset, 4, seed=3, rank=1, world=2, batches_seen=4, num_workers=0)
+    for expected in seen[4:]:
+        assert torch.equal(next(resumed)["pixel_values"], expected)
