@@ -499,7 +499,7 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.1))
     finally:
         plt.close(fig)
 
