@@ -43,6 +43,9 @@ class ModelSection:
     pretrained: str | None = None  # diffusers folder / pipeline folder / LDM file / hub id; None = train from scratch
     architecture: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields (ignored keys are errors)
     freeze_encoder: bool = False  # train the decoder only (encoder + quant_conv frozen), as sd-vae-ft-mse
+    # weights of a model trained from scratch: "default" (PyTorch's, as diffusers and LDM) or "zero_residual"
+    # (model.zero_residual_init_: LeCun-normal convs, every residual branch starting at zero)
+    init: Literal["default", "zero_residual"] = "default"
     gradient_checkpointing: bool = False
     compile: bool = False
     channels_last: bool | None = None  # None = FastPath.for_device: NHWC on CUDA, NCHW on CPU
@@ -484,6 +487,8 @@ def validate_model(cfg: TrainConfig) -> None:
     if model.pretrained is not None and is_local_path(model.pretrained):
         _require(os.path.exists(os.path.expanduser(model.pretrained)), "model.pretrained", model.pretrained,
                  "no such file or folder (override with model.pretrained=PATH)")
+    _require(model.init == "default" or model.pretrained is None, "model.init", model.init,
+             "initialises a model trained from scratch; a pretrained model keeps its weights (drop model.init)")
     _require(not model.freeze_encoder or model.pretrained is not None, "model.pretrained", model.pretrained,
              "model.freeze_encoder=true fine-tunes the decoder of a trained model: set model.pretrained=PATH")
     arch = resolved_architecture(model)

@@ -44,7 +44,7 @@ from kl_autoencoder.data import build_dataset, default_num_workers, training_bat
 from kl_autoencoder.diffusability import Transform, random_transform
 from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
 from kl_autoencoder.metrics import estimate_latent_scale
-from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, is_complete_checkpoint,  # noqa: F401
                                        list_checkpoints)
 
@@ -180,6 +180,8 @@ def build_model(section: ModelSection, channels_last: bool = False) -> KLAutoenc
                               f"({section.pretrained}); drop model.architecture when fine-tuning")
     else:
         model = KLAutoencoder(AutoencoderConfig.from_dict(dict(section.architecture)))
+        if section.init == "zero_residual":
+            zero_residual_init_(model)
     model.float()
     if section.freeze_encoder:
         for module in (model.encoder, model.quant_conv):
