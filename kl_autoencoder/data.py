@@ -1,22 +1,15 @@
 """Images in, `[3, R, R]` tensors in [-1, 1] out: dataset sources, transforms and bad-image skipping.
 
 Sources (``DataConfig.source``):
-  - ``"sample"``: 12 real colour photos shipped inside installed packages (scikit-image, scikit-learn, matplotlib;
-    nothing to download). Fixed split (`SAMPLE_TRAIN` / `SAMPLE_HELDOUT`): ``chelsea``, ``coffee`` and ``flower``
-    are held out and never trained on, the other 9 train. Training draws random crops at random scales
-    (``data.max_crop_scale``; for this source by default from the whole photo down to native pixels), so a handful
-    of photos still gives varied batches; ``data.random_hue`` turns crops' hues so that colour cannot be guessed
-    from content.
+  - ``"sample"``: 14 real photos shipped inside scikit-image (load offline). Fixed split: ``coffee`` and
+    ``chelsea`` are held out, the other 12 train. Training on them draws random crops at random scales
+    (from "whole shorter side" down to native pixels), so a handful of photos still gives varied batches.
   - an image folder: a plain sorted file list (recursive, by extension). We do not use `datasets`'
     "imagefolder" builder here: it decodes eagerly inside Arrow and one corrupt file aborts the whole
     run, while a file list lets each read fail on its own, be counted, and be skipped.
   - a hub dataset name: ``datasets.load_dataset(name, split=..., streaming=...)``; the image column is the
     first column of feature type `Image`, else one named image/img/pixel_values, or ``image_column``.
     Decoding is switched off in `datasets` (``Image(decode=False)``) so that we decode, and skip, ourselves.
-
-Large files are cheap: a folder's image is decoded once at the size its crops can use (JPEG decodes at 1/2-1/8 scale
-via Pillow's draft mode, anything larger is shrunk) and kept in a per-process LRU cache of decoded pixels
-(`ReducedImageCache`, 1 GiB by default), so a folder of 4K photos is not decoded again for every crop.
 
 Small sources need many crops per epoch: training datasets repeat their images until an epoch holds at
 least ``MIN_EPOCH_ITEMS`` (256) items, so ``drop_last`` batching never yields an empty epoch.
