@@ -60,6 +60,10 @@ class DataConfig:
     resolution: int = 256
     random_crop: bool = True
     random_flip: bool = True
+    # random crops: the shorter side is resized to resolution * s, s log-uniform in [1, max_crop_scale], never past the
+    # native size (1 = whole-photo crops, as LDM); None = per source: native pixels for "sample", 1 elsewhere
+    max_crop_scale: float | None = None
+    random_hue: float = 0.0  # probability of turning a training crop's hues by a random angle (colour augmentation)
     num_workers: int | None = None  # None = sized from the machine
     max_images: int | None = None
     cache_dir: str | None = None
@@ -512,6 +516,9 @@ def validate_data(data: DataConfig, arch: dict[str, Any]) -> None:
         _require(os.path.isdir(os.path.expanduser(data.source)), "data.source", data.source,
                  "image folder does not exist")
     _require(data.num_workers is None or data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
+    _require(data.max_crop_scale is None or data.max_crop_scale >= 1, "data.max_crop_scale", data.max_crop_scale,
+             "must be >= 1 (1: whole-photo crops) or null (per source)")
+    _require(0 <= data.random_hue <= 1, "data.random_hue", data.random_hue, "is a probability, in [0, 1]")
     _require(data.max_images is None or data.max_images >= 1, "data.max_images", data.max_images, "must be >= 1")
 
 

@@ -1,6 +1,7 @@
 """Data pipeline: built-in photos, transforms, odd image modes, bad-file skipping, hub column detection."""
 
 import io
+import math
 
 import datasets
 import huggingface_hub.constants
@@ -12,6 +13,8 @@ from PIL import Image, ImageOps
 from kl_autoencoder.config import DataConfig
 from kl_autoencoder.data import (
     MIN_EPOCH_ITEMS,
+    SAMPLE_HELDOUT,
+    SAMPLE_TRAIN,
     BadImageError,
     DatasetUnavailableError,
     ImageFolderDataset,
@@ -25,7 +28,10 @@ from kl_autoencoder.data import (
     iter_image_folder,
     load_eval_images,
     load_hub_dataset,
+    ReducedImageCache,
     load_image,
+    reduce_to_side,
+    rotate_hue,
     sample_images,
     tensor_to_image,
 )
@@ -42,16 +48,29 @@ def gradient_image(width: int, height: int, mode: str = "RGB") -> Image.Image:
 # ------------------------------------------------------------------ built-in sample photos
 
 
-def test_sample_split_is_fixed_disjoint_and_deterministic():
+def saturation(image: Image.Image) -> float:
+    """Mean over pixels of (max - min of R, G, B) / 255: 0 for a grey image."""
+    array = np.asarray(image).astype(float)
+    return float((array.max(axis=2) - array.min(axis=2)).mean() / 255)
+
+
+def test_sample_split_is_fixed_disjoint_colour_and_deterministic():
     train, heldout, everything = sample_images("train"), sample_images("heldout"), sample_images("all")
     train_names, heldout_names = [n for n, _ in train], [n for n, _ in heldout]
-    assert len(train) >= 10 and len(heldout) == 2
-    assert not set(train_names) & set(heldout_names)
+    assert train_names == list(SAMPLE_TRAIN) and heldout_names == list(SAMPLE_HELDOUT) == ["chelsea", "coffee", "flower"]
+    assert len(train) >= 8 and not set(train_names) & set(heldout_names)
     assert [n for n, _ in everything] == train_names + heldout_names
     again = sample_images("heldout")
     for (name_a, a), (name_b, b) in zip(heldout, again):
         assert name_a == name_b and np.array_equal(np.asarray(a), np.asarray(b))
     assert all(img.mode == "RGB" and min(img.size) >= 256 for _, img in everything)
+    # Colour photos only (the old set was half greyscale): every photo has visibly coloured pixels.
+    assert min(saturation(img) for _, img in everything) > 0.02  # greyscale: 0; hubble_deep_field (black sky): 0.03
+    # No held-out photo is a training photo in disguise (same size and near-identical pixels).
+    for _, held in heldout:
+        for _, trained in train:
+            if held.size == trained.size:
+                assert np.abs(np.asarray(held, float) - np.asarray(trained, float)).mean() > 20
     with pytest.raises(ValueError, match="unknown sample split"):
         sample_images("validation")
 
@@ -64,10 +83,11 @@ def test_sample_dataset_has_virtual_length_and_tensors_in_range():
     assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
     # Random multi-scale crops: the same photo gives different crops on two reads.
     assert not torch.equal(dataset[0]["pixel_values"], dataset[0]["pixel_values"])
+    assert dataset.transform.max_scale is None  # per-source default for the sample photos: down to native pixels
 
-    heldout = build_dataset(DataConfig(source="sample", resolution=32), split="heldout")
-    assert len(heldout) == 2 and {heldout[i]["path"] for i in range(2)} == {"coffee", "chelsea"}
-    assert torch.equal(heldout[1]["pixel_values"], heldout[1]["pixel_values"])  # centre crop: deterministic
+    heldout = build_dataset(DataConfig(source="sample", resolution=32, random_hue=1.0), split="heldout")
+    assert len(heldout) == 3 and [heldout[i]["path"] for i in range(3)] == list(SAMPLE_HELDOUT)
+    assert torch.equal(heldout[1]["pixel_values"], heldout[1]["pixel_values"])  # centre crop, no hue: deterministic
 
 
 # ------------------------------------------------------------------ tensors and transforms
@@ -101,6 +121,93 @@ def test_small_images_are_resized_up_and_flip_mirrors():
     image = gradient_image(16, 16)
     flips = {build_transform(16, random_crop=False, random_flip=True)(image)[0, 0, 0].item() for _ in range(40)}
     assert flips == {-1.0, 1.0}  # unflipped starts dark red, mirrored starts bright red
+
+
+def test_rotate_hue_turns_colours_about_the_grey_axis():
+    pixels = torch.rand(3, 5, 7) * 2 - 1
+    assert torch.allclose(rotate_hue(pixels.clone(), 0.0), pixels, atol=1e-6)
+    # A third of a turn about (1, 1, 1) carries R to G, G to B, B to R: an independent closed form.
+    assert torch.allclose(rotate_hue(pixels.clone(), 2 * math.pi / 3), pixels[[2, 0, 1]], atol=1e-6)
+    grey = torch.full((3, 2, 2), 0.3)
+    assert torch.allclose(rotate_hue(grey.clone(), 1.0), grey, atol=1e-6)  # greys have no hue
+    half = rotate_hue(torch.tensor([0.2, -0.1, -0.1]).view(3, 1, 1), math.pi)  # reddish -> its complement, cyan
+    assert torch.allclose(half.flatten(), torch.tensor([-0.2, 0.1, 0.1]), atol=1e-6)
+
+
+def test_random_hue_is_a_probability_of_turning_each_crop():
+    image = gradient_image(24, 24)
+    plain = build_transform(16, random_crop=False, random_flip=False)(image)
+    never = build_transform(16, random_crop=False, random_flip=False, random_hue=0.0)
+    always = build_transform(16, random_crop=False, random_flip=False, random_hue=1.0)
+    assert all(torch.equal(never(image), plain) for _ in range(5))
+    turned = [always(image) for _ in range(5)]
+    assert all(not torch.equal(t, plain) for t in turned)
+    # brightness (mean of R, G, B) is kept wherever no channel was clipped
+    inside = (turned[0].abs() < 0.999).all(0)
+    assert torch.allclose(turned[0].mean(0)[inside], plain.mean(0)[inside], atol=0.02)
+    with pytest.raises(ValueError, match="random_hue"):
+        build_transform(16, True, True, random_hue=1.5)
+
+
+def test_source_side_is_the_most_pixels_a_crop_can_use():
+    assert build_transform(64, random_crop=False, random_flip=False).source_side == 64  # evaluation: shorter side
+    assert build_transform(64, random_crop=True, random_flip=False, max_scale=1.0).source_side == 64
+    assert build_transform(64, random_crop=True, random_flip=False, max_scale=2.5).source_side == 160
+    assert build_transform(64, random_crop=True, random_flip=False, max_scale=None).source_side is None  # native
+    # Crops of a copy reduced to source_side are the crops of the original (same random draws): the reduced copy
+    # carries every pixel the transform can use.
+    image = gradient_image(1200, 800)
+    transform = build_transform(32, random_crop=True, random_flip=False, max_scale=3.0)
+    reduced = reduce_to_side(image, transform.source_side)
+    assert min(reduced.size) == 96 and reduced.size == (144, 96)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        a = transform(image)
+        torch.manual_seed(seed)
+        b = transform(reduced)
+        assert (a - b).abs().mean() < 0.02
+
+
+def test_large_jpegs_decode_reduced_and_once(tmp_path, monkeypatch):
+    big = gradient_image(1600, 1200)
+    big.save(tmp_path / "big.jpg", quality=95)
+    gradient_image(40, 30).save(tmp_path / "small.png")
+    full = load_image(tmp_path / "big.jpg")
+    reduced = load_image(tmp_path / "big.jpg", min_side=100)
+    assert full.size == (1600, 1200) and reduced.size == (133, 100)
+    reference = full.resize(reduced.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(reduced, float) - np.asarray(reference, float)).mean() < 2
+    assert load_image(tmp_path / "small.png", min_side=100).size == (40, 30)  # never enlarged
+
+    import kl_autoencoder.data as data_module
+
+    decoded = []
+    real_decode = data_module.decode_image
+    monkeypatch.setattr(data_module, "decode_image", lambda *a, **k: decoded.append(a[0]) or real_decode(*a, **k))
+    transform = build_transform(16, random_crop=True, random_flip=False, max_scale=2.0)
+    dataset = ImageFolderDataset(iter_image_folder(tmp_path), transform, repeats=10)
+    for index in range(len(dataset)):
+        assert dataset[index]["pixel_values"].shape == (3, 16, 16)
+    assert sorted(map(str, decoded)) == sorted(str(p) for p in iter_image_folder(tmp_path))  # each file once
+    assert max(min(image.size) for image in dataset.cache._images.values()) == 32
+
+
+def test_reduced_image_cache_drops_least_recently_used_within_budget():
+    loads = []
+
+    def loader(side):
+        return lambda: loads.append(side) or Image.new("RGB", (side, side))
+
+    cache = ReducedImageCache(max_bytes=3 * 10 * 10 * 3)  # room for three 10x10 RGB images
+    for key in "abc":
+        cache.get(key, loader(10))
+    cache.get("a", loader(10))  # a hit: "a" becomes the most recently used
+    cache.get("d", loader(10))  # evicts "b", the least recently used
+    assert list(cache._images) == ["c", "a", "d"] and cache.nbytes == 900 and len(loads) == 4
+    cache.get("b", loader(10))
+    assert len(loads) == 5  # "b" was gone: loaded again
+    cache.get("huge", loader(100))  # larger than the whole budget: returned, not kept
+    assert "huge" not in cache._images and len(cache) == 3 and cache.nbytes == 900
 
 
 # ------------------------------------------------------------------ odd files
@@ -255,7 +362,7 @@ def test_load_eval_images(messy_folder):
     assert names == [n for n, _ in sample_images("all")] and images.shape == (len(names), 3, 32, 32)
     assert images.min() >= -1 and images.max() <= 1
     names, images = load_eval_images("sample:heldout", 16)
-    assert names == ["coffee", "chelsea"] and images.shape == (2, 3, 16, 16)
+    assert names == list(SAMPLE_HELDOUT) and images.shape == (3, 3, 16, 16)
 
     folder, good, _ = messy_folder
     names, images = load_eval_images(str(folder), 8)

@@ -174,38 +174,44 @@ def test_sample_evaluation_reports_held_out_first_and_headlines_it(tmp_path):
                       progress=False, worst_k=0)
     written = strict_json(out / "metrics.json")
     # held-out photos first (so --num-images keeps them), then training photos, each named per split
+    from kl_autoencoder.data import SAMPLE_HELDOUT, SAMPLE_TRAIN
+
+    n_held, n_train = len(SAMPLE_HELDOUT), 5 - len(SAMPLE_HELDOUT)
     assert list(written["splits"]) == ["held-out", "training"]
-    assert written["splits"]["held-out"] == ["coffee", "chelsea"]
-    assert written["splits"]["training"] == ["astronaut", "rocket", "hubble_deep_field"]
-    assert written["image_names"] == ["coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field"]
+    assert written["splits"]["held-out"] == list(SAMPLE_HELDOUT)
+    assert written["splits"]["training"] == list(SAMPLE_TRAIN[:n_train])
+    assert written["image_names"] == list(SAMPLE_HELDOUT + SAMPLE_TRAIN[:n_train])
     entry = written["models"]["good"]
     held_out, training = entry["splits"]["held-out"], entry["splits"]["training"]
-    assert held_out["num_images"] == 2 and training["num_images"] == 3
+    assert held_out["num_images"] == n_held and training["num_images"] == n_train
     expected_held_out = reference_psnr(model, "sample:heldout")
-    expected_training = reference_psnr(model, "sample:train")[:3]
-    assert held_out["psnr"]["mean"] == pytest.approx(sum(expected_held_out) / 2, rel=1e-4)
-    assert training["psnr"]["mean"] == pytest.approx(sum(expected_training) / 3, rel=1e-4)
+    expected_training = reference_psnr(model, "sample:train")[:n_train]
+    assert held_out["psnr"]["mean"] == pytest.approx(sum(expected_held_out) / n_held, rel=1e-4)
+    assert training["psnr"]["mean"] == pytest.approx(sum(expected_training) / n_train, rel=1e-4)
     assert entry["psnr"]["mean"] == pytest.approx(sum(expected_held_out + expected_training) / 5, rel=1e-4)
     for key in ("ssim", "ms_ssim"):
         assert set(held_out[key]) >= {"mean", "std"} and set(training[key]) >= {"mean", "std"}
     # the headline is the held-out split, not the pooled average
     headline = written["headline"]
-    assert headline["split"] == "held-out" and headline["num_images"] == 2
+    assert headline["split"] == "held-out" and headline["num_images"] == n_held
     assert headline["models"]["good"]["psnr"] == held_out["psnr"]
     assert headline["models"]["good"]["psnr"]["mean"] != pytest.approx(entry["psnr"]["mean"], rel=1e-3)
     assert result["headline"]["models"]["good"]["ssim"]["mean"] == pytest.approx(held_out["ssim"]["mean"])
     report = (out / "report.md").read_text()
     first_line = next(line for line in report.splitlines()[1:] if line.strip())
-    assert first_line.startswith("**Headline, held-out images (2 of 5)") and f"{held_out['psnr']['mean']:.4g}" in first_line
+    assert (first_line.startswith(f"**Headline, held-out images ({n_held} of 5)")
+            and f"{held_out['psnr']['mean']:.4g}" in first_line)
     header = next(line for line in report.splitlines() if line.startswith("| metric |"))
-    assert header.index("held-out images (2)") < header.index("training images (3)")
+    assert header.index(f"held-out images ({n_held})") < header.index(f"training images ({n_train})")
 
 
 def test_only_the_available_splits_are_reported(tmp_path):
     informative_model().save_pretrained(tmp_path / "good")
     result = evaluate([str(tmp_path / "good")], "sample", tmp_path / "one", resolution=32, num_images=1,
                       progress=False, worst_k=0)
-    assert result["splits"] == {"held-out": ["coffee"]} and result["headline"]["split"] == "held-out"
+    from kl_autoencoder.data import SAMPLE_HELDOUT
+
+    assert result["splits"] == {"held-out": [SAMPLE_HELDOUT[0]]} and result["headline"]["split"] == "held-out"
     result = evaluate([str(tmp_path / "good")], "sample:train", tmp_path / "train", resolution=32, num_images=2,
                       progress=False, worst_k=0)
     assert list(result["splits"]) == ["training"] and result["headline"]["split"] == "training"
@@ -294,7 +300,7 @@ def test_reconstruction_column_labels_do_not_overlap():
 
 def test_recommended_scale_is_the_one_estimators_on_the_same_samples(tmp_path):
     from kl_autoencoder import metrics as M
-    from kl_autoencoder.data import load_eval_images
+    from kl_autoencoder.data import SAMPLE_HELDOUT, load_eval_images
 
     model = informative_model()
     model.save_pretrained(tmp_path / "good")
@@ -302,7 +308,8 @@ def test_recommended_scale_is_the_one_estimators_on_the_same_samples(tmp_path):
                       batch_size=2, seed=7, progress=False, worst_k=0)
     latents = result["models"]["good"]["latents"]
     # the same batches in the same order (held-out first), the same seeded generator
-    x = torch.cat([load_eval_images("sample:heldout", 32)[1], load_eval_images("sample:train", 32, 3)[1]])
+    x = torch.cat([load_eval_images("sample:heldout", 32)[1],
+                   load_eval_images("sample:train", 32, 5 - len(SAMPLE_HELDOUT))[1]])
     expected = M.estimate_latent_scale(model, x.split(2), generator=torch.Generator().manual_seed(7))
     assert latents["scaling_factor"] == pytest.approx(expected.scaling_factor, rel=1e-5)
     assert latents["shift_factor"] is None and expected.shift_factor is None  # 4 channels: no shift by convention

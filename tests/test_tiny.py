@@ -307,7 +307,7 @@ def test_a_short_distillation_approaches_the_teacher():
     decode_before, encode_before = errors()
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-3)
     order = torch.Generator().manual_seed(0)
-    for _ in range(50):
+    for _ in range(80):  # 50 left the encoder at 0.92x on the colour held-out photos (incl. flower); 80: ~0.5x
         idx = torch.randperm(len(train_x), generator=order)[:2]
         loss, _ = distillation_loss(student, DistillationTargets(train.latents[idx], train.decoded[idx]), train_x[idx])
         optimizer.zero_grad(set_to_none=True)
