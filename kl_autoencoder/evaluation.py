@@ -65,7 +65,7 @@ GRID_IMAGES = 4        # first images shown in reconstructions.png
 LATENT_IMAGES = 2      # images whose latent channels are drawn
 KEPT_LATENTS = 20_000  # latent values per channel kept for the histograms
 HELD_OUT, TRAINING, ALL = "held-out", "training", "all"
-IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips")  # per image, so reported per split
+IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "colour_error")  # per image, so reported per split
 SHIFT_CHOICES = {"auto": None, "on": True, "off": False}
 
 
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"vs teacher {_fmt(entry['teacher']['decode']['splits'][headline['split']]['psnr'])} dB (decode)"
                   if entry.get("teacher") else "tiny autoencoder")
         print(f"{name}: {headline['split']} images ({headline['num_images']}): PSNR {_fmt(values['psnr'])} dB, "
-              f"SSIM {_fmt(values['ssim'])}; {detail}")
+              f"SSIM {_fmt(values['ssim'])}, colour error {_fmt(values['colour_error'])}; {detail}")
     if result["skipped_images"]:
         print(f"skipped {_plural(result['skipped_images'], 'unreadable image')}: "
               + ", ".join(result["skipped_files"]))
@@ -270,7 +270,7 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
     generator = torch.Generator(device=device).manual_seed(seed)
     tiny = isinstance(model, TinyAutoencoder)
     stats = None if tiny else M.LatentStatistics(seed=seed, keep=KEPT_LATENTS, shift=shift)
-    per_image: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "ms_ssim": [], "lpips": []}
+    per_image: dict[str, list[torch.Tensor]] = {key: [] for key in IMAGE_METRICS}
     ms_ssim_error: str | None = None
     encode_s, decode_s, timed_images = 0.0, 0.0, 0
     run = ModelRun(name=name, metrics={})
@@ -304,6 +304,7 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
         batch_psnr = M.psnr(recon01, original01).cpu()
         per_image["psnr"].append(batch_psnr)
         per_image["ssim"].append(M.ssim(recon01, original01).cpu())
+        per_image["colour_error"].append(M.colour_error(recon01, original01).cpu())
         if ms_ssim_error is None:
             try:
                 per_image["ms_ssim"].append(M.ms_ssim(recon01, original01).cpu())
@@ -339,6 +340,7 @@ def evaluate_model(model, name: str, images: torch.Tensor, batch_size: int = 8, 
     run.metrics = {
         "psnr": M.summarize(measured["psnr"]),
         "ssim": M.summarize(measured["ssim"]),
+        "colour_error": M.summarize(measured["colour_error"]),
         "ms_ssim": None,
         "lpips": None,
         "rfid": None,
@@ -645,7 +647,8 @@ def _split_title(split: str) -> str:
 
 def headline_section(result: dict[str, Any]) -> list[str]:
     headline = result["headline"]
-    parts = [f"`{m}` PSNR {_fmt(v['psnr'])} dB, SSIM {_fmt(v['ssim'])}" for m, v in headline["models"].items()]
+    parts = [f"`{m}` PSNR {_fmt(v['psnr'])} dB, SSIM {_fmt(v['ssim'])}, colour error {_fmt(v['colour_error'])}"
+             for m, v in headline["models"].items()]
     scope = f"{_split_title(headline['split'])} ({headline['num_images']} of {result['num_images']})"
     if headline["split"] != HELD_OUT:
         scope += ", no held-out images in this evaluation"
@@ -663,7 +666,8 @@ def image_metrics_section(result: dict[str, Any]) -> list[str]:
         "| metric | " + " | ".join(f"{_split_title(s)} ({len(splits[s])}): `{m}`" for s, m in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    for label, key in (("PSNR (dB) ↑", "psnr"), ("SSIM ↑", "ssim"), ("MS-SSIM ↑", "ms_ssim"), ("LPIPS ↓", "lpips")):
+    for label, key in (("PSNR (dB) ↑", "psnr"), ("SSIM ↑", "ssim"), ("MS-SSIM ↑", "ms_ssim"), ("LPIPS ↓", "lpips"),
+                       ("colour error (0-1) ↓", "colour_error")):
         lines.append(f"| {label} | " + " | ".join(_fmt(models[m]["splits"][s][key]) for s, m in columns) + " |")
     return lines + [""]
 

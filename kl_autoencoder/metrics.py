@@ -96,6 +96,15 @@ def _ssim_maps(a: torch.Tensor, b: torch.Tensor, data_range: float) -> tuple[tor
     return luminance * cs, cs
 
 
+def colour_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean colour error per image: |mean RGB of a - mean RGB of b|, averaged over the channels: [N].
+
+    In the images' own range (0-1 for `to_unit_range` images). A compressor that drops colour keeps the shapes and
+    scores a decent PSNR, but a green leaf comes back sepia: this is the number that shows it."""
+    _check_pair(a, b)
+    return (a.double().mean(dim=(2, 3)) - b.double().mean(dim=(2, 3))).abs().mean(dim=1).float()
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Structural similarity per image, averaged over channels and pixels: [N]. Identical images give 1."""
     _check_pair(a, b)

@@ -389,3 +389,18 @@ def test_rfid_with_injected_features_matches_closed_form():
     expected = frechet_distance(features(real).double().numpy(), features(fake).double().numpy())
     assert fid.compute() == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert expected > 1e-3
+
+
+def test_colour_error_is_the_mean_rgb_difference():
+    from kl_autoencoder.metrics import colour_error
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random((2, 3, 8, 6)), rng.random((2, 3, 8, 6))
+    expected = [np.abs(a[i].reshape(3, -1).mean(1) - b[i].reshape(3, -1).mean(1)).mean() for i in range(2)]
+    got = colour_error(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    assert np.allclose(got.numpy(), expected, atol=1e-6)
+    # a pure colour cast: every pixel off by (0.1, 0, -0.05) gives 0.05; any rearrangement of pixels gives 0
+    x = torch.rand(1, 3, 8, 8)
+    cast = x + torch.tensor([0.1, 0.0, -0.05]).view(1, 3, 1, 1)
+    assert colour_error(cast, x).item() == pytest.approx(0.05, abs=1e-6)
+    assert colour_error(x.flip(-1).roll(3, -2), x).item() == pytest.approx(0.0, abs=1e-6)
