@@ -320,6 +320,7 @@ def plot(budgets: list[float], runs: dict[str, Any], path: Path) -> None:
     axes[1].set(xlabel="training minutes (each side's own time)", ylabel="held-out mean colour error (0-1)",
                 xscale="log")
     for ax in axes:
+        ax.minorticks_off()  # log axis: only the budgets are labelled
         ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
         ax.grid(alpha=0.3)
     axes[0].legend()
