@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -108,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append((f"{label} photos, reduced decode + cache (now)",
                          images_per_second(ours, cfg.train.batch_size, args.batches)))
     rows.append(("training step of the config (for reference)", training_rate(cfg, 2 if args.tiny else 10)))
-    load = "load average %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {platform.machine()}, "
-              f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, {load}\n"
+    from run import machine_line  # benchmarks/run.py
+
+    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(torch.device('cpu'))}\n"
               f"command: python benchmarks/data_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"{args.photos} photos per folder ({args.long_side} px longer side for 4K), {Path(args.config).name} "
               f"data section: {cfg.data.resolution}x{cfg.data.resolution} crops, max_crop_scale "

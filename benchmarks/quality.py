@@ -46,8 +46,6 @@ import copy
 import datetime
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -65,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import reference as ref  # noqa: E402  (benchmarks/reference.py)
+from run import machine_line, with_block_types  # noqa: E402  (benchmarks/run.py)
 
 TINY_ARCHITECTURE = dict(block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4,
                          mid_block_add_attention=False)
@@ -77,8 +76,9 @@ PEER_KL_SCALE = 1e-6  # --kl_scale default
 
 @torch.no_grad()
 def held_out_quality(encode: Callable, decode: Callable, scale: Callable[[torch.Tensor], torch.Tensor],
-                     images: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """PSNR, SSIM, colour error (means over images) and scaled-latent std of one model on [N, 3, H, W] in [-1, 1].
+                     images: torch.Tensor, seed: int = 0, per_image: bool = False) -> dict[str, Any]:
+    """PSNR, SSIM, colour error (means over images) and scaled-latent std of one model on [N, 3, H, W] in [-1, 1];
+    with `per_image`, also each image's PSNR and colour error ("psnr_each", "colour_error_each").
 
     `encode(x)` gives a posterior with `.mode()` and `.sample(generator)`; `scale(z)` the diffusion latents."""
     from kl_autoencoder.metrics import colour_error, psnr, ssim
@@ -87,8 +87,12 @@ def held_out_quality(encode: Callable, decode: Callable, scale: Callable[[torch.
     reconstruction = decode(posterior.mode()).float().clamp(-1, 1)
     a, b = (images.float() + 1) / 2, (reconstruction + 1) / 2
     latents = scale(posterior.sample(torch.Generator().manual_seed(seed)))
-    return {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean()),
-            "colour_error": float(colour_error(a, b).mean()), "latent_std": float(latents.float().std())}
+    each = {"psnr": psnr(a, b), "colour_error": colour_error(a, b)}
+    result = {"psnr": float(each["psnr"].mean()), "ssim": float(ssim(a, b).mean()),
+              "colour_error": float(each["colour_error"].mean()), "latent_std": float(latents.float().std())}
+    if per_image:
+        result.update({f"{key}_each": values.tolist() for key, values in each.items()})
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ the two recipes
@@ -256,8 +260,6 @@ def load_setup(args: argparse.Namespace) -> Setup:
     weight = cfg.loss.perceptual_weight
     if weight > 0:  # the same random-backbone LPIPS for the peer (ours builds its own from the config)
         perceptual = ref.build_reference_lpips(cfg.loss.perceptual_net)
-    from run import with_block_types  # benchmarks/run.py
-
     return Setup(cfg, with_block_types(dict(cfg.model.architecture)), heldout, weight, perceptual)
 
 
@@ -365,12 +367,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine_line() -> str:
-    load = "load average %.1f/%.1f/%.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-            f"threads, {load}; torch {torch.__version__}")
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -393,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"perceptual weight {s.perceptual_weight:g} on both sides with the SAME RANDOM-backbone LPIPS "
                   "(not perceptual; no pretrained VGG offline)")
     sweep_line = ", ".join(f"{name}: {r['psnr']:.2f} dB ({r['steps']} steps)" for name, r in sweep.items())
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line()}\n"
+    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(torch.device('cpu'))}\n"
               f"command: python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"ours: {Path(args.config).name}; peer: train_autoencoderkl.py recipe at lr {peer_lr:g}"
               + (f" (best of the sweep at {args.sweep_budget:g} min: {sweep_line})" if sweep else "") +

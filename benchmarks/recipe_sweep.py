@@ -25,25 +25,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def measure(model: Any, split: str) -> dict[str, Any]:
     """Held-out or training sample photos at 256x256 through `model`: per-image and mean quality."""
-    import torch
-
     from kl_autoencoder.data import load_eval_images
-    from kl_autoencoder.metrics import colour_error, psnr, ssim
+    from quality import held_out_quality  # benchmarks/quality.py
 
     _, x = load_eval_images(f"sample:{split}", 256)
-    with torch.no_grad():
-        posterior = model.encode(x)
-        reconstruction = model.decode(posterior.mode()).clamp(-1, 1)
-        latents = model.to_diffusion_latents(posterior.sample(torch.Generator().manual_seed(0)))
-    a, b = (x + 1) / 2, (reconstruction + 1) / 2
-    p, c = psnr(a, b), colour_error(a, b)
-    return {"psnr": round(float(p.mean()), 2), "psnr_each": [round(float(v), 2) for v in p],
-            "ssim": round(float(ssim(a, b).mean()), 3), "colour": round(float(c.mean()), 4),
-            "colour_each": [round(float(v), 3) for v in c], "latent_std": round(float(latents.std()), 3)}
+    q = held_out_quality(model.encode, model.decode, model.to_diffusion_latents, x, per_image=True)
+    return {"psnr": round(q["psnr"], 2), "psnr_each": [round(v, 2) for v in q["psnr_each"]],
+            "ssim": round(q["ssim"], 3), "colour": round(q["colour_error"], 4),
+            "colour_each": [round(v, 3) for v in q["colour_error_each"]], "latent_std": round(q["latent_std"], 3)}
 
 
 def run_job(args: tuple[dict[str, Any], str, str]) -> dict[str, Any]:

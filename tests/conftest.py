@@ -18,6 +18,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's in-process training runs (restored after), whatever OMP_NUM_THREADS says:
+    on a small shared CPU two OpenMP threads spinning against other processes made tiny steps ~15x slower, and one
+    thread keeps a short run's floating-point order, hence its outcome, the same from machine to machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # Overrides that make a training run CPU-sized: a 2-level model on 32 px crops, no LPIPS, small batches.
 TINY_TRAINING = [
     "model.architecture.block_out_channels=[8, 16]", "model.architecture.norm_num_groups=4",

@@ -34,14 +34,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module's runs (restored after): on a small, shared CPU two OpenMP threads
-    spinning against other processes made these tiny steps ~15x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out: Path, *overrides: str):
