@@ -5,13 +5,15 @@
 
 Start: --model, default outputs/quickstart/vae when it exists and is newer than tests/assets/trained-f8, else that
 asset (a quickstart-size f8 VAE trained on the sample photos). Two fine-tunes through the production loop,
-`train(load_config("configs/eq-finetune.yaml", overrides))`, identical but for the EQ term: same steps, seed, data
-(the built-in sample photos, training split, random 64-px crops at random scales as the quickstart trained),
+`train(load_config("configs/eq-finetune.yaml", overrides))`, identical but for EQ-VAE's objective: same steps, seed,
+data (the built-in sample photos, training split, random 64-px crops at random scales as the quickstart trained),
 optimizer, learning rate and EMA;
-  plain: loss.equivariance.weight=0
-  EQ:    loss.equivariance as shipped (scale x1/2, x1/4 and quarter turns), weight/probability from the flags.
+  plain: loss.equivariance.probability=0
+  EQ:    loss.equivariance as shipped (on a share --eq-probability of the steps, the pair is the decode of the latent
+         downscaled by s in [0.25, 1) and turned 1-3 quarter turns, against the same transform of the image).
 CPU settings on both sides: mixed_precision=no, perceptual_weight=0 (no VGG weights offline; the start model was
-trained without LPIPS too), and --lr in place of the shipped 1e-5 (which barely moves a model in a few hundred steps).
+trained without LPIPS too), the GAN off (the start model was trained without one; a fresh discriminator would be a
+third difference), and --lr in place of the shipped 1e-5 (which barely moves a model in a few hundred steps).
 
 Measured for the start model, plain and EQ, all on held-out data (the two photos the training split leaves out):
   - high-frequency share of the latent (posterior mean) and of the image, and equivariance PSNR of decode(T(mu))
@@ -69,16 +71,15 @@ def default_model() -> tuple[Path, str]:
 
 
 def finetune_overrides(args: argparse.Namespace, model: Path, output_dir: Path, eq: bool) -> list[str]:
-    """configs/eq-finetune.yaml overrides for one run; the two runs differ only in loss.equivariance.weight."""
+    """configs/eq-finetune.yaml overrides for one run; the two runs differ only in loss.equivariance.probability."""
     return [
         f"model.pretrained={model}", f"train.output_dir={output_dir}", "train.overwrite=true",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.seed={args.seed}",
         "train.mixed_precision=no", "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.image_every=0",
         f"train.log_every={max(1, args.steps // 10)}", f"train.scaling_images={args.scaling_images}",
         "data.source=sample", "data.split=train", f"data.resolution={args.resolution}", "data.num_workers=0",
-        "loss.perceptual_weight=0", f"optim.lr={args.lr}",
-        f"loss.equivariance.weight={args.eq_weight if eq else 0}",
-        f"loss.equivariance.probability={args.eq_probability}",
+        "loss.perceptual_weight=0", "loss.gan.enabled=false", f"optim.lr={args.lr}",
+        f"loss.equivariance.probability={args.eq_probability if eq else 0}",
     ]
 
 
@@ -197,8 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64, help="training crop size (the quickstart's)")
     p.add_argument("--lr", type=float, default=2e-4, help="both runs (the recipe ships 1e-5 for long runs)")
-    p.add_argument("--eq-weight", type=float, default=1.0, help="the EQ run's loss.equivariance.weight")
-    p.add_argument("--eq-probability", type=float, default=0.5, help="loss.equivariance.probability (both runs)")
+    p.add_argument("--eq-probability", type=float, default=0.5, help="the EQ run's loss.equivariance.probability")
     p.add_argument("--seed", type=int, default=0, help="train.seed of both runs")
     p.add_argument("--scaling-images", type=int, default=256, help="crops that set each export's scaling_factor")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=[0], help="one probe per seed, every model")
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (args.out / "eq_finetune.json").write_text(json.dumps(report, indent=1))
     header = (f"Start: {why}. {args.steps} steps each, lr {args.lr}, batch {args.batch_size} x {args.resolution} px; "
-              f"EQ weight {args.eq_weight}, probability {args.eq_probability}; probe seeds {args.probe_seeds}, "
+              f"EQ probability {args.eq_probability}; probe seeds {args.probe_seeds}, "
               f"{probes[0].steps} steps. Total {report['seconds']:.0f} s wall, {report['cpu_seconds']:.0f} s CPU "
               f"({torch.get_num_threads()} thread(s)).")
     (args.out / "eq_finetune.md").write_text(f"{header}\n\n{table}\n")

@@ -7,6 +7,14 @@ its training loop are the diffusability probe's (kl_autoencoder/diffusability.py
 
     python examples/latent_diffusion.py --vae outputs/quickstart/vae            # a few hundred steps
     python examples/latent_diffusion.py --vae outputs/quickstart/vae --quick    # ~20 s smoke run
+
+From latent shards written by `kl-autoencoder encode --resolution R` (any number of processes; see the README's
+"Sharded datasets" section) the UNet trains on those latents instead, drawing one posterior sample per latent when
+the shards hold the posterior's std (--store-posterior):
+
+    kl-autoencoder encode --model outputs/quickstart/vae --input webdataset --data-files 'shards/{00000..00003}.tar' \
+        --resolution 64 --out outputs/latents
+    python examples/latent_diffusion.py --vae outputs/quickstart/vae --latents outputs/latents
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", default="outputs/quickstart/vae", help="exported VAE folder (diffusers format)")
     p.add_argument("--steps", type=int, default=400, help="training steps of the diffusion UNet")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: few steps, small crops, few samples")
+    p.add_argument("--latents", default=None, help="train on the latent shards of `kl-autoencoder encode` in this "
+                   "folder (its manifest.json) instead of encoding crops of the sample photos")
     p.add_argument("--resolution", type=int, default=64, help="pixel size of the training crops")
     p.add_argument("--num-crops", type=int, default=512, help="random crops encoded once before training")
     p.add_argument("--batch-size", type=int, default=32, help="latents per UNet training step")
@@ -47,6 +57,22 @@ def sample(unet, scheduler, shape: tuple[int, ...], num_steps: int, generator: t
     return x
 
 
+def shard_latents(folder: str, vae, generator: torch.Generator) -> torch.Tensor:
+    """Every latent of an encoded folder as one [N, C, h, w] tensor (a posterior sample where the std is stored)."""
+    from kl_autoencoder.latent_shards import load_latent_shards
+
+    _, manifest = load_latent_shards(folder)
+    stored = manifest["store_posterior"]
+    latents, _ = load_latent_shards(folder, with_std=stored)
+    if manifest["model"]["latent_channels"] != vae.config.latent_channels:
+        raise SystemExit(f"error: {folder} holds {manifest['model']['latent_channels']}-channel latents; the VAE "
+                         f"decodes {vae.config.latent_channels}")
+    values = [latents[key] for key in sorted(latents)]
+    if stored:  # z = mean + std * eps, in diffusion units
+        values = [mean + std * torch.randn(mean.shape, generator=generator) for mean, std in values]
+    return torch.stack(values)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not Path(args.vae).exists():
@@ -63,8 +89,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     vae = KLAutoencoder.from_pretrained(args.vae).eval()
-    crops = sample_photo_crops("train", args.num_crops, args.resolution, torch.Generator().manual_seed(args.seed))
-    latents = vae.to_diffusion_latents(encode_means(vae, crops))
+    if args.latents:
+        latents = shard_latents(args.latents, vae, generator)
+    else:
+        crops = sample_photo_crops("train", args.num_crops, args.resolution, torch.Generator().manual_seed(args.seed))
+        latents = vae.to_diffusion_latents(encode_means(vae, crops))
     print(f"{len(latents)} training latents of shape {tuple(latents.shape[1:])}, std {latents.std():.3f}")
 
     scheduler = DDPMScheduler(num_train_timesteps=100 if args.quick else 1000, clip_sample=False)

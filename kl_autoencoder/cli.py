@@ -1,4 +1,5 @@
-"""The `kl-autoencoder` command: convert, info, encode, decode, reconstruct, sample, interpolate, distill, evaluate.
+"""The `kl-autoencoder` command: convert, info, encode, decode, reconstruct, sample, interpolate, distill, evaluate,
+sample-photos.
 
 Tile flags (`--tile-size`, `--tile-overlap`) are in pixels for every command (see tiling.py); the default
 `--tile-size auto` tiles only images over a pixel budget (tiling costs time, see `resolve_tile_size`). Latents written by
@@ -27,6 +28,9 @@ from typing import Sequence
 import torch
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+STRIP_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # Pillow formats that take an 8-bit RGB image
+MODEL_HELP = ("a KL VAE (AutoencoderKL: diffusers folder, pipeline folder, LDM .safetensors, hub id) or a tiny "
+              "autoencoder (an AutoencoderTiny folder, e.g. from distill)")
 
 
 class UsageError(ValueError):
@@ -51,11 +55,28 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _load(path: str, device: str | None = None):
+def _load(path: str, device: str | None = None, kl_only: str | None = None, preset: str | None = None):
+    """The model at `path` (AutoencoderKL or AutoencoderTiny, see loading.py) ready for inference; `kl_only` names
+    the command when a tiny autoencoder cannot serve it; `preset` (presets.py) the release a KL VAE's file is."""
     from kl_autoencoder.fastpath import prepare_for_inference
+    from kl_autoencoder.loading import class_name, load_any
     from kl_autoencoder.model import KLAutoencoder
 
-    return prepare_for_inference(KLAutoencoder.from_pretrained(path), _device(device))
+    model = KLAutoencoder.from_pretrained(path, preset=preset) if preset else load_any(path)
+    if kl_only and class_name(model) != "AutoencoderKL":
+        raise UsageError(f"{path} is a tiny autoencoder (AutoencoderTiny): {kl_only}")
+    return prepare_for_inference(model, _device(device))
+
+
+def _local_sources(*paths: str | None) -> list[Path]:
+    """The inputs that exist on disk (not hub ids): an output may never replace them or a folder holding them."""
+    return [Path(p) for p in paths if p and Path(p).exists()]
+
+
+def _add_overwrite(p: argparse.ArgumentParser, what: str = "DST") -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} even when it holds more than a previous export (config.json + weights); "
+                        "/, the home folder, the current directory and folders holding the source are never replaced")
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -86,33 +107,57 @@ def _check_tiling_args(args, model) -> None:
 # commands
 
 
+def convert_format(dst: str, format: str | None) -> str:
+    """The format `convert` writes to `dst`: as --format says, else read off the name (NAME.safetensors: an LDM
+    single file; any other name: a diffusers folder). A name that says the other thing than --format is refused."""
+    suffix = Path(dst).suffix.lower()
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UsageError(f"{dst}: LDM single files are written as safetensors only (no pickle); name it "
+                         f"{Path(dst).with_suffix('.safetensors')}")
+    is_file_name = suffix == ".safetensors" and not dst.endswith(("/", "\\"))
+    if format is None:
+        return "ldm" if is_file_name else "diffusers"
+    if format == "diffusers" and is_file_name:
+        raise UsageError(f"{dst}: --format diffusers writes a folder, but the name is a .safetensors file; drop "
+                         "--format for an LDM single file, or name a folder")
+    if format == "ldm" and not is_file_name:
+        raise UsageError(f"{dst}: --format ldm writes one file; name it NAME.safetensors")
+    return format
+
+
 def cmd_convert(args) -> int:
     from kl_autoencoder.formats import read_config
     from kl_autoencoder.model import KLAutoencoder
 
     if args.config and Path(args.config).name != "config.json":
         raise UsageError(f"--config must point to a config.json, got {args.config}")
+    args.format = convert_format(args.dst, args.format)  # before the model loads: a refusal costs nothing
     config = read_config(Path(args.config).parent) if args.config else None
-    model = KLAutoencoder.from_pretrained(args.src, config=config)
+    model = KLAutoencoder.from_pretrained(args.src, config=config, preset=args.preset)
     if args.scaling_factor is not None:
         model.config.scaling_factor = args.scaling_factor
     if args.shift_factor is not None:
         model.config.shift_factor = args.shift_factor
-    written = model.save_pretrained(args.dst, format=args.format, dtype=args.dtype)
+    written = model.save_pretrained(args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                                    protect=_local_sources(args.src, args.config))
     print(f"wrote {written} ({args.format}, {args.dtype or 'fp32'})")
     return 0
 
 
 def model_info(model, image_size: int) -> dict:
+    from kl_autoencoder.loading import class_name
+
     config = model.config
+    side = -(-image_size // config.downsampling_factor)  # padded up to the latent grid, as encode does
     return {
+        "class": class_name(model),
         "config": config.to_dict(),
         "parameters": {"encoder": model.num_parameters("encoder") + _count(model.quant_conv),
                        "decoder": model.num_parameters("decoder") + _count(model.post_quant_conv),
                        "total": model.num_parameters()},
         "downsampling_factor": config.downsampling_factor,
         "image_size": image_size,
-        "latent_shape": list(config.latent_shape(image_size, image_size)),
+        "latent_shape": [config.latent_channels, side, side],
     }
 
 
@@ -121,12 +166,12 @@ def _count(module) -> int:
 
 
 def cmd_info(args) -> int:
-    info = model_info(_load(args.path, "cpu"), args.image_size)
+    info = model_info(_load(args.path, "cpu", preset=args.preset), args.image_size)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     p = info["parameters"]
-    print(f"model: {args.path}")
+    print(f"model: {args.path} ({info['class']})")
     for key, value in info["config"].items():
         print(f"  {key}: {value}")
     print(f"parameters: encoder {p['encoder']:,}  decoder {p['decoder']:,}  total {p['total']:,}")
@@ -138,7 +183,8 @@ def cmd_info(args) -> int:
 
 def _image_folder_command(run, args, **options) -> int:
     """encode / reconstruct: a folder of images through `run(model, input, out, ...)`, then the report."""
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, kl_only="it has no posterior to sample (use --mode mean)"
+                  if args.mode == "sample" else None, preset=args.preset)
     generator = _generator(args.seed, next(model.parameters()).device)
     _report(run(model, args.input, args.out, batch_size=args.batch_size, mode=args.mode, generator=generator,
                 **_tiling(args), **options))
@@ -147,35 +193,46 @@ def _image_folder_command(run, args, **options) -> int:
 
 def cmd_encode(args) -> int:
     from kl_autoencoder.inference import check_shard_folder, encode_folder
+    from kl_autoencoder.latent_shards import encode_command, wants_dataset_encode
 
-    check_shard_folder(args.out, args.overwrite)  # before the model loads: no work for a run that must stop
+    if wants_dataset_encode(args):  # shards in, shards out, across `accelerate launch` processes
+        return encode_command(args, _load)
+    # before the model loads: no work for a run that must stop
+    check_shard_folder(args.out, args.overwrite, inputs=[args.input])
     return _image_folder_command(encode_folder, args, overwrite=args.overwrite)
 
 
 def cmd_decode(args) -> int:
-    from kl_autoencoder.inference import check_output_folder, decode_latents
+    from kl_autoencoder.inference import PNG_OUTPUTS, decode_latents
+    from kl_autoencoder.outputs import check_output
 
-    check_output_folder(args.out, args.latents, kind="latents")
-    model = _load(args.model, args.device)
-    _report(decode_latents(model, args.latents, args.out, batch_size=args.batch_size, **_tiling(args)))
+    check_output(args.out, "decode", [args.latents], PNG_OUTPUTS, args.overwrite, noun="PNG", kind="latents")
+    model = _load(args.model, args.device, preset=args.preset)
+    _report(decode_latents(model, args.latents, args.out, batch_size=args.batch_size, overwrite=args.overwrite,
+                           **_tiling(args)))
     return 0
 
 
 def cmd_reconstruct(args) -> int:
-    from kl_autoencoder.inference import check_output_folder, reconstruct_folder
+    from kl_autoencoder.inference import PNG_OUTPUTS, reconstruct_folder
+    from kl_autoencoder.outputs import check_output
 
-    check_output_folder(args.out, args.input)
-    return _image_folder_command(reconstruct_folder, args)
+    check_output(args.out, "reconstruct", [args.input], PNG_OUTPUTS, args.overwrite, noun="PNG")
+    return _image_folder_command(reconstruct_folder, args, overwrite=args.overwrite)
 
 
 def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
     from kl_autoencoder.inference import decode_sliced, sample_prior, save_png
+    from kl_autoencoder.outputs import check_output, remove_earlier, safe_parent
 
     if args.num < 1:
         raise UsageError(f"--num must be >= 1, got {args.num}")
-    model = _load(args.model, args.device)
+    earlier = check_output(args.out, "sample", earlier=["sample-*.png"], overwrite=args.overwrite, noun="sample",
+                           why="new samples would replace some of them and leave the others")
+    model = _load(args.model, args.device, kl_only="sample draws from a KL VAE's prior N(0, I), which a tiny "
+                  "autoencoder does not have; sample with its teacher")
     _check_tiling_args(args, model)
     device = next(model.parameters()).device
     shape = (args.num, *model.config.latent_shape(args.image_size, args.image_size))
@@ -184,8 +241,10 @@ def cmd_sample(args) -> int:
     with tqdm(total=args.num, desc="sampling", unit="img") as progress:
         for start in range(0, args.num, args.batch_size):
             images = decode_sliced(model, z[start:start + args.batch_size], None, **_tiling(args))
+            remove_earlier(earlier)  # --overwrite: the earlier samples go once there are new ones to write
+            earlier = []
             for i, image in enumerate(images, start):
-                save_png(image, out / f"sample-{i:05d}.png")
+                save_png(image, safe_parent(out, out / f"sample-{i:05d}.png"))
             progress.update(len(images))
     print(f"wrote {args.num} sample{'s' if args.num != 1 else ''} to {out}")
     return 0
@@ -200,11 +259,30 @@ def _load_square(path: str, size: int) -> torch.Tensor:
     return image_to_tensor(ImageOps.fit(load_image(path), (size, size), Image.Resampling.BICUBIC))
 
 
-def cmd_interpolate(args) -> int:
-    from kl_autoencoder.inference import decode_sliced, encode_batch, lerp, refuse_overwriting_inputs, save_png, slerp
+def interpolation_target(out: str, image_a: str, image_b: str) -> tuple[Path, str]:
+    """(file, Pillow format) for `interpolate --out`: a folder (a trailing slash, or one that exists) gets
+    A-to-B.png; a file name gets the format its extension names, and any other name is refused."""
+    from PIL import Image
 
-    out = Path(args.out)
-    refuse_overwriting_inputs([out], [Path(args.image_a), Path(args.image_b)])
+    if out.endswith(("/", "\\")) or Path(out).is_dir():
+        return Path(out) / f"{Path(image_a).stem}-to-{Path(image_b).stem}.png", "PNG"
+    suffix = Path(out).suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format not in STRIP_FORMATS or image_format not in Image.SAVE:
+        what = f"{suffix!r} is not an image format this command writes" if suffix else "it has no extension"
+        raise UsageError(f"--out {out}: {what}; name an image file (strip.png, strip.jpg, strip.webp) or a folder "
+                         "(end it with /)")
+    return Path(out), image_format
+
+
+def cmd_interpolate(args) -> int:
+    from kl_autoencoder.data import tensor_to_image
+    from kl_autoencoder.durable import atomic_write
+    from kl_autoencoder.inference import decode_sliced, encode_batch, lerp, slerp
+    from kl_autoencoder.outputs import check_output
+
+    out, image_format = interpolation_target(args.out, args.image_a, args.image_b)
+    check_output(out, "interpolate", [args.image_a, args.image_b], overwrite=args.overwrite, file_output=True)
     model = _load(args.model, args.device)
     device = next(model.parameters()).device
     f = model.config.downsampling_factor
@@ -214,19 +292,23 @@ def cmd_interpolate(args) -> int:
     z = encode_batch(model, pixels.to(device), "mean")
     path = (slerp if args.slerp else lerp)(z[0], z[1], args.steps)
     images = decode_sliced(model, path, args.batch_size).clamp(-1, 1)
-    strip = torch.cat(list(images.cpu()), dim=-1)  # [3, S, steps * S], left to right
-    save_png(strip, out)
-    print(f"wrote {out} ({args.steps} steps, {'slerp' if args.slerp else 'lerp'})")
+    strip = tensor_to_image(torch.cat(list(images.cpu()), dim=-1))  # [3, S, steps * S], left to right
+    atomic_write(out, lambda tmp: strip.save(tmp, format=image_format))
+    print(f"wrote {out} ({image_format}, {args.steps} steps, {'slerp' if args.slerp else 'lerp'})")
     return 0
 
 
 def cmd_distill(args) -> int:
     from kl_autoencoder.config import load_config
+    from kl_autoencoder.data import DatasetUnavailableError
     from kl_autoencoder.distill import RECIPE, build_distillation
     from kl_autoencoder.losses import PerceptualWeightsError
+    from kl_autoencoder.outputs import check_output
     from kl_autoencoder.run_folder import RunFolderError
+    from kl_autoencoder.spelling import check_source_spelling
     from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train
 
+    check_source_spelling(args.data, "--data")
     config = args.config
     if config is None:
         if RECIPE.is_file():
@@ -238,11 +320,17 @@ def cmd_distill(args) -> int:
              f"train.output_dir={json.dumps(args.out)}"]  # JSON strings are YAML strings: any path reads back as is
     flags += [f"train.max_steps={args.steps}"] if args.steps is not None else []
     flags += [f"data.resolution={args.resolution}"] if args.resolution is not None else []
+    flags += [f"model.preset={args.preset}"] if args.preset is not None else []
     cfg = load_config(config, flags + args.overrides)  # the overrides win over the flags
+    # the run folder's own rules (earlier runs, resume, overwrite) are the trainer's; here: never among the inputs
+    check_output(cfg.train.output_dir, "distill", [cfg.data.source, cfg.distill.teacher])
     try:
         export = train(cfg, build=build_distillation)
     except (RunFolderError, PerceptualWeightsError) as err:  # found before training: nothing was written
         raise UsageError(str(err)) from err
+    except DatasetUnavailableError as err:  # opened before anything is written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -252,6 +340,22 @@ def cmd_distill(args) -> int:
         return 128 + getattr(signal, stop.signal_name or "SIGINT", signal.SIGINT)
     print(f"wrote {export}: AutoencoderTiny folder (diffusers.AutoencoderTiny.from_pretrained) with the single files "
           "tiny_encoder.safetensors / tiny_decoder.safetensors")
+    return 0
+
+
+def cmd_sample_photos(args) -> int:
+    """The built-in photos as PNGs in a folder: something to try encode, reconstruct and interpolate on."""
+    from kl_autoencoder.data import greyscale_images, sample_images
+    from kl_autoencoder.durable import atomic_write
+    from kl_autoencoder.outputs import check_output
+
+    photos = greyscale_images() if args.set == "greyscale" else sample_images(args.set)
+    out = Path(args.out)
+    check_output(out, "sample-photos", earlier=[f"{name}.png" for name, _ in photos], overwrite=args.overwrite,
+                 noun="photo")
+    for name, image in photos:
+        atomic_write(out / f"{name}.png", lambda tmp, image=image: image.save(tmp, format="PNG"))
+    print(f"wrote {len(photos)} photos to {out} ({args.set}: {', '.join(name for name, _ in photos)})")
     return 0
 
 
@@ -267,7 +371,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _add_model_io(p: argparse.ArgumentParser, needs_input: bool, needs_latents: bool, has_mode: bool) -> None:
-    p.add_argument("--model", required=True, help="diffusers folder, pipeline folder, LDM .safetensors or hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     if needs_input:
         p.add_argument("--input", required=True, help="folder of images (searched recursively) or one image")
         _add_image_limit(p)
@@ -281,6 +385,7 @@ def _add_model_io(p: argparse.ArgumentParser, needs_input: bool, needs_latents: 
     p.add_argument("--batch-size", type=int, default=8)
     _add_tiling(p)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_preset(p)
 
 
 def _tile_size(text: str) -> int | str | None:
@@ -307,44 +412,86 @@ def _add_tiling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-overlap", type=int, default=64, help="overlap between tiles in pixels (default: 64)")
 
 
+def _add_replace(p: argparse.ArgumentParser, what: str) -> None:
+    """--overwrite for a command's outputs: without it, earlier outputs of the command at --out are refused."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what}; refused otherwise")
+
+
+def _add_preset(p: argparse.ArgumentParser, what: str = "the release a config-less single file is") -> None:
+    from kl_autoencoder.presets import PRESETS, describe_choices
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help=f"{what}: sets its scaling_factor, shift_factor, sample_size, force_upcast ({describe_choices()})")
+
+
 def _add_image_limit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="refuse images with more pixels than this as possible decompression bombs (default: "
                         "Pillow's limit, about 89 million; 0: no limit, for trusted files only)")
 
 
-def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kl-autoencoder", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert between diffusers folders and LDM single files")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--format", choices=("diffusers", "ldm"), default="diffusers")
+    p.add_argument("--format", choices=("diffusers", "ldm"), default=None,
+                   help="diffusers: a folder (config.json + diffusion_pytorch_model.safetensors) that "
+                        "AutoencoderKL.from_pretrained loads; ldm: one CompVis-named .safetensors file (ComfyUI, "
+                        "A1111). Default: from DST, ldm for a .safetensors name, else diffusers")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: keep fp32)")
     p.add_argument("--config", default=None, help="config.json to use for an LDM single file (which has none)")
     p.add_argument("--scaling-factor", type=float, default=None, help="override the config's scaling_factor")
     p.add_argument("--shift-factor", type=float, default=None, help="override the config's shift_factor")
+    _add_preset(p)
+    _add_overwrite(p)
     p.set_defaults(func=cmd_convert)
 
+
+def _add_sample_photos(sub) -> None:
+    p = sub.add_parser(
+        "sample-photos", help="write the built-in sample photos as PNGs (to try encode, reconstruct, interpolate)",
+        description="Write the photos that ship with scikit-image, scikit-learn and matplotlib (nothing is "
+                    "downloaded) into OUT as NAME.png. The sets are the training data's: 'heldout' (chelsea, coffee, "
+                    "flower) were never trained on; 'greyscale' are 8 greyscale scikit-image photos in no set.")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--set", choices=("all", "train", "heldout", "greyscale"), default="all",
+                   help="all: the 12 colour photos (default); train: the 9 the quickstart trains on; heldout: the 3 "
+                        "it never sees; greyscale: camera, moon, coins, brick, grass, gravel, page, cell")
+    p.add_argument("--overwrite", action="store_true", help="replace NAME.png files OUT already holds")
+    p.set_defaults(func=cmd_sample_photos)
+
+
+def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kl-autoencoder", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_convert(sub)
+
     p = sub.add_parser("info", help="config, parameter counts, latent shape")
-    p.add_argument("path")
+    p.add_argument("path", help=MODEL_HELP)
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    _add_preset(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("encode", help="images -> diffusion latents (safetensors shards)")
     _add_model_io(p, needs_input=True, needs_latents=False, has_mode=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the latent shards --out already holds (refused otherwise: a decode would mix them)")
+    from kl_autoencoder.latent_shards import add_encode_arguments
+
+    add_encode_arguments(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="latent shards -> PNGs with the original names and sizes")
     _add_model_io(p, needs_input=False, needs_latents=True, has_mode=False)
+    _add_image_limit(p)
+    _add_replace(p, "PNGs --out already holds (same-named ones are replaced, others kept)")
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("reconstruct", help="images -> reconstructions in one pass")
     _add_model_io(p, needs_input=True, needs_latents=False, has_mode=True)
+    _add_replace(p, "PNGs --out already holds (same-named ones are replaced, others kept)")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser(
@@ -353,7 +500,9 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                     "prior samples look like texture, not photos: its KL weight is tiny, so the latents carry the image "
                     "and the prior is only loosely matched. For real generation, train a diffusion model on the "
                     "latents: examples/latent_diffusion.py.")
-    p.add_argument("--model", required=True, help="diffusers folder, pipeline folder, LDM .safetensors or hub id")
+    p.add_argument("--model", required=True,
+                   help="a KL VAE (AutoencoderKL: diffusers folder, pipeline folder, LDM .safetensors or hub id); "
+                        "not a tiny autoencoder, which has no prior")
     p.add_argument("--num", type=int, default=8, help="how many images to draw and decode (default: 8)")
     p.add_argument("--truncation", type=float, default=None,
                    help="redraw latent entries with |z| above this (default: no truncation)")
@@ -366,19 +515,23 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     _add_tiling(p)
+    _add_replace(p, "the samples --out already holds (all sample-*.png there are replaced)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("interpolate", help="decode a latent path between two images into a strip")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("image_a")
     p.add_argument("image_b")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
     p.add_argument("--image-size", type=int, default=256, help="both images are resized and centre-cropped to this")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", required=True, help="output PNG (not one of the two inputs)")
+    p.add_argument("--out", required=True,
+                   help="the strip: an image file whose extension sets the format (strip.png, strip.jpg, ...), or a "
+                        "folder (a trailing slash or an existing folder) to write A-to-B.png into; not an input")
     p.add_argument("--device", default=None)
     _add_image_limit(p)
+    _add_replace(p, "the file at --out")
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser(
@@ -393,8 +546,11 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="training crop size (data.resolution)")
     p.add_argument("--config", default=None,
                    help="YAML config (default: configs/distill.yaml, the CPU-sized recipe)")
+    _add_preset(p, "the release the teacher is (model.preset)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. distill.width=64 optim.lr=1e-3")
     p.set_defaults(func=cmd_distill)
+
+    _add_sample_photos(sub)
 
     p = sub.add_parser("evaluate", help="reconstruction metrics, latent statistics, report")
     if with_evaluate:  # evaluation pulls in lpips / torchmetrics: only import it when it is the command

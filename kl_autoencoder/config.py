@@ -28,7 +28,9 @@ import yaml
 
 from kl_autoencoder.durable import atomic_write_text
 from kl_autoencoder.formats import WeightsError, capped_repr, find_config_json, is_local_path, read_config
-from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError
+from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError, check_config_size
+from kl_autoencoder.presets import FACTOR_FIELDS, PRESETS, PresetError, check_fits, describe_choices, get_preset
+from kl_autoencoder.spelling import BUILT_IN_SOURCES, source_suggestion
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,14 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     pretrained: str | None = None  # diffusers folder / pipeline folder / LDM file / hub id; None = train from scratch
-    architecture: dict[str, Any] = field(default_factory=dict)  # AutoencoderConfig fields (ignored keys are errors)
+    # the release the model (or the distillation teacher) is: sd, sd2, sdxl, sd3, flux (presets.py). It fills the
+    # latent fields a config-less single file cannot carry (a stored config keeps its own); without model.pretrained
+    # it builds that release's architecture
+    preset: str | None = None
+    # AutoencoderConfig fields (ignored keys are errors). On a pretrained model only the latent fields
+    # (presets.LATENT_FIELDS: scaling_factor, shift_factor, latents_mean/std, sample_size, force_upcast) may differ
+    # from its config: they are applied (and an export keeps them)
+    architecture: dict[str, Any] = field(default_factory=dict)
     freeze_encoder: bool = False  # train the decoder only (encoder + quant_conv frozen), as sd-vae-ft-mse
     # weights of a model trained from scratch: "default" (PyTorch's, as diffusers and LDM) or "zero_residual"
     # (model.zero_residual_init_: LeCun-normal convs, every residual branch starting at zero)
@@ -53,7 +62,10 @@ class ModelSection:
 
 @dataclass
 class DataConfig:
-    source: str = "sample"  # "sample" (built-in photos), an image folder, or a hub dataset name
+    # "sample" (built-in photos), an image folder, a hub dataset name, a `datasets` save_to_disk folder, or
+    # "webdataset" / "parquet" with `data_files` (kl_autoencoder/shards.py)
+    source: str = "sample"
+    data_files: str | list[str] | None = None  # shards of webdataset/parquet: brace pattern, glob, or a list of them
     split: str = "train"
     image_column: str | None = None
     streaming: bool = False
@@ -63,7 +75,9 @@ class DataConfig:
     # random crops: the shorter side is resized to resolution * s, s log-uniform in [1, max_crop_scale], never past the
     # native size (1 = whole-photo crops, as LDM); None = per source: native pixels for "sample", 1 elsewhere
     max_crop_scale: float | None = None
-    random_hue: float = 0.0  # probability of turning a training crop's hues by a random angle (colour augmentation)
+    # probability of turning a training crop's hues by a random angle (colour augmentation), on any source; None = per
+    # source: data.SAMPLE_RANDOM_HUE (0.5) on the built-in sample photos, 0 on every other source (your own folder)
+    random_hue: float | None = 0.0
     num_workers: int | None = None  # None = sized from the machine
     max_images: int | None = None
     cache_dir: str | None = None
@@ -78,17 +92,22 @@ class GanConfig:
     disc_lr: float | None = None  # None = optim.lr
     disc_channels: int = 64
     disc_layers: int = 3
+    # GroupNorm, not LDM's BatchNorm: batch-independent, so the same discriminator on any number of processes and for
+    # the separate real and fake batches (BatchNorm normalises each per call and per device); "batch" is LDM's.
+    disc_norm: Literal["group", "batch", "none"] = "group"
     adaptive_weight: bool = True  # balance GAN vs reconstruction gradients at the decoder's last layer
 
 
 @dataclass
 class EquivarianceConfig:
-    """EQ-VAE's regulariser: decode(T(z)) should be T(x) for geometric transforms T (weight 0 = off)."""
+    """EQ-VAE (Kouzelis et al. 2025): on a share `probability` of the steps, the training pair (x, decode(z)) is
+    replaced by (tau(x), decode(tau(z))), tau a random downscale by s in [min_scale, 1) and/or a turn by 1-3 quarter
+    turns, and the whole loss (pixel, perceptual, GAN) applies to it."""
 
-    weight: float = 0.0  # times the transformed image's reconstruction NLL (LDM convention, pixel term only)
-    transforms: list[str] = field(default_factory=lambda: ["scale", "rotate"])  # of: scale, rotate, flip
-    scales: list[int] = field(default_factory=lambda: [2, 4])  # downscale factors for "scale"
-    probability: float = 0.5  # share of steps that add the term (EQ-VAE: 0.5)
+    probability: float = 0.0  # share of steps with the transformed pair; 0 = off (EQ-VAE: 0.5)
+    transforms: list[str] = field(default_factory=lambda: ["scale", "rotate"])  # of: scale, rotate
+    # s = m / h, m uniform over the integer latent sizes with min_scale <= s < 1 (EQ-VAE: s in {8..31}/32 at 32x32)
+    min_scale: float = 0.25
 
 
 @dataclass
@@ -128,7 +147,7 @@ class EMAConfig:
 
 @dataclass
 class TrainSection:
-    output_dir: str = "runs/vae"
+    output_dir: str = "outputs/vae"
     seed: int = 0
     batch_size: int = 8  # per process
     grad_accum_steps: int = 1
@@ -154,16 +173,28 @@ class TrainSection:
 class DistillSection:
     """Distilling a tiny autoencoder (diffusers' AutoencoderTiny) from a KL VAE: `kl-autoencoder distill`.
 
-    The decoder's terms are loss.pixel / loss.pixel_weight / loss.perceptual_* (against the teacher's decode); the
-    encoder's is latent_weight x MSE against the teacher's diffusion latents. model.* and the KL / GAN terms do not
-    apply (the student is built from the teacher's config)."""
+    The targets are TAESD's: the encoder learns the teacher's scaled posterior mean (latent_weight x MSE), the decoder
+    the teacher's decode of that mean (loss.pixel / loss.pixel_weight / loss.perceptual_*). model.* and the KL / GAN
+    terms do not apply (the student is built from the teacher's config)."""
 
     teacher: str | None = None  # diffusers folder / pipeline folder / LDM file / hub id of the KL VAE to distil
     width: int = 64  # the student's channels in every stage (TAESD: 64)
     encoder_blocks: int = 3  # residual blocks per encoder stage after the first (TAESD: 3)
     decoder_blocks: int = 3  # residual blocks per decoder stage before the last (TAESD: 3)
-    latent_weight: float = 1.0  # encoder: MSE against the teacher's diffusion latents; 0 = decoder only
-    sample_posterior: bool = True  # teacher latents z ~ q(z|x), what a diffusion model trains on; false = its mean
+    latent_weight: float = 1.0  # encoder: MSE against the teacher's scaled posterior mean; 0 = decoder only
+
+
+@dataclass
+class Fp16FixSection:
+    """Fine-tuning a VAE to be safe in fp16 (kl_autoencoder/fp16_fix.py, configs/fp16-fix.yaml): model.pretrained is
+    both the student and, frozen in fp32, the teacher whose latents and decodes the student keeps."""
+
+    enabled: bool = False
+    activation_limit: float = 16384.0  # |activation| above this is penalised (2^14: 4x inside fp16's 65504)
+    penalty_weight: float = 1.0  # x mean squared excess over the limit, in units of the limit, summed over layers
+    latent_weight: float = 1.0  # x MSE(student posterior mean, teacher posterior mean)
+    decode_weight: float = 1.0  # x MSE(student decode, teacher decode) of the teacher's latents
+    scale_lr: float = 0.1  # log-scale step of each layer past the limit (weight and bias rescaled together); 0 = off
 
 
 @dataclass
@@ -174,6 +205,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    fp16_fix: Fp16FixSection = field(default_factory=Fp16FixSection)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -202,6 +234,8 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -281,6 +315,8 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
+        if f"{prefix}{key}" in REMOVED_KEYS:
+            raise ConfigError(f"config key '{prefix}{key}' was removed: {REMOVED_KEYS[f'{prefix}{key}']}")
         if key not in known:
             raise ConfigError(unknown_key_message(f"{prefix}{key}", str(key), known))
     values = {}
@@ -291,6 +327,18 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         else:
             values[key] = check_type(value, hint, f"{prefix}{key}")
     return cls(**values)
+
+
+# Keys that meant something this toolkit no longer does: why, and what to write instead.
+REMOVED_KEYS = {
+    "loss.equivariance.weight": "EQ-VAE has no separate term to weigh: with loss.equivariance.probability the "
+                                "transformed pair replaces the plain one and the whole loss applies to it; drop the "
+                                "key (probability 0 = off)",
+    "loss.equivariance.scales": "the downscale is now EQ-VAE's random s in [loss.equivariance.min_scale, 1), not "
+                                "fixed integer factors; drop the key",
+    "distill.sample_posterior": "the student learns the teacher's posterior mean (encoder: its scaled mean; decoder: "
+                                "the teacher's decode of it), as TAESD; drop the key",
+}
 
 
 # What other recipes (diffusers' train_autoencoderkl.py and its argparse flags, LDM / sgm yaml, Lightning) call our
@@ -428,8 +476,9 @@ def validate(cfg: TrainConfig) -> None:
     validate_finite(cfg)
     validate_model(cfg)
     validate_distill(cfg)
+    validate_fp16_fix(cfg)
     # a distillation's crops are cut for the teacher's downsampling factor
-    teacher = ModelSection(pretrained=cfg.distill.teacher) if cfg.distill.teacher else cfg.model
+    teacher = ModelSection(pretrained=cfg.distill.teacher, preset=cfg.model.preset) if cfg.distill.teacher else cfg.model
     validate_data(cfg.data, resolved_architecture(teacher))
     validate_loss(cfg.loss)
     validate_optim(cfg.optim)
@@ -459,10 +508,17 @@ def pretrained_architecture(pretrained: str) -> dict[str, Any]:
 
 
 def resolved_architecture(model: ModelSection) -> dict[str, Any]:
-    """Architecture fields the run will use: defaults <- pretrained config.json <- model.architecture."""
+    """Architecture fields the run will use: defaults <- the preset's release <- pretrained config.json (or, for a
+    file without one, the preset's latent fields) <- model.architecture."""
     arch = AutoencoderConfig().to_dict()
+    preset = PRESETS.get(model.preset) if model.preset else None
+    if preset is not None:
+        arch.update(preset.architecture())
     if model.pretrained:
-        arch.update({k: v for k, v in pretrained_architecture(model.pretrained).items() if k in arch})
+        stored = pretrained_architecture(model.pretrained)
+        arch.update({k: v for k, v in stored.items() if k in arch})
+        if preset is not None and not stored:  # a preset fills what a config-less file lacks (presets.apply_preset)
+            arch.update(preset.latent_fields())
     arch.update(model.architecture)
     return arch
 
@@ -491,16 +547,34 @@ def validate_model(cfg: TrainConfig) -> None:
     if model.pretrained is not None and is_local_path(model.pretrained):
         _require(os.path.exists(os.path.expanduser(model.pretrained)), "model.pretrained", model.pretrained,
                  "no such file or folder (override with model.pretrained=PATH)")
+    validate_preset(model, cfg.distill.teacher or model.pretrained)
+    given = [k for k in FACTOR_FIELDS if k in model.architecture]
+    if given and cfg.train.remeasure_latent_scale:
+        raise ConfigError(f"'model.architecture.{given[0]}' = {capped_repr(model.architecture[given[0]])} is the "
+                          "factor that train.remeasure_latent_scale=true re-measures at export: drop one of the two")
     _require(model.init == "default" or model.pretrained is None, "model.init", model.init,
              "initialises a model trained from scratch; a pretrained model keeps its weights (drop model.init)")
     _require(not model.freeze_encoder or model.pretrained is not None, "model.pretrained", model.pretrained,
              "model.freeze_encoder=true fine-tunes the decoder of a trained model: set model.pretrained=PATH")
     arch = resolved_architecture(model)
     try:
-        AutoencoderConfig.from_dict(arch)
+        check_config_size(AutoencoderConfig.from_dict(arch), "model.architecture")
     except AutoencoderConfigError as e:
         base = f"the config of {model.pretrained}" if model.pretrained else "the defaults"
         raise ConfigError(f"'model.architecture.{e.field}': {e} (checked: 'model.architecture' over {base})") from None
+
+
+def validate_preset(model: ModelSection, pretrained: str | None) -> None:
+    """A known preset name; with a local diffusers folder, one whose release has that folder's architecture."""
+    if model.preset is None:
+        return
+    _require(model.preset in PRESETS, "model.preset", model.preset, f"unknown preset; choose one of: "
+             f"{describe_choices()}")
+    stored = pretrained_architecture(pretrained) if pretrained else {}
+    try:
+        check_fits(get_preset(model.preset), stored, pretrained or "")
+    except PresetError as e:
+        raise ConfigError(f"'model.preset' = {capped_repr(model.preset)}: {e}") from None
 
 
 MAX_RESOLUTION = 16384
@@ -512,13 +586,24 @@ def validate_data(data: DataConfig, arch: dict[str, Any]) -> None:
              f"must be in [1, {MAX_RESOLUTION}] (training crops are square tensors of this size)")
     _require(data.resolution % factor == 0, "data.resolution", data.resolution,
              f"must be divisible by the downsampling factor {factor} (2 ** (len(block_out_channels) - 1))")
-    if data.source != "sample" and not data.source.startswith("sample:") and is_local_path(data.source):
+    sharded = data.source in ("webdataset", "parquet")
+    suggestion = source_suggestion(str(data.source), BUILT_IN_SOURCES + ("webdataset", "parquet"))
+    _require(suggestion is None, "data.source", data.source,
+             f"is neither a built-in source nor a local path: did you mean {suggestion!r}?")
+    _require(not sharded or bool(data.data_files), "data.data_files", data.data_files,
+             f"is needed with data.source={data.source} (for example shards/{{00000..00127}}.tar)")
+    _require(sharded or data.data_files is None, "data.data_files", data.data_files,
+             "names shard files: set data.source to webdataset or parquet (or remove data.data_files)")
+    _require(not (data.max_images and (data.source == "webdataset" or (sharded and data.streaming))), "data.max_images",
+             data.max_images, "does not apply to streamed shards: list fewer shards in data.data_files")
+    if not sharded and data.source != "sample" and not data.source.startswith("sample:") and is_local_path(data.source):
         _require(os.path.isdir(os.path.expanduser(data.source)), "data.source", data.source,
                  "image folder does not exist")
     _require(data.num_workers is None or data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
     _require(data.max_crop_scale is None or data.max_crop_scale >= 1, "data.max_crop_scale", data.max_crop_scale,
              "must be >= 1 (1: whole-photo crops) or null (per source)")
-    _require(0 <= data.random_hue <= 1, "data.random_hue", data.random_hue, "is a probability, in [0, 1]")
+    _require(data.random_hue is None or 0 <= data.random_hue <= 1, "data.random_hue", data.random_hue,
+             "is a probability, in [0, 1], or null (per source)")
     _require(data.max_images is None or data.max_images >= 1, "data.max_images", data.max_images, "must be >= 1")
 
 
@@ -527,12 +612,10 @@ def validate_loss(loss: LossConfig) -> None:
         value = getattr(loss, key)
         _require(value >= 0, f"loss.{key}", value, "must be >= 0")
     eq = loss.equivariance
-    _require(eq.weight >= 0, "loss.equivariance.weight", eq.weight, "must be >= 0")
     _require(0 <= eq.probability <= 1, "loss.equivariance.probability", eq.probability, "must be in [0, 1]")
-    _require(bool(eq.transforms) and set(eq.transforms) <= {"scale", "rotate", "flip"},
-             "loss.equivariance.transforms", eq.transforms, "must be a non-empty list of: scale, rotate, flip")
-    _require(all(isinstance(f, int) and f >= 2 for f in eq.scales) and (bool(eq.scales) or "scale" not in eq.transforms),
-             "loss.equivariance.scales", eq.scales, "must be integer factors >= 2")
+    _require(bool(eq.transforms) and set(eq.transforms) <= {"scale", "rotate"},
+             "loss.equivariance.transforms", eq.transforms, "must be a non-empty list of: scale, rotate")
+    _require(0 < eq.min_scale < 1, "loss.equivariance.min_scale", eq.min_scale, "must be in (0, 1) (EQ-VAE: 0.25)")
     _require(loss.kl_warmup_steps >= 0, "loss.kl_warmup_steps", loss.kl_warmup_steps, "must be >= 0")
     if loss.kl_schedule == "cyclical":
         _require(loss.kl_cycle_steps is not None and loss.kl_cycle_steps >= 2, "loss.kl_cycle_steps",
@@ -594,3 +677,22 @@ def validate_distill(cfg: TrainConfig) -> None:
                                 ("loss.gan.enabled", cfg.loss.gan.enabled, False)):
         _require(value == default, key, value, "does not apply to distillation (the student is built from "
                  "distill.teacher and distill.width / *_blocks; its losses are pixel, LPIPS and latent MSE)")
+
+
+def validate_fp16_fix(cfg: TrainConfig) -> None:
+    """fp16_fix's ranges; enabled, it needs a pretrained model and refuses what its objective does not have."""
+    fix = cfg.fp16_fix
+    _require(0 < fix.activation_limit <= 65504, "fp16_fix.activation_limit", fix.activation_limit,
+             "must be in (0, 65504] (fp16's largest finite value)")
+    for key in ("penalty_weight", "latent_weight", "decode_weight", "scale_lr"):
+        _require(getattr(fix, key) >= 0, f"fp16_fix.{key}", getattr(fix, key), "must be >= 0")
+    if not fix.enabled:
+        return
+    _require(cfg.model.pretrained is not None, "model.pretrained", cfg.model.pretrained,
+             "fp16_fix.enabled fine-tunes an existing VAE: set model.pretrained=PATH")
+    for key, value, default in (("distill.teacher", cfg.distill.teacher, None),
+                                ("loss.gan.enabled", cfg.loss.gan.enabled, False),
+                                ("loss.learned_logvar", cfg.loss.learned_logvar, False),
+                                ("train.mixed_precision", cfg.train.mixed_precision, "no")):
+        _require(value == default, key, value, "does not apply to fp16_fix (an fp32 fine-tune against the frozen "
+                 "original: latent MSE, decode MSE and the activation penalty)")

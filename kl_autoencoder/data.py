@@ -6,13 +6,16 @@ Sources (``DataConfig.source``):
     are held out and never trained on, the other 9 train. Training draws random crops at random scales
     (``data.max_crop_scale``; for this source by default from the whole photo down to native pixels), so a handful
     of photos still gives varied batches; ``data.random_hue`` turns crops' hues so that colour cannot be guessed
-    from content.
+    from content (``null``, as configs/quickstart.yaml has it: `SAMPLE_RANDOM_HUE` for this source only, so a
+    recipe pointed at your own folder does not inherit an augmentation meant for nine photos).
   - an image folder: a plain sorted file list (recursive, by extension). We do not use `datasets`'
     "imagefolder" builder here: it decodes eagerly inside Arrow and one corrupt file aborts the whole
     run, while a file list lets each read fail on its own, be counted, and be skipped.
   - a hub dataset name: ``datasets.load_dataset(name, split=..., streaming=...)``; the image column is the
     first column of feature type `Image`, else one named image/img/pixel_values, or ``image_column``.
     Decoding is switched off in `datasets` (``Image(decode=False)``) so that we decode, and skip, ourselves.
+  - sharded sources (``"webdataset"`` / ``"parquet"`` with ``data_files``, a `datasets` save_to_disk folder): see
+    `kl_autoencoder/shards.py`; `build_dataset` and `training_batches` hand them over there.
 
 Large files are cheap: a folder's image is decoded once at the size its crops can use (JPEG decodes at 1/2-1/8 scale
 via Pillow's draft mode, anything larger is shrunk) and kept in a per-process LRU cache of decoded pixels
@@ -60,6 +63,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
 )
+SAMPLE_RANDOM_HUE = 0.5  # data.random_hue null: the share of the sample source's crops whose hues turn (0 elsewhere)
 MIN_EPOCH_ITEMS = 256  # a training epoch over a small source repeats images up to at least this many items
 MAX_TRIES = 8  # reads per item before giving up on finding a readable image
 DEFAULT_CACHE_BYTES = 1 << 30  # decoded (reduced) folder images kept in memory per process, split among its workers
@@ -88,6 +92,8 @@ SAMPLE_TRAIN = (
     "hubble_deep_field", "colorwheel",
 )
 SAMPLE_HELDOUT = ("chelsea", "coffee", "flower")
+# scikit-image's greyscale photos: in no sample split (never trained on), for trying a model on other real photos.
+GREYSCALE_PHOTOS = ("camera", "moon", "coins", "brick", "grass", "gravel", "page", "cell")
 
 
 class BadImageError(ValueError):
@@ -331,7 +337,9 @@ class ImageTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = to_rgb(image)
         width, height = image.size
-        crop = min(width, height) * self.resolution / self._shorter_side_target(min(width, height))
+        shorter = min(width, height)
+        # never past the image: exp(log(64)) is 63.99999999999998, so a 64-px photo asked for a 64.00000000000003 crop
+        crop = min(shorter * self.resolution / self._shorter_side_target(shorter), shorter)
         if self.random_crop:
             left = torch.rand(()).item() * (width - crop)
             top = torch.rand(()).item() * (height - crop)
@@ -383,6 +391,13 @@ def sample_images(split: str = "train") -> list[tuple[str, Image.Image]]:
     return [(name, to_rgb(Image.fromarray(_sample_array(name)))) for name in names]
 
 
+def greyscale_images() -> list[tuple[str, Image.Image]]:
+    """scikit-image's 8 greyscale photos (`GREYSCALE_PHOTOS`) as (name, mode "L" image), in that order."""
+    import skimage.data
+
+    return [(name, Image.fromarray(getattr(skimage.data, name)())) for name in GREYSCALE_PHOTOS]
+
+
 def iter_image_folder(folder: str | os.PathLike) -> list[Path]:
     """All image files under `folder` (recursive, extension matched case-insensitively), sorted."""
     root = Path(folder).expanduser()
@@ -398,9 +413,13 @@ def iter_image_folder(folder: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def load_hub_dataset(name: str, split: str = "train", streaming: bool = False, cache_dir: str | None = None):
-    """`datasets.load_dataset` with a clear error when the dataset cannot be fetched (offline, typo, split)."""
+def load_hub_dataset(name: str, split: str = "train", streaming: bool = False, cache_dir: str | None = None,
+                     option: str = "data.source"):
+    """`datasets.load_dataset` with a clear error when the dataset cannot be fetched (offline, typo, split); `option`
+    is how the command in use names the source (data.source in a training config, --data for evaluate)."""
     import datasets
+
+    given = (lambda value: f"{option} {value}") if option.startswith("-") else (lambda value: f"{option}={value}")
 
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
@@ -409,8 +428,8 @@ def load_hub_dataset(name: str, split: str = "train", streaming: bool = False, c
             f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: "
             f"{type(err).__name__}: {err}\n"
             "If this machine is offline the dataset could not be downloaded: download it where there is a "
-            "network (it is then read from the cache, see data.cache_dir), or put the images in a local folder "
-            "and set data.source to that folder (or use data.source=sample for the built-in photos)."
+            "network (it is then read from the cache), or put the images in a local folder and pass "
+            f"{given('FOLDER')} (or {given('sample')} for the built-in photos)."
         ) from err
 
 
@@ -707,6 +726,14 @@ def _repeats_for(num_images: int, train: bool) -> int:
     return max(1, math.ceil(MIN_EPOCH_ITEMS / num_images)) if train else 1
 
 
+def source_random_hue(random_hue: float | None, is_sample: bool) -> float:
+    """data.random_hue for a source: a number applies to any source; None means SAMPLE_RANDOM_HUE for the built-in
+    sample photos (nine photos need every hue shown) and 0 for any other source (real data has its own colours)."""
+    if random_hue is not None:
+        return random_hue
+    return SAMPLE_RANDOM_HUE if is_sample else 0.0
+
+
 def build_dataset(
     data_cfg: DataConfig, split: str | None = None, train: bool | None = None
 ) -> ImageDataset | HFIterableImageDataset:
@@ -720,9 +747,9 @@ def build_dataset(
     train = split.startswith("train") if train is None else train
     resolution = data_cfg.resolution
     random_crop, random_flip = (data_cfg.random_crop, data_cfg.random_flip) if train else (False, False)
-    random_hue = data_cfg.random_hue if train else 0.0
     source = str(data_cfg.source)
     is_sample = source == "sample" or source.startswith("sample:")
+    random_hue = source_random_hue(data_cfg.random_hue, is_sample) if train else 0.0
     max_scale = data_cfg.max_crop_scale
     if max_scale is None:  # per source: native-pixel crops give variety from a few sample photos; LDM's whole-photo
         max_scale = None if is_sample else 1.0  # crops elsewhere
@@ -731,6 +758,11 @@ def build_dataset(
     if is_sample:
         photos = sample_images(source.partition(":")[2] or split)[: data_cfg.max_images]
         return PhotoListDataset(photos, transform, repeats=_repeats_for(len(photos), train))
+
+    from kl_autoencoder.shards import SHARD_SOURCES, build_shard_dataset, is_saved_dataset
+
+    if source in SHARD_SOURCES or (is_local_path(source) and is_saved_dataset(source)):
+        return build_shard_dataset(data_cfg, transform, train, _repeats_for)
 
     if is_local_path(source):
         paths = iter_image_folder(source)[: data_cfg.max_images]
@@ -836,7 +868,7 @@ def load_eval_images(
         if not named:
             raise FileNotFoundError(f"no readable images in {source!r}")
     else:
-        hf = load_hub_dataset(source, split=split, streaming=num_images is not None)
+        hf = load_hub_dataset(source, split=split, streaming=num_images is not None, option="--data")
         if num_images is not None:
             hf = hf.take(num_images)
         column = find_image_column(hf.features, None) if hf.features else "image"
@@ -917,6 +949,12 @@ def training_batches(dataset: Dataset, batch_size: int, seed: int, rank: int = 0
     a resumed stream skips the batches already seen.
     """
     workers = default_num_workers() if num_workers is None else num_workers
+    if hasattr(dataset, "at"):  # shards.ShardStream: its position is a function of batches_seen (see shards.py)
+        stream = dataset.at(rank, world, workers, batch_size, batches_seen, seed)
+        collate = partial(collate_images, resolution=stream.resolution)
+        yield from DataLoader(stream, batch_size=batch_size, num_workers=stream.workers if workers else 0,
+                              collate_fn=collate, pin_memory=torch.cuda.is_available())
+        return
     if isinstance(dataset, IterableDataset):
         if world > 1:
             dataset = dataset.for_rank(rank, world)

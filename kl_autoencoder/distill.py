@@ -8,10 +8,12 @@
 
 `build_distillation` gives the loop a `Training` whose model is the student (checkpointed, EMA'd, resumed like any
 model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout; never checkpointed: resume
-loads it again from `distill.teacher`). Each micro-batch, `distill_step` takes the teacher's diffusion latents and
-decode of the batch (`tiny.distillation_targets`), and trains both halves of the student at once
-(`tiny.distillation_loss`: pixel + LPIPS of the student's decode of those latents against the teacher's decode,
-latent MSE of the student's encode) through the trainer's one `optimizer_step`. The export is the student
+loads it again from `distill.teacher`). Each micro-batch, `distill_step` takes TAESD's targets for the batch
+(`tiny.distillation_targets` with the posterior mean): the teacher's scaled posterior mean (z_mean - shift) * scale
+and the teacher's decode of z_mean, and trains both halves of the student at once (`tiny.distillation_loss`: pixel +
+LPIPS of the student's decode of those latents against the teacher's decode, latent MSE of the student's encode)
+through the trainer's one `optimizer_step`. The mean, not a posterior sample: a sample's noise is no function of the
+image, so an encoder regressing onto it keeps an error floor of the posterior's variance. The export is the student
 (EMA weights when EMA is on) as a diffusers `AutoencoderTiny` folder in the run's export folder, with TAESD's two
 single files (`tiny_encoder.safetensors`, `tiny_decoder.safetensors`) in the same folder.
 
@@ -38,9 +40,10 @@ RECIPE = Path(__file__).resolve().parents[1] / "configs" / "distill.yaml"  # the
 SINGLE_FILE_NAME = "tiny"  # -> tiny_encoder.safetensors / tiny_decoder.safetensors (rename for a preview tool)
 
 
-def load_teacher(path: str, device: torch.device) -> KLAutoencoder:
-    """The KL VAE at `path`, fp32, frozen, in eval mode and the inference layout on `device`."""
-    teacher = KLAutoencoder.from_pretrained(path).float().requires_grad_(False)
+def load_teacher(path: str, device: torch.device, preset: str | None = None) -> KLAutoencoder:
+    """The KL VAE at `path` (with `preset`'s latent fields: model.preset), fp32, frozen, in eval mode and the
+    inference layout on `device`."""
+    teacher = KLAutoencoder.from_pretrained(path, preset=preset).float().requires_grad_(False)
     return prepare_for_inference(teacher, device)
 
 
@@ -64,7 +67,7 @@ def build_distillation(cfg: TrainConfig, fast: FastPath | None = None) -> Traini
     if cfg.train.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    teacher = load_teacher(cfg.distill.teacher, device)
+    teacher = load_teacher(cfg.distill.teacher, device, cfg.model.preset)
     student = build_student(teacher.config, cfg.distill.width, cfg.distill.encoder_blocks,
                             cfg.distill.decoder_blocks).float().to(device)
     if channels_last:
@@ -87,17 +90,15 @@ def build_distillation(cfg: TrainConfig, fast: FastPath | None = None) -> Traini
 def distill_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepResult:
     """One micro-batch of optimizer step `step` (0-based): the teacher's targets, the student's loss and update.
 
-    The teacher's posterior sample is drawn from a generator seeded as `train_step` seeds its own (seed, step,
-    micro-step, rank), so a resumed run replays a straight one. `reconstruction` (the student's decode of the
-    teacher's latents, for the loop's image grid) is only computed at the steps that log the grid.
+    The targets (teacher's posterior mean and its decode) are deterministic, so a resumed run replays a straight
+    one. `reconstruction` (the student's decode of the teacher's latents, for the loop's image grid) is only
+    computed at the steps that log the grid.
     """
     cfg = t.cfg
     if t.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    seed = (cfg.train.seed * 1_000_003 + step * 1009 + micro) * 131 + t.accelerator.process_index
-    generator = torch.Generator(device=t.device).manual_seed(seed)
     with t.accelerator.autocast():  # the teacher under the run's mixed precision (a no-op for "no")
-        targets = distillation_targets(t.teacher, x, generator, sample=cfg.distill.sample_posterior)
+        targets = distillation_targets(t.teacher, x, sample=False)  # TAESD's: the posterior mean
     with t.accelerator.accumulate(t.model):
         loss, logs = distillation_loss(t.model, targets, x, pixel_weight=cfg.loss.pixel_weight, perceptual=t.perceptual,
                                        perceptual_weight=cfg.loss.perceptual_weight,

@@ -3,6 +3,11 @@
 Everything is written beside its destination under a hidden temporary name, flushed to disk, and renamed over the
 destination (a rename replaces a symlink at the destination rather than writing through it). Files end with the
 permissions a plain `open(path, "w")` would give them under the process umask, never the 0600 of a temporary file.
+
+Nothing is replaced that the toolkit did not write (`check_replaceable_dir` / `check_replaceable_file`): an existing
+model folder is replaced only when it is a previous export (`is_previous_export`: `config.json` of an autoencoder
+plus weights files, nothing else) or when the caller passes `overwrite=True`; `/`, the home folder, the current
+directory, a folder holding any of them and a folder holding the source of the write are refused even then.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,31 +98,184 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None],
-                     check_fn: Callable[[Path], None] | None = None) -> Path:
+                     check_fn: Callable[[Path], None] | None = None, *, overwrite: bool = False,
+                     protect: Sequence[str | Path] = ()) -> Path:
     """Fill a temporary folder beside `path`, check it, then swap it in; an existing `path` is replaced only on success.
 
     `check_fn(tmp_folder)` runs on the complete temporary folder before the swap: raising there leaves the previous
-    `path` untouched.
+    `path` untouched. What may be replaced is decided by `check_replaceable_dir(path, overwrite, protect)`, before
+    anything is written and again right before the swap; on any failure or refusal nothing is left behind (neither
+    the temporary folder nor parent folders this call created).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.with_name(f".{path.name}.old")
+    check_replaceable_dir(path, overwrite, protect)
+    created = _make_parents(path.parent)
+    tmp: Path | None = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         write_fn(tmp)
         normalize_modes(tmp)
         fsync_tree(tmp)
         if check_fn is not None:
             check_fn(tmp)
-        if path.exists() or path.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-            if path.is_symlink():
-                path.unlink()
-            else:
-                os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        check_replaceable_dir(path, overwrite, protect)  # again: the folder may have changed while we wrote
+        _swap_in(tmp, path)
+    except BaseException:  # SIGTERM arrives as a BaseException in the CLI: clean up for it too
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
     fsync_dir(path.parent)
     return path
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; a previous folder there is moved aside first and put back if the rename fails."""
+    if path.is_symlink():
+        path.unlink()  # the link itself, never what it points to
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))  # a fresh name: no clash
+    try:
+        os.replace(path, old)  # a folder renamed over the empty `old`
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """`mkdir -p folder`, returning the folders it created (outermost first) so a failure can remove them again."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What may be replaced
+
+EXPORT_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+EXPORT_CONFIG = "config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # diffusers' weights (and its sharded variants)
+_CONFIG_LIMIT = 1 << 20  # an export's config.json is a few hundred bytes
+
+
+class OutputRefused(ValueError):
+    """An output path the toolkit will not replace; the message says why and what to pass instead."""
+
+
+def _candidates(path: str | Path) -> set[Path]:
+    """`path` made absolute: with only its parent resolved (a link at `path` is replaced, not followed), and fully."""
+    plain = Path(os.path.abspath(Path(path).expanduser()))
+    candidates = {plain, plain.resolve()}
+    if plain.name:
+        candidates.add(plain.parent.resolve() / plain.name)
+    return candidates
+
+
+def _holds(folder: Path, other: Path) -> bool:
+    return folder == other or folder in other.parents
+
+
+def protected_reason(path: str | Path, protect: Sequence[str | Path] = ()) -> str | None:
+    """Why `path` may never be replaced, even with overwrite (None: it may be): it is or holds `/`, the home folder,
+    the current directory or one of `protect` (the sources of the write)."""
+    guarded = [("the root folder", Path("/")), ("the home folder", Path.home()), ("the current directory", Path.cwd())]
+    guarded += [("the source", Path(p)) for p in protect]
+    targets = _candidates(path)
+    for label, guard in guarded:
+        for kept in _candidates(guard):
+            if any(_holds(target, kept) for target in targets):
+                return f"it is or holds {label} ({kept})"
+    return None
+
+
+def is_previous_export(folder: str | Path) -> bool:
+    """True for what the toolkit's exports leave: a folder holding an autoencoder's `config.json` and weights files
+    (`*.safetensors`, `*.bin`) and nothing else: no subfolder, no link, no other file. An empty folder counts too."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    if not entries:
+        return True
+    for entry in entries:
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        if entry.name != EXPORT_CONFIG and not entry.name.endswith(WEIGHT_SUFFIXES):
+            return False
+    config = Path(folder) / EXPORT_CONFIG
+    try:
+        if config.stat().st_size > _CONFIG_LIMIT:
+            return False
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("_class_name") in EXPORT_CLASSES
+
+
+def check_replaceable_dir(path: str | Path, overwrite: bool = False, protect: Sequence[str | Path] = ()) -> None:
+    """Raise `OutputRefused` unless a model folder may be written at `path`.
+
+    Refused always: `/`, the home folder, the current directory, any folder holding one of them or one of `protect`,
+    and a plain file at `path`. Refused unless `overwrite`: an existing folder that is not a previous export. A symlink
+    at `path` is replaced by the folder (the link goes; what it points to is never touched).
+    """
+    path = Path(path)
+    reason = protected_reason(path, protect)
+    if reason is not None:
+        raise OutputRefused(f"refusing to write the model folder {path}: {reason}; choose another folder "
+                            "(--overwrite does not change this)")
+    if path.is_symlink() or not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputRefused(f"refusing to replace {path}: it is a file, not a model folder; remove it yourself or "
+                            "choose another path")
+    if not overwrite and not is_previous_export(path):
+        raise OutputRefused(f"refusing to replace {path}: it holds more than a previous export ({EXPORT_CONFIG} and "
+                            "weights files); pass --overwrite (overwrite=True in Python) to replace it, or choose "
+                            "another folder")
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
+def check_replaceable_file(path: str | Path, overwrite: bool = False, protect: Sequence[str | Path] = ()) -> None:
+    """Raise `OutputRefused` unless a single weights file may be written at `path`: never over a folder or a source
+    (`protect`), and over an existing file only when it is a safetensors file or `overwrite` is given."""
+    path = Path(path)
+    for kept in (k for p in protect for k in _candidates(p)):
+        if kept in _candidates(path):
+            raise OutputRefused(f"refusing to write {path}: it is the source of this conversion; choose another path")
+    if path.is_symlink() or not path.exists():
+        return
+    if path.is_dir():
+        raise OutputRefused(f"refusing to write {path}: it is a folder; choose a file name")
+    if not overwrite and not (path.is_file() and _looks_like_safetensors(path)):
+        raise OutputRefused(f"refusing to replace {path}: it is not a safetensors file; pass --overwrite "
+                            "(overwrite=True in Python) to replace it, or choose another path")

@@ -17,7 +17,8 @@ import os
 import re
 import reprlib
 import warnings
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kl_autoencoder.durable import atomic_write, atomic_write_dir
+from kl_autoencoder.durable import atomic_write, atomic_write_dir, check_replaceable_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -98,11 +99,12 @@ def model_folder(path: Path) -> Path:
 # Reading state dicts
 
 
-def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, meta: bool = False, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Read a `.safetensors` file, or a pickle checkpoint through `torch.load(weights_only=True)` only.
 
     `meta=True` reads only a safetensors header (names, shapes, dtypes as meta tensors: nothing allocated); a pickle
-    can only be read whole, so its real tensors come back either way.
+    can only be read whole, so its real tensors come back either way, after `check_pickle_zip` bounded what it unpacks
+    to (`max_bytes`: what the caller's config allows, when it knows one).
     """
     path = Path(path)
     if not path.is_file():
@@ -113,6 +115,7 @@ def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Ten
         except (SafetensorError, OSError, ValueError) as err:
             raise _invalid_safetensors(path, err) from err
     if path.suffix in PICKLE_SUFFIXES:
+        check_pickle_zip(path, max_bytes)
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... depending on the damage
@@ -128,6 +131,33 @@ def read_state_dict(path: str | Path, meta: bool = False) -> dict[str, torch.Ten
             raise WeightsError(f"{path} does not hold a state dict of tensors")
         return data
     raise WeightsError(f"unsupported weights file {path}: expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}")
+
+
+def check_pickle_zip(path: Path, max_bytes: int | None = None) -> None:
+    """Refuse a torch zip checkpoint that would unpack to more than it holds, before anything is unpickled.
+
+    torch writes every entry STORED, so a checkpoint's tensors take about its size on disk; a DEFLATE-compressed
+    entry (1 MB on disk -> 1 GiB in memory), sizes beyond the file's own, or more than `max_bytes` in all, are refused.
+    Files that are not zip archives (torch's pre-1.6 format) are left to torch.load.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise WeightsError(f"refusing to load {path}: its zip directory is damaged ({err})") from err
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise WeightsError(f"refusing to load {path}: {len(packed)} entr{'y is' if len(packed) == 1 else 'ies are'} "
+                           f"compressed ({_head(packed)}); torch writes checkpoints uncompressed, so this file could "
+                           "unpack to far more memory than its size")
+    total, size = sum(e.file_size for e in entries), path.stat().st_size
+    if total > size:
+        raise WeightsError(f"refusing to load {path}: its zip directory claims {total:,} bytes in a {size:,}-byte file")
+    if max_bytes is not None and total > max_bytes:
+        raise WeightsError(f"refusing to load {path}: it unpacks to {total:,} bytes, more than the {max_bytes:,} the "
+                           "config's weights can take")
 
 
 def _safetensors_header(path: Path) -> dict[str, torch.Tensor]:
@@ -166,8 +196,9 @@ def embedded_config(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: the kl_autoencoder_config in its header is not valid JSON ({err})") from err
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise WeightsError(f"{path}: the kl_autoencoder_config in its header is not valid JSON "
+                           f"({'nested too deeply' if isinstance(err, RecursionError) else err})") from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: the kl_autoencoder_config in its header is not a JSON object")
     return data
@@ -181,11 +212,16 @@ def read_config(folder: Path, class_name: str = "AutoencoderKL") -> dict[str, An
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise WeightsError(f"{config_path} is not valid JSON: {err}") from err
+    except RecursionError:
+        raise WeightsError(f"{config_path} is nested too deeply to be a model config") from None
     except OSError as err:
         raise WeightsError(f"cannot read {config_path}: {err}") from err
     if not isinstance(data, dict):
         raise WeightsError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
     found = data.get("_class_name", class_name)
+    if not isinstance(found, str):
+        raise WeightsError(f"{config_path}: _class_name must be a string such as {class_name!r}, got "
+                           f"{capped_repr(found)}")
     if found != class_name:
         hint = {"AutoencoderKL": "KLAutoencoder.from_pretrained", "AutoencoderTiny": "TinyAutoencoder.from_pretrained"}
         raise WeightsError(f"{config_path} describes a {capped_repr(found)}, not an {class_name}"
@@ -361,7 +397,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Read the architecture fields off a diffusers-keyed state dict (for single files that come without a config).
 
     `scaling_factor` / `shift_factor` and the group count leave no trace in the weights: the defaults apply (SD 1.x's
-    0.18215; pass SDXL 0.13025, SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159 as config), and the group count is 32, what
+    0.18215, with a warning; a preset, presets.py, gives SDXL's, SD3's or FLUX's), and the group count is 32, what
     every released LDM/SD/FLUX VAE uses, where it divides the channels.
     """
     def shape(key: str) -> torch.Size:
@@ -451,11 +487,14 @@ def diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path,
-                 format: str = "diffusers", dtype: torch.dtype | str | None = None) -> Path:
+                 format: str = "diffusers", dtype: torch.dtype | str | None = None, *, overwrite: bool = False,
+                 protect: Sequence[str | Path] = ()) -> Path:
     """Export a diffusers-keyed state dict and its config; the previous export at `path` survives any failure.
 
     Refuses NaN/inf weights before writing; the written files are read back and compared in the temporary location,
-    and only a verified export is renamed into place.
+    and only a verified export is renamed into place. An existing `path` is replaced only when it is a previous
+    export or `overwrite` is given, and never when it is or holds `/`, home, the current directory or one of
+    `protect` (the sources): see durable.check_replaceable_dir / check_replaceable_file.
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -477,13 +516,16 @@ def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: s
 
         def check(folder: Path) -> None:
             _verify_export(read_state_dict(folder / WEIGHTS_NAME), state, path)
-            read_back = {k: v for k, v in read_config(folder).items() if not k.startswith("_")}
-            if read_back != json.loads(json.dumps(config)):
+            # every key written, the private ones (a run's record of its latent scale) included
+            stamp = ("_class_name", "_diffusers_version")
+            read_back = {k: v for k, v in read_config(folder).items() if k not in stamp}
+            if read_back != {k: v for k, v in json.loads(json.dumps(config)).items() if k not in stamp}:
                 raise WeightsError(f"export check failed: {path / CONFIG_NAME} does not read back as the model's config")
 
-        return atomic_write_dir(path, write, check_fn=check)
+        return atomic_write_dir(path, write, check_fn=check, overwrite=overwrite, protect=protect)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors") if path.suffix else path / "vae.safetensors"
+    check_replaceable_file(path, overwrite, protect)
     ldm_state = diffusers_to_ldm(state)
     # The config rides along in the header, so our loader rebuilds the exact model (others ignore it).
     metadata = {"format": "pt", "kl_autoencoder_config": json.dumps(config)}

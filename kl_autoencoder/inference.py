@@ -15,8 +15,11 @@ What the folder helpers promise about their outputs (all checked before the firs
   - outputs never collide: `photo.jpg` -> `photo.png`, but a folder with both photo.jpg and photo.png gives
     `photo.png` and `photo.jpg.png` (`output_names`), and the count reported is the count of files written;
   - outputs stay inside the output folder, which may not be (or be inside) the input / latents folder, and each is
-    written atomically (`save_png`: a symlink at the path is replaced, never written through);
-  - `encode_folder` refuses a folder that already holds shards unless told to replace them (`overwrite=True`).
+    written atomically (`save_png`: a symlink at the path is replaced, never written through), its folders re-checked
+    for symlinks at write time (`outputs.safe_parent`);
+  - names are bounded (length, depth, no control characters) and may not need one output as another's folder;
+  - a folder already holding this command's earlier outputs (shards for `encode_folder`, PNGs for decode and
+    reconstruct) is refused unless told to replace them (`overwrite=True`): the one rule of `outputs.check_output`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 from kl_autoencoder.data import BadImageError, image_to_tensor, iter_image_folder, load_image, tensor_to_image
 from kl_autoencoder.durable import atomic_write
 from kl_autoencoder.fastpath import FastPath, autocast
+from kl_autoencoder.outputs import OutputLocationError, check_output, resolve, safe_parent  # noqa: F401 (re-exported)
 from kl_autoencoder.tiling import check_tile_option, decode_tiled, encode_tiled, resolve_tile_size
 
 SHARD_PATTERN = "latents-{:05d}.safetensors"
@@ -178,10 +183,12 @@ def pad_to_multiple(x: torch.Tensor, factor: int) -> torch.Tensor:
 # Longest path component accepted in a name: the usual 255-byte file-name limit, less the 14 bytes atomic_write's
 # temporary name adds (".NAME.xxxxxxxx.tmp") and a ".png" the output name may gain.
 MAX_NAME_BYTES = 255 - 14 - 4
+# A whole name (all its components) and its depth: far above any real photo tree, far below what makes a path too long
+# to create (PATH_MAX is 4096 on Linux) or nests folders without end.
+MAX_PATH_BYTES = 1024
+MAX_DEPTH = 32
 
 
-class OutputLocationError(ValueError):
-    """An output that would land outside its folder, on an input, on another output, or among stale outputs."""
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -195,7 +202,8 @@ def name_problem(name: object) -> str | None:
 
     Accepted: a relative POSIX path whose every component is a plain file name (what `encode` records for images
     in subfolders, e.g. "sub/b.png"). Refused: non-strings, empty names, absolute paths, "." / ".." / empty
-    components, backslashes, NUL bytes, and components longer than MAX_NAME_BYTES bytes.
+    components, backslashes, NUL bytes and other control characters, components longer than MAX_NAME_BYTES bytes,
+    names longer than MAX_PATH_BYTES or more than MAX_DEPTH components deep.
     """
     if not isinstance(name, str):
         return f"is a {type(name).__name__}, not a string"
@@ -203,6 +211,12 @@ def name_problem(name: object) -> str | None:
         return "is empty"
     if "\x00" in name:
         return "contains a NUL byte"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):  # newlines and escapes garble listings and terminals
+        return "contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes"
+    if name.count("/") >= MAX_DEPTH:
+        return f"is nested {name.count('/') + 1} folders deep (at most {MAX_DEPTH})"
     if "\\" in name:
         return "contains a backslash (a path separator on Windows)"
     if name.startswith("/"):
@@ -237,32 +251,42 @@ def output_names(names: Sequence[str]) -> list[str]:
 
 
 def output_paths(out: Path, names: Sequence[str]) -> list[Path]:
-    """`out / name` for each name, refusing any whose folder resolves outside `out` (e.g. a symlinked subfolder)."""
-    root = out.resolve()
+    """`out / name` for each name, refusing (before anything is written) any whose folder resolves outside `out`
+    (e.g. a symlinked subfolder), a name that another needs as a folder (`a.png` and `a.png/b.png`, compared
+    case-insensitively), and a name whose path on disk is already a folder or passes through a file."""
+    root = resolve(out, "output folder")
+    folders = {str(parent).casefold() for name in names for parent in PurePosixPath(name).parents}
     paths = []
     for name in names:
+        if name.casefold() in folders:
+            raise OutputLocationError(f"{_short(name)} would be both a file and the folder of another output; rename "
+                                      "one of them")
         target = out / name
-        folder = target.parent.resolve()
+        folder = resolve(target.parent, "output")
         if folder != root and not folder.is_relative_to(root):
             raise OutputLocationError(f"{_short(name)} would be written into {folder}, outside the output folder "
                                       f"{out} (a symlinked subfolder?)")
+        _refuse_blocked(out, name)
         paths.append(target)
     return paths
 
 
+def _refuse_blocked(out: Path, name: str) -> None:
+    """Refuse `out/name` when it is already a folder, or one of its folders below `out` is already a file."""
+    folder = out
+    for part in PurePosixPath(name).parts[:-1]:
+        folder = folder / part
+        if folder.exists() and not folder.is_dir():
+            raise OutputLocationError(f"{_short(name)} cannot be written: {folder} is a file, not a folder")
+    if (out / name).is_dir():
+        raise OutputLocationError(f"{_short(name)} cannot be written: {out / name} is a folder")
+
+
 def check_output_folder(out: str | Path, *inputs: str | Path, kind: str = "input") -> None:
-    """Refuse an output folder that is, or lies inside, one of the `inputs` folders (files are ignored): its outputs
-    would overwrite the inputs, or be read back as inputs by the next run. `kind` names the inputs in the error."""
-    resolved = Path(out).resolve()
-    for source in inputs:
-        source = Path(source).expanduser()
-        if not source.is_dir():
-            continue
-        folder = source.resolve()
-        if resolved == folder or resolved.is_relative_to(folder):
-            where = "is" if resolved == folder else "is inside"
-            raise OutputLocationError(f"output folder {out} {where} the {kind} folder {source}: its files would be "
-                                      "overwritten or mixed with the outputs; choose a folder outside it")
+    """Refuse an output folder that is, or lies inside, one of the `inputs` folders, or is the folder holding an input
+    file (see outputs.check_output): its outputs would overwrite the inputs, or be read back as inputs by the next
+    run. `kind` names the inputs in the error."""
+    check_output(out, "", inputs, kind=kind)
 
 
 def refuse_overwriting_inputs(targets: Sequence[Path], inputs: Sequence[Path]) -> None:
@@ -407,25 +431,27 @@ def _write_shard(path: Path, latents: dict[int, torch.Tensor], records: list[Ima
         "downsampling_factor": str(model.config.downsampling_factor),
     }
     tensors = {str(i): t.contiguous() for i, t in latents.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    from kl_autoencoder.latent_shards import write_exclusive  # FileExistsError rather than replace another's shard
+
+    return write_exclusive(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _shards_in(folder: Path) -> list[Path]:
-    return sorted(folder.glob(SHARD_GLOB)) if folder.is_dir() else []
+    """The shard files in `folder`; one that is not a regular file (a FIFO would block the read forever) is refused."""
+    shards = sorted(folder.glob(SHARD_GLOB)) if folder.is_dir() else []
+    for path in shards:
+        if not path.is_file():
+            raise LatentFormatError(f"{path} is not a regular file (a FIFO, socket, folder or broken link?); "
+                                    "refusing to read it")
+    return shards
 
 
-def check_shard_folder(out: str | Path, overwrite: bool = False) -> list[Path]:
+def check_shard_folder(out: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> list[Path]:
     """The shards an earlier encode left in `out`: refused (OutputLocationError) unless `overwrite`, since a decode of
-    the folder would mix them with the new ones. Returns them, for the caller to delete once it has shards to write."""
-    out = Path(out)
-    stale = _shards_in(out)
-    if stale and not overwrite:
-        more = ", ..." if len(stale) > 1 else ""
-        raise OutputLocationError(
-            f"{out} already holds {_plural(len(stale), 'latent shard')} ({stale[0].name}{more}) from an earlier encode; "
-            "a decode of the folder would mix them with the new ones. Choose an empty folder, or replace them "
-            "(--overwrite / overwrite=True)")
-    return stale
+    the folder would mix them with the new ones (and `out` may not be, or be inside, an `inputs` folder). Returns them,
+    for the caller to delete once it has shards to write."""
+    return check_output(out, "encode", inputs, earlier=[SHARD_GLOB], overwrite=overwrite, noun="latent shard",
+                        why="a decode of the folder would mix them with the new ones")
 
 
 def encode_folder(model, input_folder: str | Path, out: str | Path, batch_size: int = 8, mode: str = "mean",
@@ -436,15 +462,31 @@ def encode_folder(model, input_folder: str | Path, out: str | Path, batch_size: 
     Each image becomes one float32 tensor [C, h, w] keyed by its index; sizes that are not multiples of the
     downsampling factor are reflect-padded (and recorded, so `decode_latents` crops back). A folder that already
     holds shards is refused (a later decode would mix old and new), unless `overwrite`: then the old shards are
-    deleted just before the first new one is written.
+    deleted just before the first new one is written. The run locks `out` (flock): a second encode into the same
+    folder fails at once, and each shard is published exclusively (never replacing one it did not write).
     """
+    from kl_autoencoder.latent_shards import lock_folder, unlock_folder
+
+    check_shard_folder(Path(out), overwrite, inputs=[input_folder])  # refused before the folder is even created
+    created = not Path(out).exists()
+    lock = lock_folder(Path(out))
+    try:
+        return _encode_folder(model, input_folder, out, batch_size, mode, tile_size, tile_overlap, shard_size,
+                              generator, overwrite)
+    finally:
+        unlock_folder(Path(out), lock, created)
+
+
+def _encode_folder(model, input_folder: str | Path, out: str | Path, batch_size: int, mode: str,
+                   tile_size: int | str | None, tile_overlap: int, shard_size: int,
+                   generator: torch.Generator | None, overwrite: bool) -> FolderResult:
     _check_mode(mode)
     _check_folder_args(model, batch_size, tile_size, tile_overlap)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     items = _input_images(input_folder)
     out = Path(out)
-    stale = check_shard_folder(out, overwrite)
+    stale = check_shard_folder(out, overwrite, inputs=[input_folder])
     out.mkdir(parents=True, exist_ok=True)
     result = FolderResult()
     device = model_device(model)
@@ -523,6 +565,8 @@ def read_shard_header(path: str | Path, latent_channels: int | None = None,
         raise LatentFormatError(f"{path}: no 'images' metadata (was it written by `kl-autoencoder encode`?)")
     try:
         entries = json.loads(metadata["images"])
+    except RecursionError:
+        raise LatentFormatError(f"{path}: the 'images' metadata is nested too deeply") from None
     except json.JSONDecodeError as err:
         raise LatentFormatError(f"{path}: the 'images' metadata is not valid JSON ({err})") from err
     if not isinstance(entries, list):
@@ -555,6 +599,11 @@ def read_shard_header(path: str | Path, latent_channels: int | None = None,
         if factor is not None and any(o > s * factor for o, s in zip(record.original_size, shape[1:])):
             raise LatentFormatError(f"{where}: original_size {list(record.original_size)} is larger than its latent "
                                     f"{list(shape[1:])} decodes to ({shape[1] * factor}x{shape[2] * factor})")
+        limit = Image.MAX_IMAGE_PIXELS  # the decompression-bomb limit readers obey (--max-image-pixels), for writing
+        if factor is not None and limit and shape[1] * shape[2] * factor * factor > limit:
+            raise LatentFormatError(f"{where}: latent {list(shape[1:])} decodes to {shape[1] * factor}x"
+                                    f"{shape[2] * factor} pixels, over the limit of {limit} (raise it with "
+                                    "--max-image-pixels for trusted files)")
         records.append(record)
         shapes[record.index] = shape
         names[record.name] = position
@@ -613,24 +662,30 @@ def iter_decoded(model, latents_path: str | Path, batch_size: int = 8, tile_size
     yield from _decode_shards(model, headers, batch_size, tile_size, tile_overlap)
 
 
+# What decode and reconstruct call an earlier output of theirs in an output folder: any PNG below it.
+PNG_OUTPUTS = ("**/*.png",)
+
+
 def _crop_and_save(images: torch.Tensor, records: list[ImageRecord], targets: dict[int, Path],
-                   result: FolderResult) -> None:
+                   result: FolderResult, root: Path) -> None:
     for image, record in zip(images, records):
         height, width = record.original_size
-        result.written.append(save_png(image[:, :height, :width], targets[record.index]))
+        target = safe_parent(root, targets[record.index])  # its folders re-checked now, at write time
+        result.written.append(save_png(image[:, :height, :width], target))
         result.records.append(record)
 
 
 def decode_latents(model, latents_path: str | Path, out_folder: str | Path, batch_size: int = 8,
-                   tile_size: int | str | None = None, tile_overlap: int = 64) -> FolderResult:
+                   tile_size: int | str | None = None, tile_overlap: int = 64, overwrite: bool = False) -> FolderResult:
     """Decode shards written by `encode_folder` into PNGs with the original names and sizes (names per
     `output_names`: photo.jpg -> photo.png unless that clashes).
 
     Before anything is written: every record of every shard is checked (`read_shards`), the output folder must not
-    be the latents folder or inside it, and every output must land inside `out_folder`."""
+    be the latents folder or inside it nor hold PNGs of an earlier run (unless `overwrite`: then same-named ones are
+    replaced), and every output must land inside `out_folder`."""
     _check_folder_args(model, batch_size, tile_size, tile_overlap)
     headers = read_shards(latents_path, model.config.latent_channels, model.config.downsampling_factor)
-    check_output_folder(out_folder, latents_path, kind="latents")
+    check_output(out_folder, "decode", [latents_path], PNG_OUTPUTS, overwrite, noun="PNG", kind="latents")
     out_folder = Path(out_folder)
     records = [record for header in headers for record in header.records]
     try:
@@ -641,20 +696,21 @@ def decode_latents(model, latents_path: str | Path, out_folder: str | Path, batc
     result = FolderResult()
     with tqdm(total=len(records), desc="decoding", unit="img") as progress:
         for batch, images in _decode_shards(model, headers, batch_size, tile_size, tile_overlap):
-            _crop_and_save(images, batch, targets, result)
+            _crop_and_save(images, batch, targets, result, out_folder)
             progress.update(len(batch))
     return result
 
 
 def reconstruct_folder(model, input_folder: str | Path, out_folder: str | Path, batch_size: int = 8,
                        mode: str = "mean", tile_size: int | str | None = None, tile_overlap: int = 64,
-                       generator: torch.Generator | None = None) -> FolderResult:
+                       generator: torch.Generator | None = None, overwrite: bool = False) -> FolderResult:
     """Encode and decode every image in one pass (no scaling round trip), writing PNG reconstructions named per
-    `output_names`. The output folder may not be the input folder or inside it, and no output may be an input."""
+    `output_names`. The output folder may not be the input folder or inside it, nor hold PNGs of an earlier run
+    (unless `overwrite`), and no output may be an input."""
     _check_mode(mode)
     _check_folder_args(model, batch_size, tile_size, tile_overlap)
     items = _input_images(input_folder)
-    check_output_folder(out_folder, input_folder)
+    check_output(out_folder, "reconstruct", [input_folder], PNG_OUTPUTS, overwrite, noun="PNG")
     out_folder = Path(out_folder)
     paths = output_paths(out_folder, output_names([name for name, _ in items]))
     refuse_overwriting_inputs(paths, [path for _, path in items])
@@ -666,7 +722,8 @@ def reconstruct_folder(model, input_folder: str | Path, out_folder: str | Path, 
                                                    progress):
             z = encode_batch(model, pixels.to(device), mode, generator, tile_size, tile_overlap)
             targets = {record.index: by_name[record.name] for record in records}
-            _crop_and_save(decode_sliced(model, z, batch_size, tile_size, tile_overlap), records, targets, result)
+            _crop_and_save(decode_sliced(model, z, batch_size, tile_size, tile_overlap), records, targets, result,
+                           out_folder)
             progress.update(len(records))
     if not result.records:
         raise ValueError(f"no readable images in {input_folder} ({len(result.skipped)} unreadable)")

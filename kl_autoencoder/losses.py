@@ -12,7 +12,9 @@ hyper-parameters from their configs mean the same here:
            every pixel as LDM broadcasts it; logvar is 0 unless learned)
     kl   = KL(q(z|x) || N(0, I)) summed over latent dimensions, divided by the batch size (`kl_loss`)
     loss = nll + kl_weight * kl + gan_weight * adaptive_gan_weight(nll, g, last_layer) * generator_loss(D(x_hat))
-           [+ equivariance_weight * nll(decode(T(z)), T(x)) on the steps that draw a transform T: EQ-VAE]
+
+EQ-VAE (Kouzelis et al. 2025): on the steps that draw a transform tau, the pair (x, x_hat) is (tau(x), decode(tau(z)))
+and the same loss applies to it (`EquivarianceTransform`; the trainer draws tau with loss.equivariance.probability).
 
 Both sums grow with the image area, so the balance of the terms does not change with the training resolution.
 `loss.free_bits` is in nats per latent element (the per-channel budget is free_bits * latent H * W).
@@ -23,20 +25,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kl_autoencoder.fastpath import unwrap
+from kl_autoencoder.backbones import (TORCHVISION_WEIGHTS, BackboneWeightsError,  # noqa: F401
+                                  backbone_checkpoint, load_lpips_backbone)
+
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +75,35 @@ def reconstruction_nll(reconstruction: torch.Tensor, target: torch.Tensor, kind:
 
     `perceptual` holds one distance per image ([B] or [B, 1, 1, 1], e.g. LPIPS), added at every pixel as LDM does.
     """
+    error_sum = _pixel_error_sum(reconstruction, target, kind, "reconstruction_nll")
+    return _nll_from_sums(error_sum, reconstruction[0].numel(), reconstruction.shape[0], pixel_weight, perceptual,
+                          perceptual_weight, logvar)
+
+
+def _pixel_error_sum(reconstruction: torch.Tensor, target: torch.Tensor, kind: str, caller: str) -> torch.Tensor:
+    """Sum over every element of |x - x_hat| (l1) or (x - x_hat)^2 (l2), in fp32."""
     if reconstruction.shape != target.shape:
-        raise ValueError(f"reconstruction_nll: reconstruction shape {tuple(reconstruction.shape)} != target shape "
+        raise ValueError(f"{caller}: reconstruction shape {tuple(reconstruction.shape)} != target shape "
                          f"{tuple(target.shape)}")
     if kind not in ("l1", "l2"):
-        raise ValueError(f"reconstruction_nll: kind must be 'l1' or 'l2', got {kind!r}")
+        raise ValueError(f"{caller}: kind must be 'l1' or 'l2', got {kind!r}")
     diff = reconstruction.float() - target.float()
-    error = pixel_weight * (diff.abs() if kind == "l1" else diff.pow(2))
+    return (diff.abs() if kind == "l1" else diff.pow(2)).sum()
+
+
+def _nll_from_sums(error_sum: torch.Tensor, per_image: int, batch: int, pixel_weight: float,
+                   perceptual: torch.Tensor | None, perceptual_weight: float, logvar: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """reconstruction_nll from the summed pixel error. LDM adds each image's perceptual distance at each of its
+    `per_image` elements and divides every element by exp(logvar): summed, that is per_image * distance and one
+    division of the total, so the image-sized tensor of LDM's form is never built (same value up to float rounding).
+    """
+    total = pixel_weight * error_sum
     if perceptual is not None and perceptual_weight > 0:
-        error = error + perceptual_weight * perceptual.float().reshape(-1, 1, 1, 1)
+        total = total + perceptual_weight * per_image * perceptual.float().reshape(-1).expand(batch).sum()
     if logvar is not None:
-        error = error / torch.exp(logvar) + logvar
-    return error.sum() / error.shape[0]
+        total = total / torch.exp(logvar) + (batch * per_image) * logvar
+    return total / batch
 
 
 def kl_loss(posterior, free_bits: float = 0.0) -> torch.Tensor:
@@ -150,51 +168,21 @@ def kl_weight_at(step: int, kl_weight: float, warmup_steps: int = 0, schedule: s
 # --------------------------------------------------------------------------------------------------------------------
 # Perceptual loss (LPIPS).
 
-# The torchvision ImageNet weights lpips builds its backbones from.
-_TORCHVISION_WEIGHTS = {
-    "vgg": "VGG16_Weights.IMAGENET1K_V1",
-    "alex": "AlexNet_Weights.IMAGENET1K_V1",
-    "squeeze": "SqueezeNet1_1_Weights.IMAGENET1K_V1",
-}
+# The backbone's weights are read in backbones.py only (weights_only=True; never torchvision's own pickle loader).
+_TORCHVISION_WEIGHTS = TORCHVISION_WEIGHTS
 
 
-def backbone_checkpoint(net: str) -> tuple[str, Path]:
-    """(url, local path) of the ImageNet backbone weights for LPIPS `net`: where torchvision caches the download."""
-    if net not in _TORCHVISION_WEIGHTS:
-        raise ValueError(f"LPIPS net must be one of {tuple(_TORCHVISION_WEIGHTS)}, got {net!r}")
-    import torchvision
-
-    url = torchvision.models.get_weight(_TORCHVISION_WEIGHTS[net]).url
-    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-
-
-class PerceptualWeightsError(RuntimeError):
+class PerceptualWeightsError(BackboneWeightsError, RuntimeError):
     """The pretrained LPIPS backbone could not be loaded; the message names the file and where to put it."""
 
 
 def _load_backbone(lpips_model: nn.Module, net: str) -> None:
-    """Load torchvision's ImageNet weights into lpips' sliced backbone (`sliceK.<i>.*` <- `features.<i>.*`)."""
-    url, path = backbone_checkpoint(net)
+    """torchvision's ImageNet weights into lpips' backbone (downloaded when missing), or a clear error."""
     try:
-        # Downloads into torch.hub's cache unless the file is already there; the hash is checked on download.
-        state = torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent), progress=False,
-                                                   check_hash=True, weights_only=True)
-    except Exception as error:
-        raise PerceptualWeightsError(
-            f"Could not load the pretrained {net} backbone for LPIPS ({type(error).__name__}: {error}). "
-            f"Without internet, download {url} elsewhere and place it at {path} "
-            f"(that is $TORCH_HOME/hub/checkpoints/{path.name}), or use pretrained=False."
-        ) from error
-    backbone = lpips_model.net
-    mapped = {}
-    for name in backbone.state_dict():
-        _, index, rest = name.split(".", 2)
-        source = f"features.{index}.{rest}"
-        if source not in state:
-            raise PerceptualWeightsError(f"{path}: key {source!r} missing; is this the torchvision {net} ImageNet checkpoint? "
-                               f"Expected the file from {url}")
-        mapped[name] = state[source]
-    backbone.load_state_dict(mapped, strict=True)
+        load_lpips_backbone(lpips_model, net, download=True)
+    except BackboneWeightsError as error:
+        raise PerceptualWeightsError(f"Could not load the pretrained {net} backbone for LPIPS: {error}; or use "
+                                     "pretrained=False.") from error
 
 
 def _freeze_as_buffers(module: nn.Module) -> None:
@@ -269,8 +257,36 @@ class PerceptualLoss(nn.Module):
         if self.lpips.scaling_layer.shift.dtype != torch.float32:
             raise RuntimeError("PerceptualLoss runs in float32; move it with .to(device) only, not .to(dtype)/.half()")
         with torch.autocast(device_type=reconstruction.device.type, enabled=False):
-            distance = self.lpips(reconstruction.float(), target.float())
-        return distance.reshape(-1)
+            return lpips_distances(self.lpips, reconstruction.float(), target.float())
+
+
+def _unit_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """lpips.normalize_tensor: each feature vector over channels divided by (its L2 norm + eps); one reciprocal on
+    the [B, 1, H, W] norms and a multiply, not a division over the whole feature map."""
+    return features * (features.pow(2).sum(dim=1, keepdim=True).sqrt() + eps).reciprocal()
+
+
+def lpips_distances(model: nn.Module, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """lpips.LPIPS(version 0.1, eval, not spatial)(reconstruction, target) as a [B] tensor, with less work per call.
+
+    Same math (float tolerance; tests/test_losses.py compares it with the lpips package): the target's features are
+    computed without autograd when it needs no gradient, the unit-normalisation multiplies by one reciprocal per
+    position, and each head is its bare 1x1 conv (dropout is off in eval). The conv head is kept on purpose: in NHWC
+    its backward hands VGG a gradient in VGG's own layout; a spatial mean first, then a dot product with the head's
+    weights (fewer FLOPs) measured 1.2x slower on CPU for that reason (BENCHMARKS.md, issue 30).
+    """
+    if model.version != "0.1" or model.spatial or not model.lpips or model.training:
+        raise ValueError("lpips_distances: needs an lpips.LPIPS of version 0.1 with lpips=True, spatial=False, in "
+                         "eval mode")
+    scale = model.scaling_layer
+    with torch.no_grad() if not target.requires_grad else nullcontext():
+        targets = [_unit_channels(f) for f in model.net((target - scale.shift) / scale.scale)]
+    features = model.net((reconstruction - scale.shift) / scale.scale)
+    total = None
+    for head, feature, goal in zip(model.lins, features, targets):
+        distance = F.conv2d((_unit_channels(feature) - goal).pow(2), head.model[-1].weight).mean(dim=(2, 3))
+        total = distance if total is None else total + distance
+    return total.reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -290,13 +306,17 @@ class PatchDiscriminator(nn.Module):
 
     `num_layers` stride-2 4x4 convs, a stride-1 conv, then a 1-channel 4x4 conv; a 256px input gives 30x30 logits,
     each seeing a 70x70 patch (num_layers=3). `norm`:
-      "batch" (default, as LDM): per-device batch statistics. Under DDP, per-GPU batches are small, so either accept
-              noisy statistics (as LDM did) or convert with torch.nn.SyncBatchNorm.convert_sync_batchnorm.
-      "group": batch-independent, identical on any number of devices.
+      "group" (default): GroupNorm, batch-independent, so the discriminator is the same function on any number of
+              devices and for any batch; real and reconstructed batches, which the step passes separately, are not
+              told apart by their batch statistics.
+      "batch": LDM's BatchNorm. Its statistics are per call and per device: under DDP each rank normalises its own
+              small real-only and fake-only batches, and the generator's pass moves the running statistics.
       "none":  no normalization (convs get biases).
+    A state saved with one norm does not load into another (BatchNorm carries running statistics): the error says
+    which `loss.gan.disc_norm` the checkpoint needs.
     """
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3, norm: str = "batch"):
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3, norm: str = "group"):
         super().__init__()
         if norm not in ("batch", "group", "none"):
             raise ValueError(f"PatchDiscriminator: norm must be 'batch', 'group' or 'none', got {norm!r}")
@@ -313,7 +333,20 @@ class PatchDiscriminator(nn.Module):
             width = out
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
+        self.norm = norm
         self.apply(_init_weights)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        # Runs before LDM's default (BatchNorm) was replaced by GroupNorm saved running statistics; say so plainly
+        # instead of listing unexpected keys.
+        saved = "batch" if any(k.endswith("running_mean") for k in state_dict) else None
+        if saved is None and self.norm == "batch":
+            saved = "group or none"
+        if saved is not None and saved != self.norm and strict:
+            raise RuntimeError(f"the saved discriminator uses norm {saved!r} but this one uses {self.norm!r}: resume "
+                               f"with loss.gan.disc_norm={saved.split()[0]} (runs before GroupNorm became the default "
+                               "used BatchNorm), or start a fresh run")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # num_layers halvings, then two 4x4 stride-1 convs that each remove one pixel.
@@ -355,12 +388,19 @@ def generator_loss(fake_logits: torch.Tensor, kind: str = "hinge") -> torch.Tens
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
+                        max_weight: float = 1e4, output: torch.Tensor | None = None) -> torch.Tensor:
     """LDM / VQGAN adaptive weight ||d rec / d W|| / (||d gan / d W|| + 1e-4), clamped to [0, max_weight], detached.
 
     W is the decoder's last layer weight (pass the parameter tensor itself, e.g. `model.last_decoder_layer` of the
     unwrapped model: under DDP it is the same tensor). Both graphs are retained for the backward pass that follows.
     Under DDP each rank computes its own (local) weight, as LDM does.
+
+    `output` (the decoder's output that both losses were computed from, as an fp32 tensor) keeps the weight exact
+    under fp16 autocast: the gradients w.r.t. `output` are fp32 (the losses are), and the last step back to W, which
+    autocast runs in fp16, is taken on each gradient divided by its norm, then scaled back in fp32. A small
+    generator gradient would otherwise underflow to 0 there, pinning the weight at `max_weight`, and a large one
+    overflow. The norm is linear in the gradient, so the result is the same. (autoencoder_loss also runs the
+    generator's discriminator pass in fp32, so the gradient w.r.t. `output` never passes through fp16.)
     """
     if not last_layer.requires_grad:
         raise RuntimeError("adaptive_gan_weight: last_layer does not require grad (is the decoder frozen?); "
@@ -368,14 +408,30 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
     for name, loss in (("rec_loss", rec_loss), ("gan_loss", gan_loss)):
         if not loss.requires_grad:
             raise RuntimeError(f"adaptive_gan_weight: {name} has no graph (computed under no_grad?)")
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True, allow_unused=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True, allow_unused=True)[0]
-    for name, grad in (("rec_loss", rec_grad), ("gan_loss", gan_grad)):
+    norms = []
+    for name, loss in (("rec_loss", rec_loss), ("gan_loss", gan_loss)):
+        grad = _last_layer_grad_norm(loss, last_layer, output)
         if grad is None:
             raise RuntimeError(f"adaptive_gan_weight: {name} does not depend on last_layer; pass the weight of the "
                                "decoder's output conv (model.last_decoder_layer) used to produce the reconstruction")
-    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
+        norms.append(grad)
+    weight = norms[0] / (norms[1] + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def _last_layer_grad_norm(loss: torch.Tensor, last_layer: torch.Tensor, output: torch.Tensor | None
+                          ) -> torch.Tensor | None:
+    """||d loss / d last_layer|| in fp32 (None when the loss does not reach last_layer); see adaptive_gan_weight."""
+    if output is None:
+        grad = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)[0]
+        return None if grad is None else grad.float().norm()
+    upstream = torch.autograd.grad(loss, output, retain_graph=True, allow_unused=True)[0]
+    if upstream is None:
+        return None
+    size = upstream.float().norm()
+    unit = upstream / size.clamp(min=torch.finfo(torch.float32).tiny)
+    grad = torch.autograd.grad(output, last_layer, grad_outputs=unit, retain_graph=True, allow_unused=True)[0]
+    return None if grad is None else grad.float().norm() * size
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,7 +458,6 @@ class LossWeights:
     gan_weight: float = 0.0  # 0 = no adversarial term at this step
     gan_loss: str = "hinge"
     adaptive_gan_weight: bool = True
-    equivariance_weight: float = 0.0  # EQ-VAE term, added when a latent transform is given for the step
 
 
 def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
@@ -418,8 +473,31 @@ def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
         gan_weight=loss_cfg.gan.disc_weight if gan_on else 0.0,
         gan_loss=loss_cfg.gan.disc_loss,
         adaptive_gan_weight=loss_cfg.gan.adaptive_weight,
-        equivariance_weight=loss_cfg.equivariance.weight,
     )
+
+
+@dataclass(frozen=True)
+class EquivarianceTransform:
+    """EQ-VAE's tau for one step, the same map for the latent and the image: resize to `latent_size` (the image to
+    `latent_size` x `factor`, the downsampling factor; bilinear, align_corners=False, as EQ-VAE's code), then turn
+    by `quarter_turns` x 90 degrees. So decode(tau(z)) and tau(x) have the same shape."""
+
+    latent_size: tuple[int, int] | None  # (h, w) after the downscale; None = no downscale
+    quarter_turns: int = 0  # 0-3
+    factor: int = 8
+
+    def latent(self, z: torch.Tensor) -> torch.Tensor:
+        return self._apply(z, self.latent_size)
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        size = None if self.latent_size is None else (self.latent_size[0] * self.factor,
+                                                      self.latent_size[1] * self.factor)
+        return self._apply(x, size)
+
+    def _apply(self, x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+        if size is not None:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return torch.rot90(x, self.quarter_turns, dims=(-2, -1)) if self.quarter_turns % 4 else x
 
 
 @contextmanager
@@ -444,44 +522,47 @@ def autoencoder_loss(
     logvar: torch.Tensor | None = None,
     last_layer: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    transform: EquivarianceTransform | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Forward + the whole autoencoder objective. Returns (loss, logs of detached fp32 scalars, reconstruction).
 
     `model` is whatever the caller trains through (a DDP wrapper included); `discriminator` is the bare module (its
     parameters are frozen for this pass, so the generator's loss leaves no gradient in it); `last_layer` is the
     decoder's output weight, needed for the adaptive GAN weight. The reconstruction and every term are fp32 whatever
-    the autocast dtype. Nothing here syncs with the host. `transform` (a geometric map applied alike to images and
-    latents, e.g. diffusability.Transform) adds EQ-VAE's term equivariance_weight * NLL(decode(T(z)), T(x)).
+    the autocast dtype. Nothing here syncs with the host.
+
+    `transform` (EQ-VAE): the training pair (x, decode(z)) is replaced by (tau(x), decode(tau(z))), z the plain
+    image's posterior sample, and the whole loss (pixel, perceptual, GAN; KL of the plain posterior) applies to it.
+    The reconstruction returned is then decode(tau(z)); its target, for the discriminator, is transform.image(x).
     """
-    reconstruction, posterior = model(pixel_values, sample=True, generator=generator)
+    extra = {} if transform is None else {"latent_transform": transform.latent}
+    reconstruction, posterior = model(pixel_values, sample=True, generator=generator, **extra)
     reconstruction = reconstruction.float()
-    target = pixel_values.float()
-    logs: dict[str, torch.Tensor] = {"pixel": pixel_loss(reconstruction.detach(), target, kind=weights.pixel)}
+    target = pixel_values.float() if transform is None else transform.image(pixel_values.float())
+    # One pass over the pixels for the loss and its log (the log is pixel_loss's mean of the same error).
+    error_sum = _pixel_error_sum(reconstruction, target, weights.pixel, "autoencoder_loss")
+    logs: dict[str, torch.Tensor] = {"pixel": error_sum.detach() / reconstruction.numel()}
     distances = None
     if perceptual is not None and weights.perceptual_weight > 0:
         distances = perceptual.distances(reconstruction, target)
         logs["perceptual"] = distances.detach().mean()
-    rec = reconstruction_nll(reconstruction, target, weights.pixel, weights.pixel_weight, distances,
-                             weights.perceptual_weight, logvar)
+    rec = _nll_from_sums(error_sum, reconstruction[0].numel(), reconstruction.shape[0], weights.pixel_weight,
+                         distances, weights.perceptual_weight, logvar)
     latent_positions = posterior.mean[0, 0].numel() if posterior.mean.dim() == 4 else 1
     kl = kl_loss(posterior, free_bits=weights.free_bits * latent_positions)
     loss = rec + weights.kl_weight * kl
     logs.update(kl=kl.detach(), rec=rec.detach())
-    if transform is not None and weights.equivariance_weight > 0:
-        decoded = unwrap(model).decode(transform(posterior.sample(generator))).float()
-        equivariance = reconstruction_nll(decoded, transform(target), weights.pixel, weights.pixel_weight)
-        loss = loss + weights.equivariance_weight * equivariance
-        logs["equivariance"] = equivariance.detach()
     if logvar is not None:
         logs["logvar"] = logvar.detach().float()
     if discriminator is not None and weights.gan_weight > 0:
-        with frozen(discriminator):
+        # fp32 whatever the autocast dtype: the generator's gradient comes back through the discriminator, and in
+        # fp16 it can underflow before it reaches the decoder (and the adaptive weight with it).
+        with frozen(discriminator), torch.autocast(device_type=reconstruction.device.type, enabled=False):
             g_loss = generator_loss(discriminator(reconstruction).float(), kind=weights.gan_loss)
         if weights.adaptive_gan_weight:
             if last_layer is None:
                 raise ValueError("autoencoder_loss: the adaptive GAN weight needs last_layer=model.last_decoder_layer")
-            d_weight = adaptive_gan_weight(rec, g_loss, last_layer)
+            d_weight = adaptive_gan_weight(rec, g_loss, last_layer, output=reconstruction)
         else:
             d_weight = torch.ones((), device=loss.device)
         loss = loss + weights.gan_weight * d_weight * g_loss

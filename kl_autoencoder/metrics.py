@@ -33,6 +33,8 @@ The latent scale (the one estimator: `LatentScaleEstimator`, `estimate_latent_sc
 from __future__ import annotations
 
 import math
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -40,6 +42,7 @@ from typing import Any, Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
+from kl_autoencoder.backbones import hub_checkpoint, inception_weights_copy, load_lpips_backbone  # noqa: F401
 from kl_autoencoder.model import DiagonalGaussian
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,6 +106,96 @@ def colour_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     scores a decent PSNR, but a green leaf comes back sepia: this is the number that shows it."""
     _check_pair(a, b)
     return (a.double().mean(dim=(2, 3)) - b.double().mean(dim=(2, 3))).abs().mean(dim=1).float()
+
+
+# Local colour: CIE Lab ΔE per pixel and the hue error on saturated pixels. A leaf that turns brown in patches keeps a
+# good mean RGB, and a latent that carries one chroma axis of two passes PSNR on photos along that axis: these see it.
+# sRGB (IEC 61966-2-1, D65) -> XYZ -> CIE Lab with the D65 2° white, the constants scikit-image's rgb2lab uses.
+_XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+HUE_MIN_SATURATION = 0.3  # pixels greyer than this have no hue worth scoring
+
+
+def srgb_to_lab(images: torch.Tensor) -> torch.Tensor:
+    """sRGB images in [0, 1], [N, 3, H, W] -> CIE Lab (L in 0..100), float64, [N, 3, H, W]."""
+    rgb = images.double().clamp(0, 1)
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    matrix = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64, device=images.device)
+    white = torch.tensor(_D65_WHITE, dtype=torch.float64, device=images.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,njhw->nihw", matrix, linear) / white
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def delta_e76(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
+    """CIE 1976 colour difference per pixel: the Euclidean distance in Lab, [N, 3, H, W] -> [N, H, W]."""
+    return (lab1 - lab2).pow(2).sum(dim=1).sqrt()
+
+
+def delta_e2000(lab1: torch.Tensor, lab2: torch.Tensor) -> torch.Tensor:
+    """CIEDE2000 colour difference per pixel (kL = kC = kH = 1), [N, 3, H, W] Lab -> [N, H, W].
+
+    The formula as Sharma, Wu and Dalal (2005) state it; about 1 is a just-noticeable difference."""
+    (l1, a1, b1), (l2, a2, b2) = lab1.double().unbind(1), lab2.double().unbind(1)
+    c_bar7 = ((a1.hypot(b1) + a2.hypot(b2)) / 2) ** 7
+    g = 0.5 * (1 - (c_bar7 / (c_bar7 + 25.0**7)).sqrt())
+    a1, a2 = a1 * (1 + g), a2 * (1 + g)
+    c1, c2 = a1.hypot(b1), a2.hypot(b2)
+    h1, h2 = torch.atan2(b1, a1) % (2 * math.pi), torch.atan2(b2, a2) % (2 * math.pi)
+    chroma_zero = (c1 * c2) == 0
+    dh = h2 - h1
+    dh = torch.where(dh > math.pi, dh - 2 * math.pi, torch.where(dh < -math.pi, dh + 2 * math.pi, dh))
+    dh = torch.where(chroma_zero, torch.zeros_like(dh), dh)
+    d_hue = 2 * (c1 * c2).sqrt() * torch.sin(dh / 2)
+    h_sum = h1 + h2
+    h_bar = torch.where((h1 - h2).abs() <= math.pi, h_sum / 2,
+                        torch.where(h_sum < 2 * math.pi, (h_sum + 2 * math.pi) / 2, (h_sum - 2 * math.pi) / 2))
+    h_bar = torch.where(chroma_zero, h_sum, h_bar)
+    deg = math.pi / 180
+    t = (1 - 0.17 * torch.cos(h_bar - 30 * deg) + 0.24 * torch.cos(2 * h_bar) + 0.32 * torch.cos(3 * h_bar + 6 * deg)
+         - 0.20 * torch.cos(4 * h_bar - 63 * deg))
+    l_bar50, c_bar = ((l1 + l2) / 2 - 50) ** 2, (c1 + c2) / 2
+    s_l = 1 + 0.015 * l_bar50 / (20 + l_bar50).sqrt()
+    s_c, s_h = 1 + 0.045 * c_bar, 1 + 0.015 * c_bar * t
+    rotation = -torch.sin(2 * 30 * deg * torch.exp(-(((h_bar / deg - 275) / 25) ** 2))) * 2 * (
+        c_bar**7 / (c_bar**7 + 25.0**7)).sqrt()
+    dl, dc, dhh = (l2 - l1) / s_l, (c2 - c1) / s_c, d_hue / s_h
+    return (dl**2 + dc**2 + dhh**2 + rotation * dc * dhh).clamp(min=0).sqrt()
+
+
+def delta_e(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean CIEDE2000 difference per image between sRGB batches in [0, 1]: [N]. Local, unlike `colour_error`."""
+    _check_pair(a, b)
+    return delta_e2000(srgb_to_lab(a), srgb_to_lab(b)).flatten(1).mean(dim=1).float()
+
+
+def hue_saturation(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HSV hue (degrees, 0..360; 0 where the pixel is grey) and saturation (0..1) of [N, 3, H, W] in [0, 1]."""
+    x = images.double().clamp(0, 1)
+    r, g, b = x.unbind(1)
+    high, low = x.max(dim=1).values, x.min(dim=1).values
+    spread = high - low
+    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
+    hue = torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(spread > 0, hue * 60, torch.zeros_like(hue))
+    saturation = torch.where(high > 0, spread / torch.where(high > 0, high, torch.ones_like(high)),
+                             torch.zeros_like(high))
+    return hue, saturation
+
+
+def hue_error(a: torch.Tensor, b: torch.Tensor, min_saturation: float = HUE_MIN_SATURATION) -> torch.Tensor:
+    """Mean hue difference per image (degrees, 0..180, around the circle) between `a` (reconstruction) and `b`
+    (original), over the pixels whose saturation in `b` is above `min_saturation`: [N]; NaN for an image without
+    such pixels. A latent that drops a chroma axis turns greens and blues orange or cyan: this is the number."""
+    _check_pair(a, b)
+    hue_a, _ = hue_saturation(a)
+    hue_b, saturation = hue_saturation(b)
+    difference = (hue_a - hue_b).abs()
+    difference = torch.minimum(difference, 360 - difference)
+    mask = (saturation > min_saturation).flatten(1)
+    count = mask.sum(dim=1)
+    total = (difference.flatten(1) * mask).sum(dim=1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan"))).float()
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -463,11 +556,7 @@ def latent_statistics(means: torch.Tensor, logvars: torch.Tensor, threshold: flo
 
 TORCHVISION_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 INCEPTION_FID_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception (TF port)
-
-
-def hub_checkpoint(filename: str) -> Path:
-    """Where torch.hub (and so torchvision / torch-fidelity) caches a downloaded checkpoint."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+# Both are read through backbones.py (weights_only=True): a cached file that is not plain tensors is refused there.
 
 
 class LPIPSMetric:
@@ -492,7 +581,12 @@ class LPIPSMetric:
                 return
             import lpips
 
-            self.network = lpips.LPIPS(net=net, verbose=False)
+            # pnet_rand: lpips' own path unpickles the cached file with weights_only=False; backbones.py reads it
+            # with weights_only=True and refuses (one line, BackboneWeightsError) a file that is not plain tensors.
+            with warnings.catch_warnings():  # torchvision's 'pretrained is deprecated' notes from inside lpips
+                warnings.simplefilter("ignore", UserWarning)
+                self.network = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+            load_lpips_backbone(self.network, net, download=False)
         self.network = self.network.to(device).eval().requires_grad_(False)
 
     @property
@@ -521,7 +615,7 @@ def _torch_fidelity_available() -> bool:
 class FIDMetric:
     """Reconstruction FID (rFID): Frechet distance between Inception features of originals and reconstructions.
 
-    Uses torchmetrics' FrechetInceptionDistance with torch-fidelity's FID Inception (`pip install torch-fidelity`)
+    Uses torchmetrics' FrechetInceptionDistance with torch-fidelity's FID Inception (the `[eval]` extra)
     and its weights from the torch hub cache; otherwise `available` is False with a `reason`. `feature` forces a
     feature extractor in (a module mapping [N, 3, H, W] floats in [0, 1] to [N, D]; tests only).
     With few images rFID is biased upwards and noisy: compare models on the same image set only.
@@ -533,7 +627,8 @@ class FIDMetric:
         if feature is None:
             weights = hub_checkpoint(INCEPTION_FID_FILE)
             if not _torch_fidelity_available():
-                self.reason = "rFID needs torch-fidelity (pip install torch-fidelity), which is not installed"
+                self.reason = ("rFID needs torch-fidelity, which is not installed: install the project's eval extra "
+                               "(pip install -e \".[eval]\" in the checkout: torchmetrics + torch-fidelity)")
                 return
             if not weights.is_file():
                 self.reason = (f"rFID needs torch-fidelity's Inception weights: {weights} is missing "
@@ -542,8 +637,10 @@ class FIDMetric:
         from torchmetrics.image.fid import FrechetInceptionDistance  # slow import: only when it will be used
 
         if feature is None:
-            self.metric = FrechetInceptionDistance(feature=2048, normalize=True,
-                                                   feature_extractor_weights_path=str(weights))
+            with tempfile.TemporaryDirectory() as folder:  # torch-fidelity unpickles this copy: tensors we wrote
+                self.metric = FrechetInceptionDistance(feature=2048, normalize=True,
+                                                       feature_extractor_weights_path=str(inception_weights_copy(
+                                                           Path(folder))))
         else:
             self.metric = FrechetInceptionDistance(feature=feature, normalize=True)
         self.metric = self.metric.to(device)

@@ -12,16 +12,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kl_autoencoder import formats
+from kl_autoencoder import formats, presets
 from kl_autoencoder.formats import WeightsError, capped_repr
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -34,6 +35,9 @@ MAX_BLOCK_CHANNELS = 2048
 MAX_IMAGE_CHANNELS = 256  # in_channels / out_channels / latent_channels
 MAX_LAYERS_PER_BLOCK = 8
 MAX_SAMPLE_SIZE = 65536
+# Each field's bound still lets their product reach ~1e10 parameters (40 GB in fp32); the largest released KL VAEs
+# (SD3, FLUX) have 84M. The whole model is bounded too, counted on the meta device before anything is allocated.
+MAX_PARAMETERS = 2_000_000_000
 
 
 class AutoencoderConfigError(ValueError):
@@ -462,10 +466,14 @@ class KLAutoencoder(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                latent_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """(decode(z), posterior); `latent_transform` maps z before decoding (EQ-VAE's training pair)."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
+        if latent_transform is not None:
+            z = latent_transform(z)
         return self.decode(z), posterior
 
     # -- the latent space a diffusion model sees ----------------------------------------------------------------------
@@ -500,10 +508,13 @@ class KLAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
-                        config: AutoencoderConfig | dict | None = None, subfolder: str | None = None) -> "KLAutoencoder":
+                        config: AutoencoderConfig | dict | None = None, subfolder: str | None = None,
+                        preset: str | None = None) -> "KLAutoencoder":
         """Load a diffusers folder, a pipeline folder (its `vae/`), an LDM single file, or a hub repo id.
 
-        `config` overrides the config found with the weights (LDM files carry none: it is read off the shapes).
+        `config` overrides the config found with the weights (LDM files carry none: it is read off the shapes, and
+        without a `preset` a one-line warning says which scaling_factor was assumed). `preset` (presets.PRESETS:
+        sd, sd2, sdxl, sd3, flux) sets the release's latent fields, after checking the weights are that release's.
         Everything is checked before the weights are read: the config's types and bounds, then the file's header
         (names, shapes, dtypes) against the model that config builds; NaN/inf weights load with a warning.
         """
@@ -513,43 +524,80 @@ class KLAutoencoder(nn.Module):
         formats.check_floating(header, source)
         if config is not None:
             files.config, files.config_source = config, "the config passed in"
-        model_config = _config_from(files.config, files.config_source, header, source)
+        model_config = _config_from(files.config, files.config_source, header, source, preset)
         with torch.device("meta"):  # the shapes this config builds, allocating nothing
-            expected = cls(model_config).state_dict()
+            skeleton = cls(model_config)
+        check_size(skeleton, source)
+        expected = skeleton.state_dict()
         formats.check_fits(header, expected, source)
         state = header
         if any(t.is_meta for t in header.values()):
             state = formats.to_diffusers_state_dict(formats.read_state_dict(files.weights))
         formats.warn_nonfinite(state, source)
-        model = cls(model_config)
+        # Uninitialised memory, then the strict load writes every tensor (the model has no buffers): no random init
+        # of weights that are overwritten at once, which took seconds for a full-size VAE.
+        model = skeleton.to_empty(device="cpu")
         model.load_state_dict(state, strict=True)
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
 
-    def save_pretrained(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | str | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | str | None = None,
+                        *, overwrite: bool = False, protect: Sequence[str | Path] = (),
+                        private: dict[str, Any] | None = None) -> Path:
         """Write `config.json` + `diffusion_pytorch_model.safetensors` (or one LDM-named `.safetensors`), atomically.
 
         A config that no longer validates (e.g. a NaN `scaling_factor` set after construction) or NaN/inf weights are
-        refused before anything is written; the previous export at `path` stays as it was.
+        refused before anything is written; the previous export at `path` stays as it was. An existing folder at
+        `path` is replaced only when it is a previous export (or with `overwrite=True`); `/`, home, the current
+        directory and folders holding one of `protect` never are (formats.save_weights). `private`: extra
+        config.json keys starting with "_" (diffusers ignores those without a warning), e.g. presets.LATENT_SCALE_KEY.
         """
         try:
             self.config.validate()
         except ValueError as err:
             raise WeightsError(f"refusing to export {path}: {err}; nothing was written") from err
-        return formats.save_weights(self.state_dict(), self.config.to_dict(), path, format=format, dtype=dtype)
+        if any(not key.startswith("_") for key in private or {}):
+            raise ValueError(f"private config keys start with '_': {sorted(private)}")
+        return formats.save_weights(self.state_dict(), {**self.config.to_dict(), **(private or {})}, path,
+                                    format=format, dtype=dtype, overwrite=overwrite, protect=protect)
+
+
+def check_size(model: nn.Module, where: str) -> None:
+    """Refuse a model (built on the meta device: nothing allocated) with more than MAX_PARAMETERS parameters."""
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:
+        raise AutoencoderConfigError("block_out_channels", (
+            f"{where}: the config builds {count:,} parameters ({count * 4 / 2**30:.0f} GiB in fp32), over the limit "
+            f"of {MAX_PARAMETERS:,} (the largest released KL VAEs have under 100 million); lower block_out_channels "
+            "or layers_per_block"))
+
+
+def check_config_size(config: AutoencoderConfig, where: str = "the model config") -> None:
+    """`check_size` of the model `config` builds, built on the meta device (shapes only)."""
+    with torch.device("meta"):
+        model = KLAutoencoder(config)
+    check_size(model, where)
 
 
 def _config_from(config: AutoencoderConfig | dict | None, origin: str, header: dict[str, torch.Tensor],
-                 weights: str) -> AutoencoderConfig:
-    """The config to build: as given, else read off the weights' shapes; errors name where the bad value came from."""
+                 weights: str, preset: str | None = None) -> AutoencoderConfig:
+    """The config to build: as given, else read off the weights' shapes; a preset's latent fields over either.
+    Errors name where the bad value came from."""
+    stored = config is not None
+    if not stored:
+        origin = f"the config inferred from the shapes in {weights}"
+        config = formats.infer_architecture(header)
+        if preset is None:  # SD 1.x and SDXL have the same shapes: the factor is a guess, say which
+            warnings.warn(presets.assumed_scale_message(weights), stacklevel=3)
+    if preset is not None:
+        config = presets.apply_preset(config.to_dict() if isinstance(config, AutoencoderConfig) else dict(config),
+                                      preset, weights, stored)
+        origin = f"{origin} with preset {preset!r}"
     try:
         if isinstance(config, AutoencoderConfig):
             config.validate()
             return config
-        if config is None:
-            origin = f"the config inferred from the shapes in {weights}"
-            return infer_config(header)
         return AutoencoderConfig.from_dict(config)
     except (TypeError, ValueError) as err:
         raise WeightsError(f"{origin}: {err}") from err

@@ -1,7 +1,9 @@
 """The run folder: everything a training run writes, owned by one object.
 
     output_dir/
-      .lock                     held (flock) while a run writes here: a second run on the folder fails at once
+      .lock                     held (flock) while a run writes here: a second run on the folder fails at once;
+                                removed when the run ends
+      .kl-autoencoder-run       written when a run claims the folder: the evidence that its files are ours
       config.yaml               the run's resolved config
       metrics.jsonl             one JSON line per logged step (TensorBoard events under tensorboard/)
       checkpoints/step_0000300/ a complete checkpoint (written as .tmp-step_0000300, renamed when complete)
@@ -15,6 +17,13 @@ log-variance and discriminator weights as safetensors, each optimizer as `<name>
 folder complete. The learning rate is a pure function of the step and every random draw of the loop comes from a
 generator seeded by (seed, step, rank) or (seed, epoch, position), so no scheduler or RNG state needs saving.
 A folder holding any other file is refused.
+
+Nothing the toolkit did not write is deleted or written through: `train.overwrite=true` removes a previous run's
+files only where the run marker (or a complete checkpoint) shows the run was ours; a symlink in place of a log, the
+lock or the pointer is replaced, never followed, and a symlinked `checkpoints/` (writes and pruning would land
+elsewhere) is refused; `checkpoints/latest` must name a checkpoint folder inside `checkpoints/`; and a checkpoint's
+JSON is checked for types and finiteness before use. Hyper-parameters come from the config, never the checkpoint:
+it supplies state only (weights, moments, step counts).
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -41,10 +52,20 @@ STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"  # a checkpoint being written, or an old one being deleted
 # What a fresh run may find in its folder without being told to overwrite: nothing of a previous run.
 RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "vae", "tensorboard")
+RUN_MARKER = ".kl-autoencoder-run"  # written at claim: this folder holds (or held) one of our runs
+LOCK_FILE = ".lock"
+OWN_FILES = (RUN_MARKER, LOCK_FILE)  # never count as "the folder is not empty"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{1,12}}")
+# Files of the run that are replaced if they are symlinks (never written through); checkpoints/ is refused instead.
+REPLACED_LINKS = ("config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
 
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked (another run holds it, it holds someone else's files, ...)."""
+
+
+class DiskSpaceError(OSError):
+    """Not enough free disk space for a checkpoint."""
 
 
 @dataclass
@@ -75,14 +96,59 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path, name: str
     (folder / f"{name}.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
 
 
+OPTIMIZER_FIELDS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's per-parameter state
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file, or a one-line RunFolderError (unreadable, not JSON, nested beyond reason)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise RunFolderError(f"{path} is not a readable JSON file ({type(err).__name__}: "
+                             f"{str(err)[:200]}); refusing to resume from it") from None
+
+
+def _state_value_ok(key: str, value: Any, params: list[torch.Tensor]) -> bool:
+    index, _, field = key.partition(".")
+    if not (index.isdigit() and int(index) < len(params) and field in OPTIMIZER_FIELDS):
+        return False
+    if not torch.is_tensor(value):  # a plain number: only a step count
+        return field == "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value >= 0
+    if not (value.is_floating_point() and bool(torch.isfinite(value).all())):
+        return False
+    return value.numel() == 1 and float(value) >= 0 if field == "step" else value.shape == params[int(index)].shape
+
+
 def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path, name: str) -> None:
-    """Load what `optimizer_to_files` wrote into `optimizer` (same parameters, same order)."""
-    meta = json.loads((folder / f"{name}.json").read_text())
+    """Load what `optimizer_to_files` wrote into `optimizer` (same parameters, same order).
+
+    The files supply state only (moments, step counts), each value checked: finite, of its parameter's shape. The
+    hyper-parameters (betas, weight decay, maximize, ...) stay the optimizer's own, i.e. the config's."""
+    where = folder / f"{name}.json"
+    meta = read_json(where)
+    if not (isinstance(meta, dict) and isinstance(meta.get("param_groups"), list)
+            and isinstance(meta.get("scalars"), dict)):
+        raise RunFolderError(f"{where}: expected an object with a 'param_groups' list and a 'scalars' object")
+    groups = optimizer.state_dict()["param_groups"]
+    saved = [group.get("params") if isinstance(group, dict) else None for group in meta["param_groups"]]
+    if saved != [group["params"] for group in groups]:
+        raise RunFolderError(f"{where}: its parameter groups do not match this run's optimizer ({len(saved)} group(s) "
+                             f"saved); was the checkpoint written with another configuration?")
+    params = [param for group in optimizer.param_groups for param in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in [*load_file(str(folder / f"{name}.safetensors")).items(), *meta["scalars"].items()]:
+        if not _state_value_ok(key, value, params):
+            shown = (f"a {value.dtype} tensor of shape {list(value.shape)}" if torch.is_tensor(value)
+                     else repr(value)[:80])
+            raise RunFolderError(f"{where}: optimizer state {key!r} is {shown}: expected a finite AdamW state "
+                                 f"({', '.join(OPTIMIZER_FIELDS)}) of a parameter of this model; refusing to resume")
         index, _, field = key.partition(".")
         state.setdefault(int(index), {})[field] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     # The files hold contiguous (NCHW) tensors; give each per-parameter tensor its parameter's layout again. Fused
     # AdamW walks moments and parameters as flat memory: NCHW moments of NHWC (channels_last) weights would be
@@ -91,6 +157,21 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path, name: s
         for field, value in fields.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
                 fields[field] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def read_training_state(path: Path) -> TrainingState:
+    """A checkpoint's `trainer_state.json`: known counters only, each a non-negative integer."""
+    where = path / STATE_FILE
+    data = read_json(where)
+    known = [f.name for f in dataclasses.fields(TrainingState)]
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{where}: expected an object of counters ({', '.join(known)})")
+    for key, value in data.items():
+        if key not in known:
+            raise RunFolderError(f"{where}: unknown entry {key[:80]!r} (expected only {', '.join(known)})")
+        if not (_is_int(value) and 0 <= value < 2**63):
+            raise RunFolderError(f"{where}: {key} = {repr(value)[:80]} must be a non-negative integer")
+    return TrainingState(**data)
 
 
 def allowed_checkpoint_files(modules: dict[str, Any], optimizers: dict[str, Any]) -> set[str]:
@@ -134,42 +215,102 @@ class RunFolder:
         return self.root / "vae"
 
     # -- claiming ------------------------------------------------------------------------------------------------------
-    def claim(self, resuming: bool, overwrite: bool = False) -> None:
+    def claim(self, resuming: bool, overwrite: bool = False, asked_to_resume: bool = False) -> None:
         """Create and lock the folder for this run (main process only; call `release` when done).
 
         A fresh run refuses a folder holding anything unless `overwrite`, which removes only a previous run's
-        artefacts (RUN_ARTEFACTS), never other files. Filesystem roots and top-level folders are refused.
+        artefacts (RUN_ARTEFACTS), never other files, and only where the folder shows that run was ours (the marker,
+        or a complete checkpoint). `asked_to_resume`: train.resume was set but found no checkpoint (the same rules,
+        said so). Filesystem roots and top-level folders are refused.
         """
-        resolved = self.root.resolve()
+        try:
+            resolved = self.root.resolve()
+        except (RuntimeError, OSError) as err:  # a symlink loop
+            raise RunFolderError(f"train.output_dir={str(self.root)!r} cannot be resolved ({err})") from None
         if len(resolved.parts) <= 2 or resolved == Path.home().resolve():
             raise RunFolderError(f"train.output_dir={str(self.root)!r} resolves to {resolved}: refusing to train "
                                  "into a filesystem root, a top-level folder or the home folder; name a folder of "
                                  "its own, e.g. outputs/my-run")
+        self._refuse_linked_checkpoints()
         if not self.is_main:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
-            existing = sorted(p.name for p in self.root.iterdir() if p.name != ".lock")
+            self._replace_links()
+            existing = sorted(p.name for p in self.root.iterdir() if p.name not in OWN_FILES)
             if existing and not resuming:
                 if not overwrite:
-                    listed = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
-                    raise RunFolderError(
-                        f"train.output_dir={str(self.root)!r} is not empty ({listed}). Continue that run with "
-                        "train.resume=latest, choose a new folder, or pass train.overwrite=true to replace a previous "
-                        "run's files (other files are never deleted)")
-                for name in existing:
-                    if name in RUN_ARTEFACTS:
-                        path = self.root / name
-                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+                    raise RunFolderError(self._not_empty_message(existing, asked_to_resume))
+                self._remove_previous_run(existing)
+            if not (self.root / RUN_MARKER).is_file() or (self.root / RUN_MARKER).is_symlink():
+                atomic_write_json(self.root / RUN_MARKER, {"written_by": "kl-autoencoder", "purpose": "marks a "
+                                  "training run folder; train.overwrite=true replaces only folders that hold it"})
         except BaseException:
             self.release()
             raise
 
+    def _not_empty_message(self, existing: list[str], asked_to_resume: bool) -> str:
+        listed = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        if asked_to_resume:
+            return (f"train.resume=latest found no complete checkpoint in {self.checkpoints}, and "
+                    f"train.output_dir={str(self.root)!r} is not empty ({listed}): refusing to train from scratch "
+                    "over it. Choose a new folder, or pass train.overwrite=true to replace a previous run's files "
+                    "(other files are never deleted)")
+        return (f"train.output_dir={str(self.root)!r} is not empty ({listed}). Continue that run with "
+                "train.resume=latest, choose a new folder, or pass train.overwrite=true to replace a previous run's "
+                "files (other files are never deleted)")
+
+    def holds_our_run(self) -> bool:
+        """Evidence that this folder's run artefacts were written by this toolkit: the marker written at claim, or
+        (runs from before the marker) a complete checkpoint in a real `checkpoints/` folder."""
+        marker = self.root / RUN_MARKER
+        if marker.is_file() and not marker.is_symlink():
+            return True
+        return not self.checkpoints.is_symlink() and bool(self.list_checkpoints(warn=False))
+
+    def _remove_previous_run(self, existing: list[str]) -> None:
+        ours = [name for name in existing if name in RUN_ARTEFACTS]
+        if ours and not self.holds_our_run():
+            raise RunFolderError(
+                f"train.overwrite=true: {self.root} holds {', '.join(ours)} but nothing shows a kl-autoencoder run "
+                f"wrote them (no {RUN_MARKER}, no complete checkpoint): refusing to delete files this toolkit may not "
+                "have written. Choose a new train.output_dir, or move those files away yourself")
+        for name in ours:
+            path = self.root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:  # a file, or a link (removed itself, never what it points to)
+                path.unlink()
+
+    def _refuse_linked_checkpoints(self) -> None:
+        """A symlinked checkpoints/ would have checkpoints written, and old ones pruned, wherever it points."""
+        if self.checkpoints.is_symlink():
+            raise RunFolderError(f"{self.checkpoints} is a symlink (to {os.readlink(self.checkpoints)}): checkpoints "
+                                 "would be written and pruned there. Make it a real folder (move the checkpoints "
+                                 "in), or choose another train.output_dir")
+
+    def _replace_links(self) -> None:
+        """Run files that are symlinks are replaced (the link removed, nothing it points to touched), never written
+        through; config.yaml, summary.json and vae/ are replaced at write time anyway."""
+        self._refuse_linked_checkpoints()
+        for name in REPLACED_LINKS:
+            path = self.root / name
+            if path.is_symlink():
+                warnings.warn(f"{path} is a symlink (to {os.readlink(path)}); replacing the link, not writing "
+                              "through it", stacklevel=3)
+                path.unlink()
+
     def _lock(self) -> None:
         import fcntl
 
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.root / LOCK_FILE
+        if path.is_symlink():  # never ours: locking through it would create or lock a file elsewhere
+            path.unlink()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise RunFolderError(f"cannot open the run lock {path}: {err}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -179,18 +320,30 @@ class RunFolder:
         self._lock_fd = fd
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
+        """Drop the lock and remove the (empty) lock file, so a finished run folder holds only the run's files."""
+        if self._lock_fd is None:
+            return
+        path = self.root / LOCK_FILE
+        try:  # only the file this descriptor locks: never a file another run put in its place
+            if os.path.samestat(os.fstat(self._lock_fd), os.lstat(path)):
+                path.unlink()  # still locked: a run starting now makes a new file; this one writes nothing more
+        except OSError:
+            pass  # already gone, or unreadable: the lock itself is what matters
+        os.close(self._lock_fd)  # closing the descriptor drops the flock
+        self._lock_fd = None
 
     def check_disk_space(self, needed: int) -> None:
-        """Fail clearly when a checkpoint of `needed` bytes cannot fit (checked at start and before each write)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.root).free
+        """Fail clearly (DiskSpaceError) when a checkpoint of `needed` bytes cannot fit (checked at start, before
+        anything is written, and before each write)."""
+        folder = self.root
+        while not folder.is_dir() and folder != folder.parent:  # the folder may not exist yet: ask its parent
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
         needed = int(needed * 1.1) + (16 << 20)
         if free < needed:
-            raise OSError(f"not enough disk space for a checkpoint in {self.root}: need about {needed / 2**20:.0f} "
-                          f"MiB, {free / 2**20:.0f} MiB free; free space or lower train.keep_checkpoints")
+            raise DiskSpaceError(f"not enough disk space for a checkpoint in {self.root}: need about "
+                                 f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free; free space or lower "
+                                 "train.keep_checkpoints")
 
     # -- checkpoints ---------------------------------------------------------------------------------------------------
     def list_checkpoints(self, warn: bool = True) -> list[Path]:
@@ -205,9 +358,10 @@ class RunFolder:
             if not is_complete_checkpoint(path):
                 raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint folder (no {STATE_FILE})")
             return path
+        self._refuse_linked_checkpoints()
         pointer = self.checkpoints / "latest"
-        if pointer.is_file():
-            candidate = self.checkpoints / pointer.read_text().strip()
+        if pointer.is_file() and not pointer.is_symlink():
+            candidate = self._pointed_checkpoint(pointer)
             if is_complete_checkpoint(candidate):
                 self.list_checkpoints()  # still warn about leftovers
                 return candidate
@@ -215,10 +369,25 @@ class RunFolder:
                           "complete one", stacklevel=2)
         found = self.list_checkpoints()
         if not found:
-            warnings.warn(f"train.resume=latest but no checkpoint in {self.checkpoints}: starting from scratch",
-                          stacklevel=2)
+            warnings.warn(f"train.resume=latest but no checkpoint in {self.checkpoints}: a fresh run (refused if the "
+                          "folder holds anything)", stacklevel=2)
             return None
         return found[-1]
+
+    def _pointed_checkpoint(self, pointer: Path) -> Path:
+        """The folder `checkpoints/latest` names: a plain step_NNNNNNN inside checkpoints/, never a path or a link."""
+        with open(pointer, "rb") as f:
+            name = f.read(256).decode("utf-8", "replace").strip()
+        if not CHECKPOINT_NAME.fullmatch(name):
+            raise RunFolderError(f"{pointer} names {name[:80]!r}, not a checkpoint folder inside {self.checkpoints} "
+                                 f"({CHECKPOINT_PREFIX}NNNNNNN); refusing to follow it. Delete {pointer} to resume "
+                                 "from the newest complete checkpoint")
+        candidate = self.checkpoints / name
+        if candidate.is_symlink():
+            raise RunFolderError(f"{candidate} (named by {pointer}) is a symlink to {os.readlink(candidate)}; refusing "
+                                 "to resume from outside the run folder (pass its path as train.resume=PATH if you "
+                                 "trust it)")
+        return candidate
 
     def save_checkpoint(self, state: TrainingState, modules: dict[str, torch.nn.Module | None],
                         optimizers: dict[str, torch.optim.Optimizer | None], keep: int, needed_bytes: int) -> Path:
@@ -229,9 +398,10 @@ class RunFolder:
         final = self.checkpoints / f"{CHECKPOINT_PREFIX}{state.step:07d}"
         tmp = self.checkpoints / f"{TMP_PREFIX}{final.name}"
         self.check_disk_space(needed_bytes)
+        self._refuse_linked_checkpoints()  # again at write time: the folder may have been swapped since the claim
         for stale in self.checkpoints.glob(f"{TMP_PREFIX}*"):  # leftovers of a killed run (the lock makes us the only writer)
             logger.info("removing %s left by an interrupted checkpoint write", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            stale.unlink() if stale.is_symlink() else shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, module in modules.items():
             if module is not None:
@@ -252,7 +422,7 @@ class RunFolder:
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the complete temporary folder into place (durable before `latest` names it)."""
-        if final.exists():  # re-reached after resuming from an older pointer
+        if final.exists() or final.is_symlink():  # re-reached after resuming from an older pointer
             remove_folder(final)
         os.replace(tmp, final)
         fsync_dir(self.checkpoints)
@@ -279,16 +449,22 @@ class RunFolder:
         for name, optimizer in optimizers.items():
             if optimizer is not None:
                 optimizer_from_files(optimizer, path, name)
-        return TrainingState(**json.loads((path / STATE_FILE).read_text()))
+        return read_training_state(path)
 
     # -- logs ----------------------------------------------------------------------------------------------------------
     def start_metrics(self, start_step: int) -> None:
         """Keep the complete lines of an earlier metrics.jsonl up to `start_step` (the rest is trained again)."""
+        if self.metrics_file.is_symlink():  # replaced, never read or appended through
+            self.metrics_file.unlink()
         if self.metrics_file.exists():
+            if not self.metrics_file.is_file():
+                raise RunFolderError(f"{self.metrics_file} is not a regular file; move it away")
             atomic_write_text(self.metrics_file, kept_metric_lines(self.metrics_file.read_text(), start_step))
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
-        with open(self.metrics_file, "a") as f:
+        # O_NOFOLLOW: a symlink planted after the start fails the write instead of appending elsewhere
+        fd = os.open(self.metrics_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -305,19 +481,26 @@ def list_checkpoints(root: Path, warn: bool = True) -> list[Path]:
         return []
     complete = []
     for path in sorted(root.iterdir()):
+        if path.is_symlink():  # not a folder a run wrote: never loaded or pruned through
+            if warn and path.name.startswith(CHECKPOINT_PREFIX):
+                warnings.warn(f"ignoring {path}: a symlink, not a checkpoint folder of this run", stacklevel=2)
+            continue
         interrupted = path.name.startswith(TMP_PREFIX) or (path.name.startswith(CHECKPOINT_PREFIX)
                                                             and not is_complete_checkpoint(path))
         if interrupted:
             if warn:
                 warnings.warn(f"ignoring incomplete checkpoint folder {path} (interrupted write)", stacklevel=2)
-        elif path.name.startswith(CHECKPOINT_PREFIX):
+        elif CHECKPOINT_NAME.fullmatch(path.name):
             complete.append(path)
     return sorted(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def remove_folder(path: Path) -> None:
     """Delete a checkpoint folder so that a kill midway never leaves a half-deleted folder that looks complete:
-    rename it to a temp name first (atomic), then delete."""
+    rename it to a temp name first (atomic), then delete. A symlink is removed itself, never what it points to."""
+    if path.is_symlink():
+        path.unlink()
+        return
     trash = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(path, trash)

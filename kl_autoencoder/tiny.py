@@ -49,6 +49,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -115,6 +116,7 @@ class TinyConfig:
             if len(set(widths)) != 1 or widths[0] < 1:
                 fail(f"{half}_block_out_channels", "must repeat one width >= 1 (AutoencoderTiny has no channel change "
                                                    "between stages)")
+        self._validate_size(fail)
         if self.act_fn not in ACTIVATIONS:
             fail("act_fn", f"is not supported; choose one of {sorted(ACTIVATIONS)}")
         if self.upsample_fn not in ("nearest", "nearest-exact", "bilinear", "bicubic"):
@@ -127,6 +129,32 @@ class TinyConfig:
                 fail(name, "must be a finite number")
         if not isinstance(self.force_upcast, bool):
             fail("force_upcast", "must be true or false")
+
+    def _validate_size(self, fail: Callable[[str, str], None]) -> None:
+        """Bounds on what the config would allocate, checked before any layer is built (a config.json is input)."""
+        for name in ("num_encoder_blocks", "num_decoder_blocks"):
+            if any(v > MAX_TINY_BLOCKS for v in getattr(self, name)):
+                fail(name, f"must have at most {MAX_TINY_BLOCKS} blocks per stage")
+        if self.upsampling_scaling_factor > MAX_UPSAMPLING_SCALE:
+            fail("upsampling_scaling_factor", f"must be at most {MAX_UPSAMPLING_SCALE} (AutoencoderTiny uses 2)")
+        if self.upsampling_factor > MAX_RESAMPLING_FACTOR:
+            fail("upsampling_scaling_factor", f"gives {self.upsampling_factor}x upsampling over "
+                                              f"{len(self.num_decoder_blocks)} stages, over {MAX_RESAMPLING_FACTOR}x")
+        if self.num_parameters() > MAX_TINY_PARAMETERS:
+            fail("encoder_block_out_channels", f"and the other stage fields give {self.num_parameters():,} "
+                                               f"parameters, more than {MAX_TINY_PARAMETERS:,}")
+
+    def num_parameters(self) -> int:
+        """The parameter count of the model this config builds, in closed form (nothing is built)."""
+        def conv3(n_in: int, n_out: int, bias: bool = True) -> int:
+            return 9 * n_in * n_out + (n_out if bias else 0)
+
+        we, wd = self.encoder_block_out_channels[0], self.decoder_block_out_channels[0]
+        encoder = (conv3(self.in_channels, we) + (len(self.num_encoder_blocks) - 1) * conv3(we, we, bias=False)
+                   + 3 * sum(self.num_encoder_blocks) * conv3(we, we) + conv3(we, self.latent_channels))
+        decoder = (conv3(self.latent_channels, wd) + (len(self.num_decoder_blocks) - 1) * conv3(wd, wd, bias=False)
+                   + 3 * sum(self.num_decoder_blocks) * conv3(wd, wd) + conv3(wd, self.out_channels))
+        return encoder + decoder
 
     @property
     def downsampling_factor(self) -> int:
@@ -156,6 +184,11 @@ class TinyConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# Bounds for configs read from files, far above TAESD (64 wide, 3 blocks a stage, 2x upsampling, 2.4M parameters).
+MAX_TINY_PARAMETERS = 1_000_000_000
+MAX_TINY_BLOCKS = 64
+MAX_UPSAMPLING_SCALE = 8
+MAX_RESAMPLING_FACTOR = 128  # 8 stages of 2x, as the KL model's MAX_LEVELS
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU}
 _STAGE_FIELDS = ("encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks", "num_decoder_blocks")
 
@@ -272,9 +305,11 @@ class TinyAutoencoder(nn.Module):
         """Load a diffusers AutoencoderTiny folder (or a pipeline folder whose `vae/` is one)."""
         return load_tiny(path, dtype=dtype)
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
-        """config.json + diffusion_pytorch_model.safetensors that AutoencoderTiny.from_pretrained loads; atomic."""
-        return save_tiny(self, path, dtype=dtype)
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | str | None = None, *,
+                        overwrite: bool = False) -> Path:
+        """config.json + diffusion_pytorch_model.safetensors that AutoencoderTiny.from_pretrained loads; atomic.
+        An existing folder is replaced only when it is a previous export, or with `overwrite=True` (durable.py)."""
+        return save_tiny(self, path, dtype=dtype, overwrite=overwrite)
 
     @classmethod
     def from_single_files(cls, encoder_path: str | Path, decoder_path: str | Path,
@@ -394,8 +429,14 @@ def load_tiny(path: str | Path, dtype: torch.dtype | None = None) -> TinyAutoenc
     weights = next((c for c in candidates if c.is_file()), None)
     if weights is None:
         raise WeightsError(f"{folder} has {CONFIG_NAME} but no weights file ({WEIGHTS_NAME})")
+    with torch.device("meta"):  # the config's shapes, nothing allocated: a file that cannot fit costs no memory
+        expected = TinyAutoencoder(config).state_dict()
+    if weights.suffix == ".safetensors":
+        check_fits(read_state_dict(weights, meta=True), expected, str(weights))
+    # a pickle cannot be read in part: bound what it may unpack to by the config (fp64 at most, plus the pickle)
+    state = read_state_dict(weights, max_bytes=8 * config.num_parameters() + (1 << 20))
     model = TinyAutoencoder(config)
-    load_state(model, read_state_dict(weights), str(weights))
+    load_state(model, state, str(weights))
     return (model.to(dtype) if dtype is not None else model).eval()
 
 
@@ -414,7 +455,8 @@ def _export_state(model: nn.Module, dtype: torch.dtype | str | None, path: Path)
     return state
 
 
-def save_tiny(model: TinyAutoencoder, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+def save_tiny(model: TinyAutoencoder, path: str | Path, dtype: torch.dtype | str | None = None, *,
+              overwrite: bool = False) -> Path:
     state = _export_state(model, dtype, Path(path))
 
     def write(folder: Path) -> None:
@@ -426,7 +468,7 @@ def save_tiny(model: TinyAutoencoder, path: str | Path, dtype: torch.dtype | str
         if read_tiny_config(folder) != model.config:
             raise WeightsError(f"export check failed: {folder / CONFIG_NAME} does not read back as the config")
 
-    return atomic_write_dir(path, write, check_fn=check)
+    return atomic_write_dir(path, write, check_fn=check, overwrite=overwrite)
 
 
 # TAESD's files hold the halves' nn.Sequential state dicts. Its encoder Sequential is diffusers' `encoder.layers`;

@@ -19,6 +19,7 @@ Choices worth knowing (the diffusers example's faults avoided):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -28,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -41,12 +42,12 @@ from tqdm.auto import tqdm
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.data import build_dataset, default_num_workers, training_batches
-from kl_autoencoder.diffusability import Transform, random_transform
 from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
 from kl_autoencoder.metrics import estimate_latent_scale
+from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, is_complete_checkpoint,  # noqa: F401
-                                       list_checkpoints)
+                                       list_checkpoints, read_training_state)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,6 +76,11 @@ class EMA(nn.Module):
         for i, name in enumerate(self.names):
             self.register_buffer(f"shadow_{i}", model.state_dict()[name].detach().float().clone())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._updates: int | None = 0  # host copy of num_updates (None: re-read once, after a load)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._updates = None
 
     def shadows(self) -> list[torch.Tensor]:
         return [getattr(self, f"shadow_{i}") for i in range(len(self.names))]
@@ -87,9 +93,12 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         state = model.state_dict()
-        decay = self.decay_at(int(self.num_updates.item()))
+        if self._updates is None:  # the decay is a host number: read the device counter once, not every step
+            self._updates = int(self.num_updates.item())
+        decay = self.decay_at(self._updates)
         torch._foreach_lerp_(self.shadows(), [state[name].float() for name in self.names], 1.0 - decay)
         self.num_updates += 1
+        self._updates += 1
 
     def averaged_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """`model`'s state dict with the averaged tensors in place of its own."""
@@ -99,12 +108,30 @@ class EMA(nn.Module):
         return state
 
 
-def base_learning_rate(cfg: TrainConfig, world: int) -> float:
-    """optim.lr, or with optim.scale_lr (LDM's `base_learning_rate`, diffusers' --scale_lr) optim.lr times the total
-    batch: per-process batch x accumulation steps x processes."""
+def base_learning_rate(cfg: TrainConfig, world: int, lr: float | None = None) -> float:
+    """`lr` (default optim.lr), or with optim.scale_lr (LDM's `base_learning_rate`, diffusers' --scale_lr) `lr` times
+    the total batch: per-process batch x accumulation steps x processes."""
+    lr = cfg.optim.lr if lr is None else lr
     if not cfg.optim.scale_lr:
-        return cfg.optim.lr
-    return cfg.optim.lr * cfg.train.batch_size * cfg.train.grad_accum_steps * world
+        return lr
+    return lr * cfg.train.batch_size * cfg.train.grad_accum_steps * world
+
+
+def learning_rates(cfg: TrainConfig, world: int, step: int) -> tuple[float, float]:
+    """(autoencoder, discriminator) learning rates at optimizer step `step`: each base rate scaled by the total batch
+    under optim.scale_lr (LDM scales both optimizers), times the one schedule's factor. The discriminator's base is
+    loss.gan.disc_lr, or optim.lr when unset."""
+    factor = lr_factor(step, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.schedule)
+    disc = cfg.loss.gan.disc_lr or cfg.optim.lr
+    return base_learning_rate(cfg, world) * factor, base_learning_rate(cfg, world, disc) * factor
+
+
+def set_learning_rates(t: "Training", step: int) -> None:
+    """Both optimizers' rates for `step` (learning_rates)."""
+    generator_lr, disc_lr = learning_rates(t.cfg, t.accelerator.num_processes, step)
+    for optimizer, lr in ((t.optimizer, generator_lr), (t.d_optimizer, disc_lr)):
+        for group in (optimizer.param_groups if optimizer is not None else ()):
+            group["lr"] = lr
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -169,17 +196,27 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def build_model(section: ModelSection, channels_last: bool = False) -> KLAutoencoder:
-    """A fresh model from `architecture`, or a pretrained one (fp32 weights either way)."""
+    """A fresh model from `architecture` (over the preset's release, if any), or a pretrained one with the preset's
+    and then `architecture`'s latent fields applied (fp32 weights either way)."""
     if section.pretrained:
-        model = KLAutoencoder.from_pretrained(section.pretrained)
+        model = KLAutoencoder.from_pretrained(section.pretrained, preset=section.preset)
         current = model.config.to_dict()
         differs = {k: v for k, v in section.architecture.items()
-                   if k not in ("scaling_factor", "shift_factor", "sample_size") and _plain(v) != _plain(current.get(k))}
+                   if k not in LATENT_FIELDS and _plain(v) != _plain(current.get(k))}
         if differs:
             raise ConfigError(f"model.architecture {differs} contradicts the pretrained model's config "
-                              f"({section.pretrained}); drop model.architecture when fine-tuning")
+                              f"({section.pretrained}); on a pretrained model only {', '.join(LATENT_FIELDS)} "
+                              "may be set")
+        try:  # the latent fields leave no trace in the weights: the user's values are the model's
+            for key in LATENT_FIELDS:
+                if key in section.architecture:
+                    setattr(model.config, key, section.architecture[key])
+            model.config.__post_init__()  # lists to tuples, then validate
+        except ValueError as err:
+            raise ConfigError(f"model.architecture on {section.pretrained}: {err}") from err
     else:
-        model = KLAutoencoder(AutoencoderConfig.from_dict(dict(section.architecture)))
+        base = get_preset(section.preset).architecture() if section.preset else {}
+        model = KLAutoencoder(AutoencoderConfig.from_dict({**base, **section.architecture}))
         if section.init == "zero_residual":
             zero_residual_init_(model)
     model.float()
@@ -270,8 +307,10 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
     discriminator = d_optimizer = None
     if cfg.loss.gan.enabled:
         gan = cfg.loss.gan
-        discriminator = L.PatchDiscriminator(3, gan.disc_channels, gan.disc_layers).to(device)
-        d_optimizer = make_adamw(discriminator.parameters(), gan.disc_lr or cfg.optim.lr, **adamw)
+        discriminator = L.PatchDiscriminator(3, gan.disc_channels, gan.disc_layers, gan.disc_norm).to(device)
+        # The loop sets both optimizers' rates every step (set_learning_rates); these are step 0's.
+        d_optimizer = make_adamw(discriminator.parameters(), learning_rates(cfg, accelerator.num_processes, 0)[1],
+                                 **adamw)
         called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
                                                                             d_optimizer)
     else:
@@ -321,6 +360,7 @@ class StepResult:
     logs: dict[str, torch.Tensor]  # detached device scalars
     reconstruction: torch.Tensor
     skipped: torch.Tensor | None  # the generator update was skipped (non-finite); None mid accumulation window
+    target: torch.Tensor | None = None  # what `reconstruction` is compared to when not the batch (EQ-VAE's T(x))
 
 
 def train_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepResult:
@@ -333,31 +373,55 @@ def train_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepR
     seed = (t.cfg.train.seed * 1_000_003 + step * 1009 + micro) * 131 + t.accelerator.process_index
     generator = torch.Generator(device=t.device).manual_seed(seed)
     logvar = t.logvar.value if t.logvar is not None else None
-    transform = equivariance_transform(t.cfg.loss.equivariance, seed)
+    factor = t.raw_model.downsampling_factor
+    min_image = 3 * 2 ** t.cfg.loss.gan.disc_layers if t.discriminator is not None else 1  # PatchGAN's smallest input
+    transform = equivariance_transform(t.cfg.loss.equivariance, seed, (x.shape[-2] // factor, x.shape[-1] // factor),
+                                       factor, min_image)
     with t.accelerator.accumulate(*(m for m in (t.model, t.discriminator) if m is not None)):
         loss, logs, reconstruction = L.autoencoder_loss(
             t.model, x, weights, t.perceptual, unwrap(t.discriminator) if gan_on else None, logvar,
             t.raw_model.last_decoder_layer, generator, transform)
+        if t.cfg.loss.equivariance.probability > 0:  # every rank logs the same keys (the log reduce is collective)
+            logs["eq_pair"] = torch.tensor(float(transform is not None), device=x.device)
         outcome = optimizer_step(t.accelerator, t.optimizer, loss, t.params, t.cfg.optim.grad_clip,
                                  outside_ddp=(logvar,) if logvar is not None else ())
         if outcome is not None:
             logs["grad_norm"] = outcome[1]
-        if gan_on:
-            d_loss, d_logs = L.discriminator_loss(t.discriminator, x, reconstruction, weights.gan_loss)
+        target = None if transform is None else transform.image(x)
+        if gan_on:  # EQ-VAE: on a transformed step the discriminator sees the transformed pair
+            real = x if target is None else target
+            d_loss, d_logs = L.discriminator_loss(t.discriminator, real, reconstruction, weights.gan_loss)
             optimizer_step(t.accelerator, t.d_optimizer, d_loss, list(t.discriminator.parameters()))
             logs.update(d_logs)
     logs["kl_weight"] = torch.tensor(weights.kl_weight)
-    return StepResult(logs, reconstruction, outcome[0] if outcome is not None else None)
+    return StepResult(logs, reconstruction, outcome[0] if outcome is not None else None, target)
 
 
-def equivariance_transform(eq: Any, seed: int) -> Transform | None:
-    """The step's EQ-VAE transform, or None: drawn with `probability` from a CPU generator seeded by the step."""
-    if eq.weight <= 0:
+def equivariance_transform(eq: Any, seed: int, latent_size: tuple[int, int], factor: int, min_image: int = 1
+                           ) -> L.EquivarianceTransform | None:
+    """The step's EQ-VAE transform, or None (the plain pair), drawn from a CPU generator seeded by the step.
+
+    With `eq.probability`: a downscale of the latent to m x round(w m / h), m uniform over the integers with
+    eq.min_scale <= m / h < 1 (EQ-VAE draws s from {8..31}/32 for its 32x32 latents: the same set), and 1-3 quarter
+    turns, each as eq.transforms lists. The transformed image (m x factor) is kept at least `min_image` pixels.
+    """
+    if eq.probability <= 0:
         return None
-    generator = torch.Generator().manual_seed(seed)
+    # Not the posterior noise's seed: the two draws stay independent.
+    generator = torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2 ** 63)
     if torch.rand((), generator=generator).item() >= eq.probability:
         return None
-    return random_transform(generator, eq.transforms, eq.scales)
+    h, w = latent_size
+    size = None
+    if "scale" in eq.transforms:
+        low = max(math.ceil(h * eq.min_scale - 1e-9), -(-min_image // factor), 1)
+        if low < h:
+            m = int(torch.randint(low, h, (), generator=generator))
+            size = (m, max(1, round(w * m / h)))
+    turns = int(torch.randint(1, 4, (), generator=generator)) if "rotate" in eq.transforms else 0
+    if size is None and turns == 0:
+        return None
+    return L.EquivarianceTransform(size, turns, factor)
 
 
 class NonFiniteCounter:
@@ -393,30 +457,58 @@ class NonFiniteCounter:
 
 
 def keeps_pretrained_latent_scale(cfg: TrainConfig) -> bool:
-    """A frozen encoder leaves the latent space as it was: keep the pretrained factors unless asked to re-measure."""
+    """Whether the export keeps the model's latent fields as built (source config <- preset <- model.architecture):
+    a frozen encoder leaves the latent space as it was, and factors the user set are theirs.
+    `train.remeasure_latent_scale` decides when set."""
     if cfg.train.remeasure_latent_scale is not None:
         return not cfg.train.remeasure_latent_scale
+    if any(k in cfg.model.architecture for k in FACTOR_FIELDS):
+        return True
     return bool(cfg.model.pretrained) and cfg.model.freeze_encoder
 
 
 def export_model(t: Training, path: Path) -> Path:
-    """Write the diffusers export (EMA weights when EMA is on) with the latent scale of `metrics.estimate_latent_scale`
-    on `train.scaling_images` shuffled random training crops, or the pretrained factors (frozen encoder)."""
-    export = KLAutoencoder(AutoencoderConfig.from_dict(t.raw_model.config.to_dict())).to(t.device)
+    """Write the diffusers export (EMA weights when EMA is on). Its latent fields are kept (`keeps_pretrained_latent_
+    scale`) or the factors re-measured (`remeasure_latent_scale`); config.json records which (LATENT_SCALE_KEY)."""
+    with torch.device("meta"):  # no random init of weights the strict load below overwrites (seconds at full size)
+        export = KLAutoencoder(AutoencoderConfig.from_dict(t.raw_model.config.to_dict()))
+    export = export.to_empty(device=t.device)
     export.load_state_dict(t.ema.averaged_state_dict(t.raw_model) if t.ema is not None else t.raw_model.state_dict())
     export.eval()
-    if not keeps_pretrained_latent_scale(t.cfg):
-        cfg = t.cfg
-        crops = build_dataset(cfg.data, split=cfg.data.split, train=True)
-        batches = training_batches(crops, min(cfg.train.batch_size, 32), cfg.train.seed + 1, num_workers=0)
-        scale = estimate_latent_scale(export, (batch["pixel_values"] for batch in batches),
-                                      shift=cfg.train.export_shift_factor, num_images=cfg.train.scaling_images,
-                                      generator=torch.Generator(device=t.device).manual_seed(cfg.train.seed))
-        export.config.scaling_factor = scale.scaling_factor
-        export.config.shift_factor = scale.shift_factor
-        export.config.sample_size = cfg.data.resolution
-    export.cpu().save_pretrained(path)
+    cfg = t.cfg
+    if keeps_pretrained_latent_scale(cfg):
+        record = {"latent_scale": "kept", "source": cfg.model.pretrained or "model.architecture"}
+    else:
+        record = remeasure_latent_scale(export, cfg, t.device)
+    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record})
     return path
+
+
+def remeasure_latent_scale(model: KLAutoencoder, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Set `model`'s factors by `metrics.estimate_latent_scale` on `train.scaling_images` random training crops,
+    un-augmented (no hue turn or flip: the latents a diffusion model will see), say so once, return the record.
+
+    `sample_size` (diffusers' tile size) stays the source's or the user's; a model trained from scratch without
+    one gets `data.resolution`. Per-channel `latents_mean` / `latents_std` described the old latent space: dropped.
+    """
+    data = dataclasses.replace(cfg.data, random_hue=0.0, random_flip=False)
+    crops = build_dataset(data, split=data.split, train=True)
+    batches = training_batches(crops, min(cfg.train.batch_size, 32), cfg.train.seed + 1, num_workers=0)
+    scale = estimate_latent_scale(model, (batch["pixel_values"] for batch in batches),
+                                  shift=cfg.train.export_shift_factor, num_images=cfg.train.scaling_images,
+                                  generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
+    config, before = model.config, model.config.to_dict()
+    config.scaling_factor, config.shift_factor = scale.scaling_factor, scale.shift_factor
+    if not cfg.model.pretrained and "sample_size" not in cfg.model.architecture:
+        config.sample_size = data.resolution
+    dropped = config.latents_mean is not None or config.latents_std is not None
+    config.latents_mean = config.latents_std = None
+    shift = "none" if scale.shift_factor is None else f"{scale.shift_factor:.5g}"
+    why = "train.remeasure_latent_scale=true" if cfg.model.freeze_encoder else "the encoder was trained"
+    print(f"latent scale re-measured on {scale.num_images} un-augmented training crops ({why}): "
+          f"scaling_factor {scale.scaling_factor:.5g} (was {before['scaling_factor']:.5g}), shift_factor {shift}"
+          + ("; the source's latents_mean/latents_std dropped" if dropped else ""), flush=True)
+    return {"latent_scale": "measured", "images": scale.num_images, "resolution": data.resolution}
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -435,14 +527,37 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
     acc, device = t.accelerator, t.device
     run = RunFolder(cfg.train.output_dir, is_main=acc.is_main_process)
     resume_from = run.resolve_resume(cfg.train.resume)
-    run.claim(resuming=cfg.train.resume is not None, overwrite=cfg.train.overwrite)
+    # Before anything is written: the disk has room and the data source opens (a failed start leaves no file that
+    # blocks the rerun). A resumed run that is already complete needs no data.
+    if acc.is_main_process:
+        run.check_disk_space(t.checkpoint_bytes())
+    finished = resume_from is not None and read_training_state(resume_from).step >= cfg.train.max_steps
+    dataset = None if finished else build_dataset(cfg.data, split=cfg.data.split)
+    # train.resume without a checkpoint to resume: the fresh run's rules (no training over a non-empty folder)
+    run.claim(resuming=resume_from is not None, overwrite=cfg.train.overwrite,
+              asked_to_resume=cfg.train.resume is not None)
     try:
-        return _train_in(t, run, resume_from)
+        return _train_in(t, run, resume_from, dataset)
     finally:
         run.release()
 
 
-def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
+def bar_figures(values: dict[str, float], image_shape: Sequence[int], model: Any) -> dict[str, str]:
+    """The progress bar's figures. LDM's loss and KL are sums over an image's values and latent elements (so they
+    stay in metrics.jsonl and TensorBoard, comparable with LDM / sgm logs); beside the mean pixel and perceptual
+    errors the bar shows them per element: loss/px per pixel value, kl/z in nats per latent element."""
+    shown = {k: values[k] for k in ("pixel", "perceptual") if k in values}
+    if "kl" in values and hasattr(model.config, "latent_shape"):  # the KL objective (distillation logs means)
+        shown["loss/px"] = values["loss"] / math.prod(image_shape)
+        shown["kl/z"] = values["kl"] / math.prod(model.config.latent_shape(*image_shape[-2:]))
+    elif "loss" in values:
+        shown["loss"] = values["loss"]
+    if "images_per_second" in values:
+        shown["img/s"] = values["images_per_second"]
+    return {k: f"{v:.4g}" for k, v in shown.items()}
+
+
+def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: Any = None) -> Path:
     cfg, acc, device = t.cfg, t.accelerator, t.device
     rank, world = acc.process_index, acc.num_processes
     modules, optimizers = t.checkpoint_parts()
@@ -451,14 +566,13 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
         state = run.load_checkpoint(resume_from, modules, optimizers)
         acc.print(f"resumed from {resume_from} at step {state.step}")
     if acc.is_main_process:
-        run.check_disk_space(t.checkpoint_bytes())
         save_config(cfg, run.config_file)
         run.start_metrics(state.step)
     if state.step >= cfg.train.max_steps:
         return _finish(t, run, state, None, trained=False)
     acc.print(f"training on {world} process(es), {device.type} (mixed precision: {cfg.train.mixed_precision})")
 
-    dataset = build_dataset(cfg.data, split=cfg.data.split)
+    dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
     workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
     batches = training_batches(dataset, cfg.train.batch_size, cfg.train.seed, rank, world, state.batches_seen, workers)
     skip_log = getattr(dataset, "skipped", None)
@@ -473,9 +587,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
 
     with stop_signals() as stop:
         while state.step < cfg.train.max_steps:
-            for group in t.optimizer.param_groups:
-                group["lr"] = base_learning_rate(cfg, world) * lr_factor(state.step, cfg.optim.warmup_steps, cfg.train.max_steps,
-                                                       cfg.optim.schedule)
+            set_learning_rates(t, state.step)
             for micro in range(cfg.train.grad_accum_steps):
                 x = next_readable_batch(batches, state, skip_log).to(device, non_blocking=True)
                 result = (t.step_fn or train_step)(t, x, state.step, micro)
@@ -495,6 +607,8 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
                 now = time.perf_counter()
                 values.update(images_per_second=images_since_log / max(now - last_log_time, 1e-9),
                               lr=t.optimizer.param_groups[0]["lr"], nonfinite_steps=state.nonfinite_total)
+                if t.d_optimizer is not None:
+                    values["d_lr"] = t.d_optimizer.param_groups[0]["lr"]
                 if skip_log is not None:
                     values["skipped_images"] = skip_log.count
                 last_log_time, images_since_log = now, 0
@@ -502,10 +616,10 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None) -> Path:
                 if acc.is_main_process:
                     run.log_metrics(state.step, values)
                 if progress is not None:
-                    progress.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "pixel", "perceptual", "kl",
-                                          "images_per_second") if k in values})
+                    progress.set_postfix(bar_figures(values, x.shape[-3:], t.raw_model))
             if cfg.train.image_every and state.step % cfg.train.image_every == 0 and acc.is_main_process:
-                log_image(acc, state.step, image_grid(x.detach(), result.reconstruction.detach()))
+                shown = x if result.target is None else result.target
+                log_image(acc, state.step, image_grid(shown.detach(), result.reconstruction.detach()))
 
             stop_requested = stop["signal"] is not None
             if world > 1:  # agree on stopping (a collective, so only at log steps)

@@ -339,7 +339,7 @@ def test_evaluate_reports_diffusability_and_runs_the_probe_on_request(tmp_path, 
 
 
 def test_eq_finetune_benchmark_bookkeeping(tmp_path, tiny_model, monkeypatch):
-    """benchmarks/eq_finetune.py --tiny: two equally long fine-tunes that differ only in the EQ weight, every model
+    """benchmarks/eq_finetune.py --tiny: two equally long fine-tunes that differ only in the EQ probability, every model
     measured alike, differences computed from the reported values. No claim about the numbers."""
     import json
     import sys
@@ -356,11 +356,11 @@ def test_eq_finetune_benchmark_bookkeeping(tmp_path, tiny_model, monkeypatch):
     tiny_model.save_pretrained(tmp_path / "start")
     out = tmp_path / "out"
     report = eq_finetune.main(["--tiny", "--model", str(tmp_path / "start"), "--out", str(out),
-                               "--probe-seeds", "0", "1", "--eq-weight", "0.7"])
+                               "--probe-seeds", "0", "1", "--eq-probability", "0.7"])
     assert json.loads((out / "eq_finetune.json").read_text()) == json.loads(json.dumps(report))
     plain, eq = report["runs"]["plain"]["overrides"], report["runs"]["EQ"]["overrides"]
-    assert set(plain) - set(eq) == {"loss.equivariance.weight=0", f"train.output_dir={out / 'plain'}"}
-    assert set(eq) - set(plain) == {"loss.equivariance.weight=0.7", f"train.output_dir={out / 'eq'}"}
+    assert set(plain) - set(eq) == {"loss.equivariance.probability=0", f"train.output_dir={out / 'plain'}"}
+    assert set(eq) - set(plain) == {"loss.equivariance.probability=0.7", f"train.output_dir={out / 'eq'}"}
     assert report["runs"]["plain"]["steps"] == report["runs"]["EQ"]["steps"] == 2
     assert report["start_model"] == str(tmp_path / "start")
     results = report["results"]

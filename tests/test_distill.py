@@ -208,3 +208,26 @@ def test_optimizer_state_resumes_in_the_parameters_layout(tmp_path, fused):
     for grad in grads[1:]:
         step(resumed, second, grad)
     torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-6)
+
+
+def test_student_learns_the_teachers_scaled_posterior_mean_and_its_decode(tmp_path):
+    """TAESD's targets (issue 25): the encoder's is (mean - shift) * scale of the teacher's posterior, the decoder's
+    the teacher's decode of that mean; no posterior noise (before: a sample, whose noise no encoder can predict)."""
+    from kl_autoencoder.distill import distill_step
+
+    cfg = small_config(tmp_path / "run", "loss.perceptual_weight=0", "model.channels_last=false")
+    t = build_distillation(cfg)
+    _, x = load_eval_images("sample:heldout", 32)
+    teacher = KLAutoencoder.from_pretrained(TEACHER).eval()
+    with torch.no_grad():
+        mean = teacher.encode(x).mean
+        latents = (mean - (teacher.config.shift_factor or 0.0)) * teacher.config.scaling_factor
+        decoded = teacher.decode(mean).clamp(-1, 1)
+        student = t.raw_model
+        expected_latent = torch.nn.functional.mse_loss(student.encode(x), latents)
+        expected_pixel = (student.decode(latents) - decoded).abs().mean()
+    logs = distill_step(t, x, step=0).logs  # the loss is taken before the update
+    torch.testing.assert_close(logs["latent"], expected_latent, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["pixel"], expected_pixel, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="distill.sample_posterior.*posterior mean"):
+        small_config(tmp_path / "old", "distill.sample_posterior=true")

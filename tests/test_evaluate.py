@@ -89,6 +89,10 @@ def test_evaluate_two_models_side_by_side(tmp_path):
     assert "`good`" in report and "`collapsed`" in report and "posterior collapse in 'collapsed'" in report
     assert "good/reconstructions.png" in report and "Lowest PSNR" in report
     assert report.count("| PSNR (dB)") == 1  # one table row, both models side by side
+    assert report.count("| ΔE2000 (mean per pixel) ↓ |") == 1 and "Worst colour: `" in report
+    for entry in written["models"].values():
+        assert entry["worst_colour"]["delta_e"] >= entry["delta_e"]["mean"] and "hue_error" in entry["worst_colour"]
+        assert set(entry["splits"]["held-out"]["hue_error"]) >= {"mean", "std"}
 
 
 def test_offline_metrics_are_null_with_reason_and_write_config_is_read_by_diffusers(tmp_path, monkeypatch):
@@ -144,7 +148,8 @@ def test_bad_model_path_and_empty_data_folder_give_clear_errors(tmp_path):
 def test_command_line_reports_errors_as_one_line(tmp_path, capsys):
     from eval.evaluate import main
 
-    code = main(["--model", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    (tmp_path / "photos").mkdir()  # no images in it (and --out outside it: an output inside an input is refused)
+    code = main(["--model", str(tmp_path / "nope"), "--data", str(tmp_path / "photos"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: could not load evaluation images") and str(tmp_path) in err
@@ -318,3 +323,68 @@ def test_recommended_scale_is_the_one_estimators_on_the_same_samples(tmp_path):
     expected = M.estimate_latent_scale(model, x.split(2), shift=True, generator=torch.Generator().manual_seed(7))
     assert shifted["shift_factor"] == pytest.approx(expected.shift_factor, rel=1e-5)
     assert shifted["scaling_factor"] == pytest.approx(latents["scaling_factor"], rel=1e-9)
+
+
+def test_latent_channel_pictures_name_each_image_whole_and_fit(tmp_path):
+    """Titles used to be cut to 16 characters ("chelsea.png (hel c0"); now the row label is the whole image label
+    and every text lies inside the saved figure without overlapping another."""
+    import matplotlib.pyplot as plt
+
+    from kl_autoencoder.evaluation import plot_latent_channels
+
+    labels = ["chelsea.png (held-out)", "a_long_photo_name_0123.jpg (training)"]
+    fig = plot_latent_channels(torch.randn(2, 4, 8, 8), labels, "model: posterior means")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(match=lambda a: hasattr(a, "get_text") and hasattr(a, "get_window_extent"))
+             if t.get_text() and t.get_visible()]
+    joined = " ".join(t.get_text().replace("\n", " ") for t in texts)
+    assert all(label in joined for label in labels), joined
+    width, height = fig.get_size_inches() * fig.dpi
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for box in boxes:
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, box
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    plt.close(fig)
+
+
+def test_error_maps_colour_scale_ends_at_the_99th_percentile_and_says_so():
+    """One bad pixel used to set the scale, so the rest of every error map looked black."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from kl_autoencoder.evaluation import ImageRecord, plot_reconstructions
+
+    torch.manual_seed(0)
+    original = torch.randint(40, 200, (2, 3, 32, 32), dtype=torch.uint8)
+    noise = torch.randint(-12, 13, original.shape)
+    reconstruction = (original.int() + noise).clamp(0, 255).to(torch.uint8)
+    reconstruction[0, :, 5, 5] = 255 - original[0, :, 5, 5]  # one outlier pixel
+    records = [ImageRecord(i, 20.0, original[i], reconstruction[i]) for i in range(2)]
+    fig = plot_reconstructions(records, ["a.png", "b.png"], "title")
+    errors = (original.double() - reconstruction.double()).abs().mean(1) / 255
+    expected = float(np.percentile(errors.numpy(), 99))
+    colorbar = fig.axes[1]
+    upper = colorbar.get_ylim()[1]
+    assert upper == pytest.approx(expected, rel=1e-6)
+    assert upper < 0.5 * float(errors.max())  # the outlier no longer sets the scale
+    label = colorbar.get_ylabel()
+    assert f"{expected:.3g}" in label and "99th percentile" in label and f"{float(errors.max()):.3g}" in label
+    plt.close(fig)
+
+
+def test_evaluation_says_what_it_does_after_its_progress_bar(tmp_path, capsys):
+    """The pictures and diffusability take seconds after the bar: each step is announced (and nothing without
+    the bar)."""
+    informative_model().save_pretrained(tmp_path / "good")
+    evaluate([str(tmp_path / "good")], "sample", tmp_path / "out", resolution=32, num_images=2, progress=True,
+             lpips_net="alex")
+    err = capsys.readouterr().err
+    steps = ["good: drawing pictures into", "good: diffusability (latent and image spectra, equivariance)",
+             f"writing {tmp_path / 'out' / 'metrics.json'}"]
+    positions = [err.find(step) for step in steps]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), err
+    evaluate([str(tmp_path / "good")], "sample", tmp_path / "quiet", resolution=32, num_images=2, progress=False)
+    assert capsys.readouterr().err == ""

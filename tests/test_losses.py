@@ -303,3 +303,150 @@ def test_adaptive_gan_weight_matches_hand_ratio():
         adaptive_gan_weight((x @ weight.detach().T).sum() * unrelated.sum(), -(x @ weight.T).mean(), weight)
     with pytest.raises(RuntimeError, match="does not require grad"):
         adaptive_gan_weight(rec, gan, weight.detach())
+
+
+# -- the GAN at full strength (issue 25) -------------------------------------------------------------------------------
+
+
+def test_adaptive_gan_weight_through_the_output_is_the_same_ratio():
+    g = torch.Generator().manual_seed(0)
+    x, target, c = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    weight = torch.randn(2, 3, generator=g, requires_grad=True)
+    y = x @ weight.T
+    rec, gan = (y - target).pow(2).mean(), -(c * y).mean()
+    expected = (2.0 / 10 * (y.detach() - target).T @ x).norm() / ((-1.0 / 10 * c.T @ x).norm() + 1e-4)
+    torch.testing.assert_close(adaptive_gan_weight(rec, gan, weight, output=y), expected)
+
+
+def test_adaptive_gan_weight_under_fp16_autocast_equals_fp32():
+    """A discriminator whose generator gradient is below fp16's range: the weight under fp16 autocast is the fp32
+    one (before: the gradient underflowed to 0 and the weight came out 1.5x too large, or pinned at its clamp)."""
+    from kl_autoencoder import KLAutoencoder
+    from kl_autoencoder.losses import LossWeights, autoencoder_loss
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = KLAutoencoder(tiny_config(mid_block_add_attention=False))
+    disc = PatchDiscriminator(3, 8, 2)
+    with torch.no_grad():  # logits ~1e-3 of the default: per-pixel generator gradients under fp16's smallest
+        disc.main[-1].weight.mul_(1e-3)
+        disc.main[-1].bias.mul_(1e-3)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    logvar = torch.tensor(math.log(1e5), requires_grad=True)  # keeps the weight under its 1e4 clamp
+    weights = LossWeights(perceptual_weight=0.0, gan_weight=0.5)
+    d_weight = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            _, logs, _ = autoencoder_loss(model, x, weights, None, disc, logvar, model.last_decoder_layer,
+                                          generator=torch.Generator().manual_seed(1))
+        d_weight[autocast] = logs["d_weight"].item()
+    assert 100 < d_weight[False] < 1e4  # not clamped: the comparison means something
+    assert d_weight[True] == pytest.approx(d_weight[False], rel=2e-2)
+
+
+def test_discriminator_is_batch_independent_and_refuses_a_batchnorm_state():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(channels=8)  # the default norm: GroupNorm
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in disc.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+    x, other = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32) * 5
+    torch.testing.assert_close(disc(torch.cat([x, other]))[:2], disc(x))  # a sample's logits ignore its batch mates
+    old = PatchDiscriminator(channels=8, norm="batch")  # what runs before GroupNorm saved
+    with pytest.raises(RuntimeError, match="disc_norm=batch"):
+        disc.load_state_dict(old.state_dict())
+    with pytest.raises(RuntimeError, match="disc_norm=group"):
+        old.load_state_dict(disc.state_dict())
+    PatchDiscriminator(channels=8, norm="batch").load_state_dict(old.state_dict())  # like for like still loads
+
+
+# -- issue 30: the faster loss computes the same numbers ---------------------------------------------------------------
+
+
+def _lpips_package_copy(ours: PerceptualLoss, net: str) -> torch.nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reference = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
+    reference.load_state_dict(dict(ours.lpips.named_buffers(remove_duplicate=False)), strict=True)
+    return reference
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_perceptual_distances_and_gradients_equal_the_lpips_package(random_vgg, layout):
+    import copy
+
+    ours = random_vgg if layout == "nchw" else copy.deepcopy(random_vgg).to(memory_format=torch.channels_last)
+    reference = _lpips_package_copy(random_vgg, "vgg")
+    if layout == "nhwc":  # the package in the same layout: oneDNN's NHWC convs alone differ from NCHW by up to 1e-3
+        reference.to(memory_format=torch.channels_last)
+    x_hat, x = _pair((3, 3, 32, 32), seed=4)
+    weights = torch.tensor([1.0, -2.0, 3.0])  # a different upstream gradient per image
+    for target_grad in (False, True):  # a target that needs a gradient gets one, as from lpips
+        a, b = x_hat.clone().requires_grad_(True), x.clone().requires_grad_(target_grad)
+        ra, rb = x_hat.clone().requires_grad_(True), x.clone().requires_grad_(target_grad)
+        ours_d, ref_d = ours.distances(a, b), reference(ra, rb).reshape(-1)
+        torch.testing.assert_close(ours_d, ref_d, rtol=1e-5, atol=1e-7)
+        (ours_d * weights).sum().backward()
+        (ref_d * weights).sum().backward()
+        # Relative to the gradient's size (single elements near 0 differ by 1e-9).
+        assert (a.grad - ra.grad).norm() <= 1e-5 * ra.grad.norm()
+        if target_grad:
+            assert (b.grad - rb.grad).norm() <= 1e-5 * rb.grad.norm()
+
+
+def _ldm_nll(reconstruction, target, kind, pixel_weight, perceptual, perceptual_weight, logvar):
+    """contperceptual.py's form, written out: the whole per-pixel tensor, summed, over the batch."""
+    error = pixel_weight * ((reconstruction - target).abs() if kind == "l1" else (reconstruction - target) ** 2)
+    if perceptual is not None:
+        error = error + perceptual_weight * perceptual.reshape(-1, 1, 1, 1)
+    if logvar is not None:
+        error = error / torch.exp(logvar) + logvar
+    return error.sum() / error.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+@pytest.mark.parametrize("with_logvar", [False, True])
+@pytest.mark.parametrize("perceptual_shape", [None, (3,), (3, 1, 1, 1), (1,)])
+def test_reconstruction_nll_equals_the_ldm_broadcast_form(kind, with_logvar, perceptual_shape):
+    from kl_autoencoder.losses import reconstruction_nll
+
+    x_hat, x = _pair((3, 3, 8, 8), seed=5)
+    g = torch.Generator().manual_seed(6)
+    perceptual = None if perceptual_shape is None else torch.rand(perceptual_shape, generator=g)
+    values = []
+    for fn in (reconstruction_nll, _ldm_nll):
+        r = x_hat.clone().requires_grad_(True)
+        p = None if perceptual is None else perceptual.clone().requires_grad_(True)
+        lv = torch.tensor(0.7, requires_grad=True) if with_logvar else None
+        loss = fn(r, x, kind, 0.5, p, 0.8, lv)
+        loss.backward()
+        values.append((loss.detach(), r.grad, None if p is None else p.grad, None if lv is None else lv.grad))
+    for ours, expected in zip(*values):
+        if expected is not None:
+            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_autoencoder_loss_is_the_ldm_objective_and_logs_the_pixel_mean(random_vgg):
+    from kl_autoencoder.losses import LossWeights, autoencoder_loss
+    from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+
+    torch.manual_seed(0)
+    model = KLAutoencoder(AutoencoderConfig(block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
+                                            latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                            up_block_types=("UpDecoderBlock2D",) * 2))
+    x = _pair((2, 3, 32, 32), seed=7)[0]
+    weights = LossWeights(pixel="l1", pixel_weight=1.0, perceptual_weight=0.7, kl_weight=1e-3)
+    lv = torch.tensor(0.3, requires_grad=True)
+    loss, logs, reconstruction = autoencoder_loss(model, x, weights, random_vgg, logvar=lv,
+                                                  generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(loss, [lv, *model.parameters()])
+    # Independently: the same posterior sample, lpips' own distance, the broadcast LDM form.
+    recon, posterior = model(x, sample=True, generator=torch.Generator().manual_seed(3))
+    distance = _lpips_package_copy(random_vgg, "vgg")(recon, x).reshape(-1)
+    expected = _ldm_nll(recon, x, "l1", 1.0, distance, 0.7, lv) + 1e-3 * posterior.kl().mean()
+    expected_grads = torch.autograd.grad(expected, [lv, *model.parameters()])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logs["pixel"], pixel_loss(recon.detach(), x), rtol=1e-5, atol=1e-7)
+    ours_flat = torch.cat([g.reshape(-1) for g in grads])  # relative to the gradient's size: sums in another order
+    expected_flat = torch.cat([g.reshape(-1) for g in expected_grads])
+    assert (ours_flat - expected_flat).norm() <= 1e-5 * expected_flat.norm()
+    torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=0)  # the log-variance's own

@@ -4,6 +4,7 @@ the latent scale a fine-tune keeps, no silent random LPIPS, and FSDP refused cle
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,17 @@ TINY = TINY_TRAINING + ["train.log_every=10", "train.checkpoint_every=0", "train
                         "optim.betas=[0.9, 0.99]"]
 
 
-def ldm_loss(model, x, eps, lpips_net, perceptual_weight, kl_weight, logvar, disc, disc_weight):
+def ldm_loss(model, x, eps, lpips_net, perceptual_weight, kl_weight, logvar, disc, disc_weight, tau=None):
     """CompVis LDM's LPIPSWithDiscriminator (contperceptual.py) generator loss, written from the paper's code
     independently of ours: per-pixel |x - x_hat| plus the per-image LPIPS broadcast to every pixel, the NLL with a
-    scalar logvar, everything summed and divided by the batch; the adaptive weight on the NLL."""
+    scalar logvar, everything summed and divided by the batch; the adaptive weight on the NLL. With `tau` (a pair of
+    maps for latents and images), EQ-VAE's pair: x_hat = decode(tau_z(z)) against tau_x(x)."""
     moments = model.quant_conv(model.encoder(x))
     mean, log_variance = moments.chunk(2, dim=1)
     log_variance = log_variance.clamp(-30.0, 20.0)
     z = mean + torch.exp(0.5 * log_variance) * eps
+    if tau is not None:
+        z, x = tau[0](z), tau[1](x)
     x_hat = model.decode(z)
     rec = (x.contiguous() - x_hat.contiguous()).abs()
     rec = rec + perceptual_weight * lpips_net(x_hat, x)  # [B, 1, 1, 1] broadcast over C, H, W
@@ -147,24 +151,60 @@ def test_fsdp_and_deepspeed_are_refused_clearly(engine, monkeypatch, tmp_path):
         make_accelerator(load_config(None, [f"train.output_dir={tmp_path}"]))
 
 
-def test_equivariance_term_is_eq_vaes_objective():
-    from kl_autoencoder.diffusability import Transform
+def test_eq_vae_pair_gets_the_whole_loss():
+    """EQ-VAE: with a transform the loss is the whole of LDM's loss (L1, LPIPS, KL of the plain posterior, the GAN
+    with its adaptive weight) on (tau(x), decode(tau(z))), tau written here with torch's own resize and rot90."""
+    import torch.nn.functional as F
+
+    from kl_autoencoder.losses import EquivarianceTransform
 
     torch.manual_seed(0)
-    model = KLAutoencoder(tiny_config(mid_block_add_attention=False))
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    weights = LossWeights(pixel="l1", perceptual_weight=0.0, kl_weight=1e-3, equivariance_weight=0.5)
-    rotate = Transform("rotate", 1)
-    plain, _, _ = autoencoder_loss(model, x, weights, generator=torch.Generator().manual_seed(3))
-    loss, logs, _ = autoencoder_loss(model, x, weights, generator=torch.Generator().manual_seed(3), transform=rotate)
-    generator = torch.Generator().manual_seed(3)
-    mean, logvar = model.quant_conv(model.encoder(x)).chunk(2, dim=1)
-    logvar = logvar.clamp(-30.0, 20.0)
-    torch.randn(mean.shape, generator=generator)  # the reconstruction's sample
-    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
-    expected = (model.decode(torch.rot90(z, 1, dims=(-2, -1))) - torch.rot90(x, 1, dims=(-2, -1))).abs().sum() / 2
-    torch.testing.assert_close(loss - plain, 0.5 * expected, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(logs["equivariance"], expected.detach(), rtol=1e-4, atol=1e-3)
+    model = KLAutoencoder(tiny_config(mid_block_add_attention=False))  # f2
+    perceptual = PerceptualLoss("alex", pretrained=False)
+    disc = PatchDiscriminator(3, 8, 1, norm="none")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    logvar = torch.tensor(0.3, requires_grad=True)
+    weights = LossWeights(pixel="l1", perceptual_weight=0.7, kl_weight=1e-3, gan_weight=0.5, gan_loss="hinge")
+    transform = EquivarianceTransform((24, 20), quarter_turns=3, factor=2)
+    loss, logs, reconstruction = autoencoder_loss(model, x, weights, perceptual, disc, logvar, model.last_decoder_layer,
+                                                  generator=torch.Generator().manual_seed(5), transform=transform)
+    assert reconstruction.shape == (2, 3, 40, 48)  # 20 x 24 latents, turned, x2
+    eps = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    tau = (lambda z: torch.rot90(F.interpolate(z, size=(24, 20), mode="bilinear"), 3, dims=(2, 3)),
+           lambda im: torch.rot90(F.interpolate(im, size=(48, 40), mode="bilinear"), 3, dims=(2, 3)))
+    expected, nll, kl = ldm_loss(model, x, eps, perceptual.lpips, 0.7, 1e-3, logvar, disc, 0.5, tau=tau)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(logs["rec"], nll.detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(logs["kl"], kl.detach(), rtol=1e-5, atol=1e-4)
+    plain, _, _ = autoencoder_loss(model, x, weights, perceptual, disc, logvar, model.last_decoder_layer,
+                                   generator=torch.Generator().manual_seed(5))
+    assert abs(plain.item() - loss.item()) > 1e-2  # the transformed pair replaced the plain one
+
+
+def test_eq_transform_draw_is_eq_vaes():
+    """p = 1: every step transformed; scales m / h cover EQ-VAE's {8..31}/32 at h = 32, turns 1-3; p = 0.5: half."""
+    from types import SimpleNamespace
+
+    from kl_autoencoder.trainer import equivariance_transform
+
+    eq = SimpleNamespace(probability=1.0, transforms=["scale", "rotate"], min_scale=0.25)
+    draws = [equivariance_transform(eq, seed, (32, 32), 8) for seed in range(2000)]
+    assert all(d is not None for d in draws)
+    assert {d.latent_size[0] for d in draws} == set(range(8, 32))
+    assert all(d.latent_size[0] == d.latent_size[1] for d in draws)
+    assert {d.quarter_turns for d in draws} == {1, 2, 3}
+    assert draws[0] == equivariance_transform(eq, 0, (32, 32), 8)  # seeded by the step
+    x = torch.randn(1, 3, 256, 256)
+    assert draws[0].image(x).shape[-1] == draws[0].latent(torch.randn(1, 4, 32, 32)).shape[-1] * 8
+    # the PatchGAN's smallest input bounds the downscale; p = 0.5 transforms about half of the steps
+    assert min(equivariance_transform(eq, s, (4, 4), 8, min_image=24).latent_size[0] for s in range(200)) == 3
+    half = SimpleNamespace(probability=0.5, transforms=["rotate"], min_scale=0.25)
+    share = sum(equivariance_transform(half, s, (4, 4), 8) is not None for s in range(2000)) / 2000
+    assert 0.45 < share < 0.55
+    assert equivariance_transform(SimpleNamespace(probability=0.0), 0, (4, 4), 8) is None
+    for old in ("loss.equivariance.weight=1", "loss.equivariance.scales=[2, 4]"):  # the old term's keys, explained
+        with pytest.raises(ConfigError, match="was removed: .*(probability|min_scale)"):
+            load_config(None, [old])
 
 
 def test_eq_finetune_recipe_trains_with_the_term(tmp_path):
@@ -172,8 +212,10 @@ def test_eq_finetune_recipe_trains_with_the_term(tmp_path):
     out = tmp_path / "eq"
     train(load_config(ROOT / "configs" / "eq-finetune.yaml", TINY[4:] + [
         f"model.pretrained={pretrained}", f"train.output_dir={out}", "train.max_steps=4", "train.log_every=1",
-        "loss.equivariance.probability=1.0", "train.mixed_precision=no", "train.ema.enabled=false"]))
+        "loss.equivariance.probability=1.0", "train.mixed_precision=no", "train.ema.enabled=false",
+        "loss.gan.disc_channels=8", "loss.gan.disc_layers=2", "train.image_every=2"]))  # grid of T(x) vs its decode
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all("equivariance" in m and m["equivariance"] > 0 for m in logged)
+    assert all(m["eq_pair"] == 1.0 for m in logged)  # p = 1: every step trained on the transformed pair
+    assert all(all(math.isfinite(m[k]) for k in ("loss", "g_loss", "d_loss", "d_weight")) for m in logged)
     config = json.loads((out / "vae" / "config.json").read_text())
     assert config["scaling_factor"] != json.loads((pretrained / "config.json").read_text())["scaling_factor"]

@@ -286,3 +286,30 @@ def test_training_step_matches_closed_form():
     torch.testing.assert_close(logs["kl"], kl.detach(), rtol=1e-5, atol=1e-6)
     loss.backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_ema_keeps_its_decay_warm_up_across_a_state_dict_load():
+    """The EMA's host-side update count (no .item() per step) follows a loaded num_updates (issue 30)."""
+    from kl_autoencoder.trainer import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    straight, resumed = EMA(model, 0.999), EMA(model, 0.999)
+    for _ in range(5):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        straight.update(model)
+    resumed.load_state_dict(straight.state_dict())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    straight.update(model)
+    resumed.update(model)  # decay of update 5, (1 + 5) / (10 + 5), not of update 0
+    for a, b in zip(straight.shadows(), resumed.shadows()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(resumed.num_updates) == 6
+    weight = model.weight.detach() - 6.0  # the initial weight; update n saw it + n + 1
+    shadow = weight.clone()
+    for n in range(6):
+        decay = min(0.999, (1 + n) / (10 + n))
+        shadow = decay * shadow + (1 - decay) * (weight + n + 1)
+    torch.testing.assert_close(straight.shadows()[0], shadow)

@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
 from kl_autoencoder.distill import build_distillation  # noqa: E402
+from kl_autoencoder.fp16_fix import build_fp16_fix  # noqa: E402
 from kl_autoencoder.formats import WeightsError  # noqa: E402
 from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
-from kl_autoencoder.run_folder import RunFolderError  # noqa: E402
+from kl_autoencoder.data import DatasetUnavailableError  # noqa: E402
+from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number: `train && evaluate` stops
@@ -34,11 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        # a config naming a distillation teacher trains a tiny autoencoder in the same loop
-        train(cfg, build=build_distillation if cfg.distill.teacher else None)  # prints "exported <folder>" once
+        # a config naming a distillation teacher trains a tiny autoencoder in the same loop; fp16_fix.enabled
+        # fine-tunes model.pretrained against its frozen fp32 self (kl_autoencoder/fp16_fix.py)
+        build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
+        train(cfg, build=build)  # prints "exported <folder>" once
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError) as e:  # found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (DatasetUnavailableError, DiskSpaceError) as e:  # the machine or the network, not the request
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as stop:
         print(f"\n{stop.signal_name or 'stop signal'}: stopped after step {stop.step}; checkpoint: {stop.checkpoint}\n"
               f"resume with: python training/train.py --config {args.config or '<config>'} "

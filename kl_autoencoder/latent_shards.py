@@ -1,0 +1,468 @@
+"""A dataset -> latent shards, across processes: `accelerate launch ... kl-autoencoder encode --resolution R ...`.
+
+The input (an image folder, webdataset/parquet shards, a `datasets` save_to_disk folder) is cut into units fixed by
+the input alone: one per input shard, or `shard_size` files / rows of a folder or saved dataset. Unit i becomes
+`out/latent-shard-{i:05d}.safetensors`, written by process i mod N. Every image is centre-cropped to R x R (the
+evaluation transform) and encoded; its diffusion latent ((z - shift) * scale, [C, R/f, R/f]) is stored under the
+input's key (the tar sample's `__key__`, a parquet `key` column or row number, the folder-relative file name). With
+`store_posterior` the shard holds the posterior mean under the key and its std under `KEY.std`, both in diffusion
+units, so a trainer can draw z = mean + std * eps itself. Shard metadata: "format", "keys", "input", "skipped"
+(`[name, reason]` of unreadable members), the factors and the resolution.
+
+Resumable and safe to share:
+  - a shard is written to a temporary file and published with a hard link that fails if the name exists: a shard is
+    complete or absent (a kill leaves only a hidden `.latent-shard-*.tmp`, removed by the next run), and never
+    replaces one another writer published;
+  - a rerun skips every unit whose shard exists: finished shards are not redone, whatever the process count;
+  - the main process holds a lock on `out` (flock on the folder itself) for the whole run, so a second encode into
+    the same folder fails at once instead of racing; `encode.json` records what the folder's shards were made from
+    (model, its factors and a fingerprint of its weights, input, resolution, mode) and a rerun that differs is
+    refused unless `overwrite`;
+  - at the end the main process writes `manifest.json`: model, factors, resolution, count, skipped, shards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
+from kl_autoencoder.durable import atomic_write_json, fsync_dir, plain_file_mode
+from kl_autoencoder.shards import (
+    SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
+    load_saved_dataset,
+)
+
+FORMAT = "kl-autoencoder/latent-shard/1"
+SHARD_NAME = "latent-shard-{:05d}.safetensors"
+SHARD_GLOB = "latent-shard-*.safetensors"
+TMP_GLOB = ".latent-shard-*.tmp"
+IDENTITY_FILE, MANIFEST_FILE = "encode.json", "manifest.json"
+STD_SUFFIX = ".std"
+
+
+class EncodeFolderBusy(ValueError):
+    """Another encode holds the output folder's lock."""
+
+
+# --------------------------------------------------------------------------------------------- safe writing
+
+
+def lock_folder(folder: Path, what: str = "encode") -> int:
+    """flock the folder itself (non-blocking; no lock file is left behind): the descriptor to pass to
+    `unlock_folder`, or EncodeFolderBusy when another run holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise EncodeFolderBusy(f"another {what} is writing to {folder} (it holds the folder's lock); wait for it to "
+                               "finish, or choose another --out") from None
+    return fd
+
+
+def unlock_folder(folder: Path, fd: int, created: bool) -> None:
+    """Drop the lock; a folder this run created and left without a shard (empty, or holding only the run's
+    `encode.json`) is removed again."""
+    os.close(fd)
+    if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {IDENTITY_FILE}:
+        (folder / IDENTITY_FILE).unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def write_exclusive(path: Path, write_fn: Callable[[Path], None]) -> Path:
+    """Write via a temporary file, fsync, then publish with `os.link`, which fails (FileExistsError) when `path`
+    exists: a complete file or none, and never one replacing another writer's."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, plain_file_mode())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- units of work
+
+
+@dataclass
+class Unit:
+    """One unit of input, encoded into one shard: `read()` yields (key, image or BadImageError)."""
+
+    index: int
+    name: str
+    read: Callable[[], Iterator[tuple[str, Callable[[], Any]]]]
+
+
+def _folder_units(folder: Path, shard_size: int, side: int) -> list[Unit]:
+    paths = iter_image_folder(folder)
+    chunks = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
+
+    def reader(chunk: list[Path]) -> Callable[[], Iterator]:
+        return lambda: ((p.relative_to(folder).as_posix(), lambda p=p: load_image(p, side)) for p in chunk)
+
+    return [Unit(i, f"{chunk[0].relative_to(folder).as_posix()} .. {chunk[-1].relative_to(folder).as_posix()}",
+                 reader(chunk)) for i, chunk in enumerate(chunks)]
+
+
+def _shard_units(shards: ShardSet, side: int) -> list[Unit]:
+    def reader(index: int) -> Callable[[], Iterator]:
+        def read() -> Iterator:
+            for sample in shards.samples(index):
+                name = shards.name(index, sample.key)
+                yield sample.key, lambda s=sample, n=name: decode_sample(s, n, side)
+        return read
+
+    return [Unit(i, shards.files[i], reader(i)) for i in range(len(shards))]
+
+
+def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int) -> list[Unit]:
+    from kl_autoencoder.data import _undecoded, decode_hub_value, find_image_column
+
+    hf = load_saved_dataset(path, split)
+    column = find_image_column(hf.features, image_column)
+    hf = _undecoded(hf.select_columns([column]), column)
+
+    def reader(start: int, stop: int) -> Callable[[], Iterator]:
+        return lambda: ((str(row), lambda row=row: decode_hub_value(hf[row][column], f"{path}[{row}]"))
+                        for row in range(start, stop))
+
+    bounds = [(start, min(start + shard_size, len(hf))) for start in range(0, len(hf), shard_size)]
+    return [Unit(i, f"rows {start}..{stop - 1}", reader(start, stop)) for i, (start, stop) in enumerate(bounds)]
+
+
+def input_units(source: str, data_files: str | Sequence[str] | None = None, image_column: str | None = None,
+                split: str | None = "train", shard_size: int = 256, resolution: int = 256) -> tuple[list[Unit], dict]:
+    """The units of `source` and a description of the input for `encode.json`."""
+    if source in SHARD_SOURCES:
+        if not data_files:
+            raise ShardError(f"--input {source} needs --data-files (for example shards/{{00000..00127}}.tar)")
+        files = expand_data_files(data_files)
+        return _shard_units(ShardSet(source, files, image_column), resolution), {"source": source, "files": files}
+    if data_files:
+        raise ShardError("--data-files names webdataset/parquet shards: pass --input webdataset or --input parquet")
+    root = Path(source).expanduser()
+    if is_saved_dataset(root):
+        return (_saved_units(str(root), split, image_column, shard_size),
+                {"source": str(root.resolve()), "split": split, "shard_size": shard_size})
+    if not root.is_dir():
+        raise FileNotFoundError(f"--input {source}: not a folder of images, a saved dataset, webdataset or parquet")
+    return _folder_units(root, shard_size, resolution), {"source": str(root.resolve()), "shard_size": shard_size}
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def model_identity(model: Any, model_path: str) -> dict:
+    """What the latents depend on: the model's path, factors and a fingerprint of its encoder's weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    config = model.config
+    return {"path": str(model_path), "latent_channels": config.latent_channels,
+            "downsampling_factor": config.downsampling_factor, "scaling_factor": config.scaling_factor,
+            "shift_factor": config.shift_factor, "encoder_sha256": digest.hexdigest()}
+
+
+@dataclass
+class EncodeResult:
+    """What this process did: shards written, shards already there, images encoded, unreadable ones skipped."""
+
+    written: list[Path] = field(default_factory=list)
+    existing: list[Path] = field(default_factory=list)
+    count: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    manifest: dict | None = None
+    seconds: float = 0.0  # reading + encoding + writing this process's shards (no start-up, no model load)
+
+    def summary(self) -> str:
+        text = (f"{self.count} image(s) encoded into {len(self.written)} new shard(s) in {self.seconds:.2f} s, "
+                f"{len(self.existing)} shard(s) already done")
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} unreadable image(s)"
+        if self.manifest is not None:
+            text += f"; the folder holds {self.manifest['count']} latents in {len(self.manifest['shards'])} shard(s)"
+        return text
+
+
+@torch.no_grad()
+def _encode(model: Any, pixels: torch.Tensor, store_posterior: bool, mode: str,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from kl_autoencoder.inference import autocast_for, model_device
+
+    device = model_device(model)
+    with autocast_for(device):
+        posterior = model.encode(pixels.to(device))
+    mean, std = posterior.mean.float(), posterior.std.float()
+    if mode == "sample" and not store_posterior:
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        mean = mean + std * eps
+    latents = model.to_diffusion_latents(mean).cpu()
+    return latents, (std * model.config.scaling_factor).cpu() if store_posterior else None
+
+
+def encode_unit(model: Any, unit: Unit, path: Path, resolution: int, batch_size: int, store_posterior: bool,
+                mode: str, generator: torch.Generator | None, threads: int, meta: dict) -> tuple[int, list]:
+    """Encode one unit into the shard `path` (published exclusively); returns (images, skipped)."""
+    transform = build_transform(resolution, random_crop=False, random_flip=False)
+    tensors: dict[str, torch.Tensor] = {}
+    keys: list[str] = []
+    skipped: list[tuple[str, str]] = []
+
+    def load(item: tuple[str, Callable]) -> tuple[str, torch.Tensor | BadImageError]:
+        key, read = item
+        try:
+            return key, transform(read())
+        except BadImageError as err:
+            return key, err
+
+    def flush(batch: list[tuple[str, torch.Tensor]]) -> None:
+        latents, std = _encode(model, torch.stack([t for _, t in batch]), store_posterior, mode, generator)
+        for i, (key, _) in enumerate(batch):
+            if key in tensors:
+                raise ShardError(f"{unit.name}: the key {key!r} occurs twice")
+            tensors[key] = latents[i].contiguous()
+            if std is not None:
+                tensors[key + STD_SUFFIX] = std[i].contiguous()
+            keys.append(key)
+
+    batch: list[tuple[str, torch.Tensor]] = []
+    items = unit.read()
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow decodes outside the GIL
+        # `map` takes its whole input at once: feed it a few batches at a time so memory stays bounded
+        while chunk := list(itertools.islice(items, batch_size * max(2, threads))):
+            for key, value in pool.map(load, chunk):
+                if isinstance(value, BadImageError):
+                    skipped.append((value.path, value.reason))
+                    continue
+                batch.append((key, value))
+                if len(batch) == batch_size:
+                    flush(batch)
+                    batch = []
+        if batch:
+            flush(batch)
+    metadata = {**meta, "format": FORMAT, "input": unit.name, "keys": json.dumps(keys), "skipped": json.dumps(skipped)}
+    write_exclusive(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return len(keys), skipped
+
+
+def read_latent_shard(path: str | Path) -> tuple[dict[str, str], list[str]]:
+    """(metadata, keys) of a shard written by `encode_dataset`; ShardError when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+        keys = json.loads(metadata["keys"])
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError("'keys' is not a list of strings")
+    except Exception as err:
+        raise ShardError(f"{path}: not a latent shard of `kl-autoencoder encode` "
+                         f"({type(err).__name__}: {err})") from err
+    return metadata, keys
+
+
+def load_latent_shards(folder: str | Path, with_std: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every latent of an encoded folder (key -> [C, h, w]; with `with_std`, key -> (mean, std)) and its manifest."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {MANIFEST_FILE}: not a finished `kl-autoencoder encode` output")
+    manifest = json.loads(manifest_path.read_text())
+    latents: dict[str, Any] = {}
+    for entry in manifest["shards"]:
+        path = folder / Path(entry["file"]).name
+        _, keys = read_latent_shard(path)
+        with safe_open(str(path), framework="pt") as f:
+            for key in keys:
+                mean = f.get_tensor(key)
+                latents[key] = (mean, f.get_tensor(key + STD_SUFFIX)) if with_std else mean
+    return latents, manifest
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def _claim(out: Path, identity: dict, overwrite: bool) -> None:
+    """Main process, lock held: check (or record) what the folder's shards are made from; clear temporaries."""
+    recorded_path = out / IDENTITY_FILE
+    ours = sorted(out.glob(SHARD_GLOB)) + [p for p in (out / MANIFEST_FILE,) if p.exists()]
+    if recorded_path.is_file() or ours:
+        try:
+            recorded = json.loads(recorded_path.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != identity:
+            if not overwrite:
+                what = "an unknown encode" if recorded is None else \
+                    ", ".join(f"{k}" for k in identity if recorded.get(k) != identity.get(k)) + " differ"
+                raise ShardError(f"{out} holds latent shards of another encode ({what}); choose another --out, or "
+                                 "replace them (--overwrite)")
+            for path in ours:
+                path.unlink()
+    for tmp in out.glob(TMP_GLOB):  # a killed run's half-written shard (the lock makes us the only writer)
+        tmp.unlink(missing_ok=True)
+    atomic_write_json(recorded_path, identity)
+
+
+def write_manifest(out: Path, identity: dict, num_units: int) -> dict:
+    """Read every shard's header (no tensors) and write `manifest.json`; a key in two shards is an error."""
+    shards, owner, skipped, count = [], {}, [], 0
+    for index in range(num_units):
+        path = out / SHARD_NAME.format(index)
+        if not path.is_file():
+            continue
+        metadata, keys = read_latent_shard(path)
+        for key in keys:
+            if owner.setdefault(key, path.name) != path.name:
+                raise ShardError(f"the key {key!r} is in {owner[key]} and {path.name}: input keys must be unique")
+        skipped.extend(json.loads(metadata.get("skipped", "[]")))
+        shards.append({"file": path.name, "input": metadata.get("input"), "count": len(keys)})
+        count += len(keys)
+    manifest = {"format": FORMAT, "model": identity["model"], "resolution": identity["resolution"],
+                "store_posterior": identity["store_posterior"], "mode": identity["mode"],
+                "input": identity["input"], "count": count, "skipped": skipped,
+                "complete": len(shards) == num_units, "shards": shards}
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, resolution: int,
+                   data_files: str | Sequence[str] | None = None, batch_size: int = 8, mode: str = "mean",
+                   store_posterior: bool = False, shard_size: int = 256, image_column: str | None = None,
+                   split: str | None = "train", threads: int = 2, overwrite: bool = False,
+                   rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
+                   generator: torch.Generator | None = None, progress: bool = True) -> EncodeResult:
+    """Encode this process's units of `source` into `out` (see the module docstring); rank 0 claims the folder,
+    writes the manifest once every rank is done (`barrier` is Accelerate's `wait_for_everyone`)."""
+    from kl_autoencoder.outputs import check_output
+
+    factor = model.config.downsampling_factor
+    if resolution < 1 or resolution % factor:
+        raise ValueError(f"--resolution {resolution} must be a positive multiple of the downsampling factor {factor}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch size and shard size must be >= 1, got {batch_size} and {shard_size}")
+    if mode not in ("mean", "sample"):
+        raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
+    out = Path(out).expanduser()
+    units, described = input_units(source, data_files, image_column, split, shard_size, resolution)
+    local_inputs = [p for p in described.get("files", [described["source"]]) if not is_url(str(p))]
+    check_output(out, "encode", local_inputs)
+    identity = {"model": model_identity(model, model_path), "input": described, "resolution": resolution,
+                "mode": mode, "store_posterior": store_posterior}
+    meta = {"resolution": str(resolution), "scaling_factor": json.dumps(model.config.scaling_factor),
+            "shift_factor": json.dumps(model.config.shift_factor), "store_posterior": json.dumps(store_posterior)}
+    created = not out.exists()
+    lock = lock_folder(out) if rank == 0 else None
+    try:
+        if rank == 0:
+            _claim(out, identity, overwrite)
+        barrier()
+        result = _encode_units(model, units[rank::world], out, resolution, batch_size, store_posterior, mode,
+                               generator, threads, meta, progress and rank == 0)
+        barrier()
+        if rank == 0:
+            result.manifest = write_manifest(out, identity, len(units))
+        return result
+    finally:
+        if lock is not None:
+            unlock_folder(out, lock, created)
+
+
+def _encode_units(model: Any, units: Sequence[Unit], out: Path, resolution: int, batch_size: int,
+                  store_posterior: bool, mode: str, generator: torch.Generator | None, threads: int, meta: dict,
+                  progress: bool) -> EncodeResult:
+    from tqdm.auto import tqdm
+
+    result, start = EncodeResult(), time.perf_counter()
+    for unit in tqdm(units, desc="encoding shards", unit="shard", disable=not progress):
+        path = out / SHARD_NAME.format(unit.index)
+        if path.exists():
+            read_latent_shard(path)  # a shard of ours, complete (published atomically): not redone
+            result.existing.append(path)
+            continue
+        count, skipped = encode_unit(model, unit, path, resolution, batch_size, store_posterior, mode, generator,
+                                     threads, meta)
+        result.written.append(path)
+        result.count += count
+        result.skipped.extend(skipped)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def add_encode_arguments(p: Any) -> None:
+    """The `encode` options of the sharded, multi-process path."""
+    p.add_argument("--resolution", type=int, default=None,
+                   help="centre-crop every image to R x R and write resumable latent shards "
+                        "(latent-shard-*.safetensors + manifest.json), one per input shard; needed for "
+                        "webdataset/parquet/saved-dataset inputs and "
+                        "under `accelerate launch` with more than one process")
+    p.add_argument("--data-files", nargs="+", default=None,
+                   help="with --input webdataset or --input parquet: the shards (brace pattern, glob, or several)")
+    p.add_argument("--image-column", default=None, help="image column / tar member extension (default: found)")
+    p.add_argument("--split", default="train", help="the split of a saved DatasetDict (default: train)")
+    p.add_argument("--store-posterior", action="store_true",
+                   help="store the posterior mean (KEY) and std (KEY.std) in diffusion units, to sample later")
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard for a folder or saved dataset")
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads per process (default: 2)")
+
+
+def wants_dataset_encode(args: Any) -> bool:
+    """The sharded path: asked for (--resolution), needed by the input, or launched on several processes."""
+    return (args.resolution is not None or args.input in SHARD_SOURCES or bool(args.data_files)
+            or is_saved_dataset(args.input) or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def encode_command(args: Any, load: Callable[..., Any]) -> int:
+    """`kl-autoencoder encode --resolution R ...` in this process, one of `accelerate launch`'s N."""
+    import sys
+
+    from accelerate import PartialState
+
+    if args.resolution is None:
+        raise ValueError("--resolution R is needed to encode webdataset/parquet/saved-dataset inputs or across "
+                         "processes (every image is centre-cropped to R x R)")
+    state = PartialState(cpu=args.device == "cpu")
+    device = args.device or str(state.device)
+    model = load(args.model, device, kl_only="the sharded encode stores posterior latents (an AutoencoderKL)",
+                 preset=getattr(args, "preset", None))
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed + state.process_index)
+    model_path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    result = encode_dataset(model, model_path, args.input, args.out, args.resolution, args.data_files,
+                            args.batch_size, args.mode, args.store_posterior, args.shard_size, args.image_column,
+                            args.split, args.num_workers, args.overwrite, state.process_index, state.num_processes,
+                            state.wait_for_everyone, generator)
+    for name, reason in result.skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    sys.stderr.flush()
+    prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
+    print(prefix + result.summary())
+    return 0

@@ -1,0 +1,448 @@
+"""Sharded sources: WebDataset tar shards and parquet files streamed, `save_to_disk` folders map-style.
+
+    data.source: webdataset                     # img2dataset-style tars: 000123.jpg, 000123.txt, ...
+    data.data_files: shards/{00000..00127}.tar  # brace pattern, glob, or a list of either; local paths or URLs
+    data.source: parquet                        # parquet files with an image column (bytes, or {"bytes", "path"})
+    data.source: path/to/saved                  # a `datasets` save_to_disk folder
+
+Why our own thin reader over `datasets`' webdataset builder: (1) `datasets` reads a tar in one piece, so a shard
+truncated at its end aborts the whole stream, and we want it skipped and counted like a corrupt JPEG; (2) its
+resumable state (`IterableDataset.state_dict()`) lives in each DataLoader worker and needs torchdata's
+StatefulDataLoader (not a dependency) plus a per-rank gather into the checkpoint. Here the stream's position is a pure
+function of the number the trainer already saves (`batches_seen`), as for folders, so resume needs nothing new in
+the checkpoint. We use the `webdataset` library for what it standardises: brace expansion and `gopen` (http://,
+pipe:, s3 via pipe) for remote shards, and its sample grouping rule (`__key__` = the member name up to the first dot
+of its base name). Parquet files are read with pyarrow (the engine under `datasets`); `data.streaming: false` on
+parquet, and every `save_to_disk` folder, go through `datasets` as map-style datasets (memory-mapped Arrow).
+
+The stream (`ShardStream`): every epoch the shard list is shuffled (seeded by (seed, epoch)); rank r takes every
+world-th shard from r, and DataLoader worker w takes every W-th of those from w, so within an epoch every sample is
+read by exactly one worker of one rank. Each worker runs its own endless sequence of epochs, so the DataLoader's
+round-robin makes batch b come from worker b mod W, and after `batches_seen` batches worker w has consumed a known
+number of samples: a resumed stream skips exactly those, counting samples from tar headers (local files are seeked,
+not read) or parquet metadata, never decoding an image again. Exact resume therefore needs the same processes,
+DataLoader workers, batch size and shards as the run that wrote the checkpoint. Within a shard samples keep their
+order.
+
+Bad members (corrupt image, a sample without an image, a shard truncated mid-member) become skipped items counted in
+the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from kl_autoencoder.data import (
+    IMAGE_EXTENSIONS, BadImageError, ImageTransform, SkipLog, decode_hub_value, decode_image, find_image_column,
+)
+
+logger = logging.getLogger(__name__)
+
+SHARD_SOURCES = ("webdataset", "parquet")
+TAR_IMAGE_EXTENSIONS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # member extensions read as the image
+PARQUET_IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")  # img2dataset writes "jpg"
+PARQUET_BATCH_ROWS = 64
+
+
+class ShardError(ValueError):
+    """A shard that does not exist or cannot be opened; the message names it."""
+
+
+def is_url(text: str) -> bool:
+    return "://" in text or text.startswith("pipe:")
+
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """A `datasets` save_to_disk folder (a Dataset's state.json, or a DatasetDict's dataset_dict.json)."""
+    root = Path(path).expanduser()
+    return (root / "state.json").is_file() or (root / "dataset_dict.json").is_file()
+
+
+def expand_data_files(data_files: str | Sequence[str]) -> list[str]:
+    """Shard paths/URLs from brace patterns (`{00000..00127}`), globs and lists; missing local shards are errors."""
+    from webdataset.shardlists import expand_urls
+
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+    found: list[str] = []
+    for pattern in patterns:
+        for item in expand_urls(str(pattern)):
+            if is_url(item):
+                found.append(item)
+                continue
+            local = os.path.expanduser(item)
+            if glob.has_magic(local):
+                matches = sorted(p for p in glob.glob(local, recursive=True) if os.path.isfile(p))
+                if not matches:
+                    raise ShardError(f"no shard file matches {item!r}")
+                found.extend(matches)
+            elif not os.path.isfile(local):
+                raise ShardError(f"shard {item} does not exist (or is not a file)")
+            else:
+                found.append(local)
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise ShardError(f"data_files {data_files!r} names no shard")
+    return unique
+
+
+# --------------------------------------------------------------------------------------------- reading one shard
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: its key, the encoded image (None when bad) and, when bad, why."""
+
+    key: str
+    value: Any = None
+    problem: str | None = None
+
+
+def _sample_key(name: str) -> tuple[str | None, str]:
+    """webdataset's grouping rule: ("dir/000123", "jpg") for "dir/000123.jpg"; (None, "") for names without a dot."""
+    from webdataset.tariterators import base_plus_ext
+
+    key, ext = base_plus_ext(name)
+    return key, (ext or "")
+
+
+def _pick_image(members: dict[str, bytes | None], image_ext: str | None) -> tuple[str | None, str | None]:
+    """(extension of the image member, problem) for one tar sample."""
+    if image_ext is not None:
+        return (image_ext, None) if image_ext in members else (None, f"no .{image_ext} member")
+    for ext in members:
+        if ext.lower() in TAR_IMAGE_EXTENSIONS or ext.lower().rsplit(".", 1)[-1] in TAR_IMAGE_EXTENSIONS:
+            return ext, None
+    return None, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})"
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    """A local shard opened for seeking (skipped members are never read), a remote one as a stream."""
+    try:
+        if is_url(url):
+            import webdataset
+
+            return tarfile.open(fileobj=webdataset.gopen(url, "rb"), mode="r|*")
+        return tarfile.open(url, mode="r:*")
+    except (OSError, tarfile.TarError, EOFError) as err:
+        reason = " ".join(str(err).split())  # tarfile's "r:*" lists every compression it tried, one per line
+        raise ShardError(f"cannot open shard {url}: not a readable tar file ({type(err).__name__}: {reason})") from err
+
+
+def tar_samples(url: str, start: int = 0, image_ext: str | None = None) -> Iterator[Sample]:
+    """The samples of one tar shard from the `start`-th on (earlier samples are passed by their headers only).
+
+    Members are grouped by key as webdataset groups them (consecutive members sharing a key); names starting with
+    `__` and non-files are ignored. A shard that ends mid-member yields its last sample as bad and stops."""
+    return (sample for sample in _walk_tar(url, start, image_ext) if sample is not None)
+
+
+def count_tar_samples(url: str) -> int:
+    """Samples in a tar shard, exactly as many as `tar_samples` yields, from headers alone."""
+    return sum(1 for _ in _walk_tar(url, start=1 << 62))
+
+
+def _walk_tar(url: str, start: int, image_ext: str | None = None) -> Iterator[Sample | None]:
+    """Every sample of a shard in order: None for the first `start` (headers only), then the samples themselves."""
+    tar = _open_tar(url)
+    position, key, members, problem = 0, None, {}, None
+
+    def flush() -> Sample | None:
+        if position < start:
+            return None
+        if problem:
+            return Sample(key, None, problem)
+        ext, missing = _pick_image(members, image_ext)
+        return Sample(key, members.get(ext) if ext else None, missing)
+
+    try:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                # between members: what was read is whole, only the end of the shard is missing
+                logger.warning("shard %s is truncated or damaged after %d sample(s) (%s: %s)", url, position + 1,
+                               type(err).__name__, err)
+                break
+            if member is None:
+                break
+            name_key, ext = _sample_key(member.name)
+            if not member.isfile() or name_key is None or os.path.basename(member.name).startswith("__"):
+                continue
+            if name_key != key:
+                if key is not None:
+                    yield flush()
+                    position += 1
+                key, members, problem = name_key, {}, None
+            if position < start:
+                continue  # counted by its key, never read
+            try:
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
+                members[ext] = data
+            except (tarfile.TarError, OSError, EOFError) as err:
+                problem = f"shard truncated inside {member.name} ({type(err).__name__}: {err})"
+                break
+        if key is not None:
+            yield flush()
+    finally:
+        tar.close()
+
+
+def _parquet_file(url: str):
+    import pyarrow.parquet as pq
+
+    try:
+        if is_url(url):
+            import fsspec
+
+            return pq.ParquetFile(fsspec.open(url, "rb").open())
+        return pq.ParquetFile(url)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise ShardError(f"cannot open parquet shard {url}: {type(err).__name__}: {err}") from err
+
+
+def parquet_image_column(schema: Any, image_column: str | None, where: str) -> str:
+    """The image column of a parquet schema: `image_column`, a `datasets` Image feature, else a usual name."""
+    import datasets
+
+    names = list(schema.names)
+    if image_column is not None:
+        if image_column not in names:
+            raise ShardError(f"{where}: no column {image_column!r} (columns: {names})")
+        return image_column
+    try:
+        return find_image_column(datasets.Features.from_arrow_schema(schema), None)
+    except (KeyError, ValueError, TypeError):
+        for name in PARQUET_IMAGE_COLUMNS:
+            if name in names:
+                return name
+    raise ShardError(f"{where}: no image column (none of type Image, none named {', '.join(PARQUET_IMAGE_COLUMNS)}); "
+                     f"its columns are {names}: set data.image_column")
+
+
+def parquet_samples(url: str, start: int = 0, image_column: str | None = None) -> Iterator[Sample]:
+    """Rows of one parquet shard from the `start`-th on (row groups before it are not read); key: a "key" column
+    (img2dataset's) when there is one, else the row number."""
+    pf = _parquet_file(url)
+    column = parquet_image_column(pf.schema_arrow, image_column, url)
+    has_key = "key" in pf.schema_arrow.names and column != "key"
+    row, groups = 0, []
+    for group in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        if row + rows > start:
+            groups.append(group)
+        else:
+            row += rows
+    if not groups:
+        return
+    columns = [column, "key"] if has_key else [column]
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
+            values = batch.column(0).to_pylist()
+            keys = batch.column(1).to_pylist() if has_key else [None] * len(values)
+            for value, key in zip(values, keys):
+                if row >= start:
+                    key = str(key) if key is not None else str(row)
+                    yield Sample(key, value, None if value is not None else f"no value in column {column!r}")
+                row += 1
+    except Exception as err:  # a damaged page: the rest of this shard is lost, the stream goes on
+        yield Sample(f"{row}", None, f"parquet shard damaged at row {row} ({type(err).__name__}: {err})")
+
+
+def count_parquet_samples(url: str) -> int:
+    return _parquet_file(url).metadata.num_rows
+
+
+def decode_sample(sample: Sample, name: str, min_side: int | None = None):
+    """A sample's image as RGB; `BadImageError` naming `name` when the sample is bad."""
+    if sample.problem is not None:
+        raise BadImageError(name, sample.problem)
+    if isinstance(sample.value, (bytes, bytearray)):
+        return decode_image(bytes(sample.value), name, min_side)
+    return decode_hub_value(sample.value, name)
+
+
+# --------------------------------------------------------------------------------------------- the stream
+
+
+class ShardSet:
+    """A list of shards of one kind, read sample by sample from any position; sample counts are cached."""
+
+    def __init__(self, kind: str, files: Sequence[str], image_column: str | None = None):
+        if kind not in SHARD_SOURCES:
+            raise ValueError(f"unknown shard kind {kind!r}; expected one of {SHARD_SOURCES}")
+        self.kind, self.files, self.image_column = kind, list(files), image_column
+        self._counts: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def samples(self, index: int, start: int = 0) -> Iterator[Sample]:
+        if self.kind == "webdataset":
+            return tar_samples(self.files[index], start, self.image_column)
+        return parquet_samples(self.files[index], start, self.image_column)
+
+    def count(self, index: int) -> int:
+        if index not in self._counts:
+            url = self.files[index]
+            self._counts[index] = count_tar_samples(url) if self.kind == "webdataset" else count_parquet_samples(url)
+        return self._counts[index]
+
+    def name(self, index: int, key: str) -> str:
+        return f"{self.files[index]}#{key}"
+
+
+def epoch_shards(num_shards: int, seed: int, epoch: int, rank: int, world: int, worker: int, workers: int,
+                 shuffle: bool = True) -> list[int]:
+    """The shards worker `worker` of rank `rank` reads in `epoch`: a seeded permutation, every world-th, every W-th."""
+    if shuffle:
+        order = torch.randperm(num_shards, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    else:
+        order = list(range(num_shards))
+    return order[rank::world][worker::workers]
+
+
+def usable_workers(num_shards: int, world: int, workers: int) -> int:
+    """DataLoader workers that all get a shard on every rank (at least 1, the main process when `workers` is 0)."""
+    per_rank = num_shards // world
+    if per_rank == 0:
+        raise ShardError(f"{num_shards} shard(s) cannot feed {world} processes: each process needs at least one shard")
+    return max(1, min(workers, per_rank))
+
+
+class ShardStream(IterableDataset):
+    """Endless training items from a `ShardSet`, this rank's and this worker's share, from a resume position.
+
+    Items are those of `data.ImageDataset` ({"pixel_values", "path", "skipped"}) plus "key" and "epoch"; each item's
+    random crop/flip is seeded by (seed, epoch, shard, sample), so a resumed run sees the same crops."""
+
+    def __init__(self, shards: ShardSet, transform: ImageTransform, seed: int = 0, shuffle: bool = True,
+                 epochs: int | None = None):
+        super().__init__()
+        self.shards, self.transform, self.resolution = shards, transform, transform.resolution
+        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        self.rank, self.world, self.workers, self.batch_size, self.batches_seen = 0, 1, 1, 1, 0
+        self.skipped = SkipLog()
+
+    def at(self, rank: int, world: int, workers: int, batch_size: int, batches_seen: int,
+           seed: int | None = None) -> "ShardStream":
+        """A copy positioned for `rank` of `world` with `workers` logical workers after `batches_seen` batches."""
+        share = ShardStream.__new__(ShardStream)
+        share.__dict__.update(self.__dict__)
+        share.rank, share.world, share.batch_size, share.batches_seen = rank, world, batch_size, batches_seen
+        share.workers = usable_workers(len(self.shards), world, workers)
+        share.seed = self.seed if seed is None else seed
+        return share
+
+    def consumed(self, logical: int) -> int:
+        """Samples logical worker `logical` had produced when `batches_seen` batches were taken round-robin."""
+        rounds, extra = divmod(self.batches_seen, self.workers)
+        return (rounds + (1 if logical < extra else 0)) * self.batch_size
+
+    def _item(self, sample: Sample, shard: int, offset: int, epoch: int, in_worker: bool) -> dict:
+        name = self.shards.name(shard, sample.key)
+        base = {"key": sample.key, "epoch": epoch}
+        try:
+            image = decode_sample(sample, name, self.transform.source_side)
+        except BadImageError as err:
+            if not in_worker:
+                self.skipped.add(err.path, err.reason)
+            return {**base, "pixel_values": None, "path": None, "skipped": [(err.path, err.reason)]}
+        item_seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + shard) * 1_000_003 + offset
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed % (2**63))
+            pixels = self.transform(image)
+        return {**base, "pixel_values": pixels, "path": name, "skipped": []}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"ShardStream positioned for {self.workers} workers runs in {info.num_workers}")
+        logical = (physical + self.batches_seen) % self.workers  # the DataLoader starts at physical worker 0
+        skip, epoch = self.consumed(logical), 0
+        while self.epochs is None or epoch < self.epochs:
+            mine = epoch_shards(len(self.shards), self.seed, epoch, self.rank, self.world, logical, self.workers,
+                                self.shuffle)
+            any_sample = False
+            for shard in mine:
+                if skip:
+                    count = self.shards.count(shard)
+                    any_sample |= count > 0
+                    if skip >= count:
+                        skip -= count
+                        continue
+                for offset, sample in enumerate(self.shards.samples(shard, skip), start=skip):
+                    any_sample = True
+                    yield self._item(sample, shard, offset, epoch, info is not None)
+                skip = 0
+            if not any_sample:
+                raise ShardError(f"no samples in the shards of rank {self.rank}, worker {logical}: "
+                                 f"{describe([self.shards.files[i] for i in mine])}")
+            epoch += 1
+
+
+def build_shard_dataset(data_cfg: Any, transform: ImageTransform, train: bool, repeats_for: Any) -> Any:
+    """The dataset for a sharded source (`data.source` webdataset/parquet, or a save_to_disk folder)."""
+    from kl_autoencoder.data import dataset_from_hf
+
+    source = str(data_cfg.source)
+    if source not in SHARD_SOURCES:  # a save_to_disk folder: memory-mapped Arrow, map-style
+        hf = load_saved_dataset(source, data_cfg.split)
+        if data_cfg.max_images:
+            hf = hf.select(range(min(data_cfg.max_images, len(hf))))
+        return dataset_from_hf(hf, transform, data_cfg.image_column, repeats_for(len(hf), train), name=source)
+    if data_cfg.data_files is None:
+        raise ShardError(f"data.source={source} needs data.data_files (for example shards/{{00000..00127}}.tar)")
+    files = expand_data_files(data_cfg.data_files)
+    if source == "parquet" and not data_cfg.streaming:
+        hf = load_parquet_dataset(files, data_cfg.image_column, data_cfg.cache_dir)
+        if data_cfg.max_images:
+            hf = hf.select(range(min(data_cfg.max_images, len(hf))))
+        column = parquet_image_column(hf.data.schema, data_cfg.image_column, files[0])
+        return dataset_from_hf(hf, transform, column, repeats_for(len(hf), train), name=f"parquet[{len(files)}]")
+    return ShardStream(ShardSet(source, files, data_cfg.image_column), transform, shuffle=train,
+                       epochs=None if train else 1)
+
+
+def load_saved_dataset(path: str, split: str | None = None) -> Any:
+    """`datasets.load_from_disk` (a DatasetDict gives `split`), with an error naming the folder."""
+    import datasets
+
+    try:
+        hf = datasets.load_from_disk(os.path.expanduser(path))
+    except Exception as err:
+        raise ShardError(f"cannot open the saved dataset {path}: {type(err).__name__}: {err}") from err
+    if isinstance(hf, datasets.DatasetDict):
+        if split not in hf:
+            raise ShardError(f"the saved dataset {path} has splits {list(hf)}, not {split!r} (set data.split)")
+        hf = hf[split]
+    return hf
+
+
+def load_parquet_dataset(files: Sequence[str], image_column: str | None, cache_dir: str | None = None) -> Any:
+    """Parquet files as one map-style `datasets.Dataset` (each file opened first, so a bad one is named)."""
+    import datasets
+
+    for url in files:
+        _parquet_file(url)
+    try:
+        return datasets.load_dataset("parquet", data_files=list(files), split="train", cache_dir=cache_dir)
+    except Exception as err:
+        raise ShardError(f"cannot load the parquet files {list(files)[:3]}...: {type(err).__name__}: {err}") from err
+
+
+def describe(files: Sequence[str]) -> str:
+    return json.dumps(list(files)[:3]) + (f" ... ({len(files)} shards)" if len(files) > 3 else "")
