@@ -159,7 +159,9 @@ def image_labels(names: list[str], splits: dict[str, list[int]]) -> list[str]:
 
 def write_pictures(run: PictureSource, labels: list[str], folder: Path) -> dict[str, str]:
     """The four pictures of one model; returns {kind: path relative to the output folder}."""
-    folder.mkdir(parents=True, exist_ok=True)
+    from kl_autoencoder.outputs import safe_parent
+
+    safe_parent(folder.parent, folder / "reconstructions.png")  # at write time: never through a planted symlink
     pictures = {"reconstructions": plot_reconstructions(run.first, labels, f"{run.name}: first images")}
     if run.scaled_latents is not None:  # not for a tiny autoencoder (no posterior)
         pictures["latent_histograms"] = plot_latent_histograms(run.scaled_latents,

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kl_autoencoder.durable import atomic_write, atomic_write_dir
+from kl_autoencoder.durable import atomic_write, atomic_write_dir, check_replaceable_file
 from kl_autoencoder.formats import (CONFIG_NAME, DTYPES, WEIGHTS_NAME, WeightsError, _verify_export, capped_repr,
                                     check_fits, check_floating, model_folder, nonfinite_keys, read_config,
                                     read_state_dict, warn_nonfinite)
@@ -317,10 +317,11 @@ class TinyAutoencoder(nn.Module):
         """Load TAESD-layout `*_encoder` / `*_decoder` files (.safetensors, or .pth via weights_only)."""
         return load_single_files(encoder_path, decoder_path, config=config)
 
-    def save_single_files(self, folder: str | Path, name: str = "taesd", dtype: torch.dtype | str | None = None
-                          ) -> tuple[Path, Path]:
-        """Write `<name>_encoder.safetensors` and `<name>_decoder.safetensors` (TAESD layout); atomic, verified."""
-        return save_single_files(self, folder, name=name, dtype=dtype)
+    def save_single_files(self, folder: str | Path, name: str = "taesd", dtype: torch.dtype | str | None = None,
+                          overwrite: bool = False) -> tuple[Path, Path]:
+        """Write `<name>_encoder.safetensors` and `<name>_decoder.safetensors` (TAESD layout); atomic, verified.
+        An existing file of those names is replaced only when it is a safetensors file or `overwrite` is given."""
+        return save_single_files(self, folder, name=name, dtype=dtype, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -565,8 +566,10 @@ def load_single_files(encoder_path: str | Path, decoder_path: str | Path,
 
 
 def save_single_files(model: TinyAutoencoder, folder: str | Path, name: str = "taesd",
-                      dtype: torch.dtype | str | None = None) -> tuple[Path, Path]:
+                      dtype: torch.dtype | str | None = None, overwrite: bool = False) -> tuple[Path, Path]:
     folder = Path(folder)
+    for half in ("encoder", "decoder"):  # both checked before either is written
+        check_replaceable_file(folder / f"{name}_{half}.safetensors", overwrite)
     encoder, decoder = to_single_file_state_dicts(_export_state(model, dtype, folder))
     paths = []
     for half, state in (("encoder", encoder), ("decoder", decoder)):

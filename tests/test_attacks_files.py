@@ -425,3 +425,18 @@ def test_plain_checkpoints_still_load(tiny_model, tmp_path):
     loaded = KLAutoencoder.from_pretrained(tmp_path / "plain.ckpt", config=tiny_model.config.to_dict())
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), tiny_model.state_dict().values()))
     assert os.path.getsize(tmp_path / "plain.ckpt") > 0
+
+
+def test_taesd_single_files_replace_only_safetensors_files(tmp_path):
+    from kl_autoencoder.durable import OutputRefused
+    from kl_autoencoder.tiny import TinyAutoencoder, TinyConfig
+
+    tiny = TinyAutoencoder(TinyConfig(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                      num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)))
+    (tmp_path / "tiny_decoder.safetensors").write_text("my notes, not weights")
+    with pytest.raises(OutputRefused, match="not a safetensors file"):
+        tiny.save_single_files(tmp_path, name="tiny")
+    assert (tmp_path / "tiny_decoder.safetensors").read_text() == "my notes, not weights"
+    assert not (tmp_path / "tiny_encoder.safetensors").exists()  # both checked before either is written
+    tiny.save_single_files(tmp_path, name="tiny", overwrite=True)
+    tiny.save_single_files(tmp_path, name="tiny")  # our own files: replaced without the flag

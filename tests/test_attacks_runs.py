@@ -461,3 +461,17 @@ def test_too_little_disk_at_start_is_one_line_and_writes_nothing(tmp_path, capsy
     line = _one_error_line(capsys.readouterr().err)
     assert code == 1 and "not enough disk space" in line
     assert not out.exists()
+
+
+def test_evaluate_never_writes_its_pictures_through_a_planted_symlink(exported, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "eval"
+    out.mkdir()
+    from kl_autoencoder.evaluation import model_names
+
+    name = model_names([str(exported)])[0]
+    (out / name).symlink_to(outside, target_is_directory=True)  # where this model's pictures go
+    code = main(["evaluate", "--model", str(exported), "--data", "sample", "--out", str(out), "--resolution", "32"])
+    assert code == 2 and "symlink" in _one_error_line(capsys.readouterr().err)
+    assert list(outside.iterdir()) == []
