@@ -70,8 +70,11 @@ def normalize_modes(folder: Path) -> None:
         os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
-def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
-    """Call `write_fn(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: str | Path, write_fn: Callable[[Path], None], exclusive: bool = False) -> Path:
+    """Call `write_fn(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    `exclusive`: publish with `os.link` instead, which fails (FileExistsError) when `path` exists, so the file never
+    replaces one another writer published."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -82,7 +85,10 @@ def atomic_write(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
         os.chmod(tmp, plain_file_mode())  # mkstemp creates 0600; the result should read like any other file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
-from kl_autoencoder.durable import atomic_write_json, fsync_dir, plain_file_mode
+from kl_autoencoder.durable import atomic_write, atomic_write_json
 from kl_autoencoder.shards import (
     SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
     load_saved_dataset,
@@ -86,21 +85,8 @@ def unlock_folder(folder: Path, fd: int, created: bool) -> None:
 
 
 def write_exclusive(path: Path, write_fn: Callable[[Path], None]) -> Path:
-    """Write via a temporary file, fsync, then publish with `os.link`, which fails (FileExistsError) when `path`
-    exists: a complete file or none, and never one replacing another writer's."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, plain_file_mode())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return path
+    """A complete file or none, never replacing another writer's (FileExistsError when `path` exists)."""
+    return atomic_write(path, write_fn, exclusive=True)
 
 
 # --------------------------------------------------------------------------------------------- units of work

@@ -192,7 +192,6 @@ def make_accelerator(cfg: TrainConfig):
                                             automatic_checkpoint_naming=False),
         cpu=use_cpu,
     )
-    return accelerator
 
 
 def build_model(section: ModelSection, channels_last: bool = False) -> KLAutoencoder:
@@ -524,7 +523,7 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
     """
     set_seed(cfg.train.seed)  # same initial weights on every rank
     t = (build or build_training)(cfg)
-    acc, device = t.accelerator, t.device
+    acc = t.accelerator
     run = RunFolder(cfg.train.output_dir, is_main=acc.is_main_process)
     resume_from = run.resolve_resume(cfg.train.resume)
     # Before anything is written: the disk has room and the data source opens (a failed start leaves no file that
