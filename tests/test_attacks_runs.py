@@ -23,7 +23,7 @@ from kl_autoencoder.inference import LatentFormatError, OutputLocationError, dec
 from kl_autoencoder.run_folder import STATE_FILE, RunFolder, RunFolderError, TrainingState
 from kl_autoencoder.trainer import train
 from tests.conftest import TINY_TRAINING
-from tests.test_output_safety import _files, _one_error_line, _photo, _record, _shard
+from tests.test_output_safety import _files, _one_error_line, _record, _shard, images  # noqa: F401 (fixture)
 from tests.test_reliability import train_main
 
 TINY = TINY_TRAINING + ["train.log_every=1", "train.scaling_images=16"]
@@ -318,14 +318,6 @@ def test_decode_rechecks_output_folders_for_symlinks_at_write_time(tiny_model, t
 
 # ----------------------------------------------------------------------------------------------- one output rule
 
-
-@pytest.fixture
-def images(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    _photo("astronaut").save(folder / "a.png")
-    _photo("coffee", 12, 14).save(folder / "b.png")
-    return folder
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
