@@ -57,11 +57,15 @@ def colour_wheel(size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model: KLAutoencoder, images01: torch.Tensor, names: list[str], batch_size: int = 4) -> dict:
-    """Per image and mean over the set: hue error (saturated pixels), ΔE2000, PSNR, colour error."""
-    rows = []
+    """Per image and mean over the set: hue error (saturated pixels), ΔE2000, PSNR, colour error; over the set: the
+    largest colour error and the std of the scaled latents (posterior samples with the export's own factor)."""
+    rows, latents = [], []
+    generator = torch.Generator().manual_seed(0)
     for start in range(0, len(images01), batch_size):
         x = images01[start:start + batch_size]
-        recon = M.to_unit_range(model.decode(model.encode(x * 2 - 1).mode()))
+        posterior = model.encode(x * 2 - 1)
+        latents.append(model.to_diffusion_latents(posterior.sample(generator)))
+        recon = M.to_unit_range(model.decode(posterior.mode()))
         for i, name in enumerate(names[start:start + batch_size]):
             a, b = recon[i:i + 1], x[i:i + 1]
             rows.append({"image": name, "hue_error": float(M.hue_error(a, b)), "delta_e": float(M.delta_e(a, b)),
@@ -69,6 +73,8 @@ def measure(model: KLAutoencoder, images01: torch.Tensor, names: list[str], batc
     keys = ("hue_error", "delta_e", "psnr", "colour_error")
     mean = {k: _mean([r[k] for r in rows]) for k in keys}
     worst = max(rows, key=lambda r: r["delta_e"])
+    mean["max_colour_error"] = max(r["colour_error"] for r in rows)
+    mean["scaled_latent_std"] = float(torch.cat(latents).std())
     return {"mean": mean, "worst_delta_e": worst, "images": rows}
 
 
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["sets"][name] = measure(model, images, names)
         m, w = result["sets"][name]["mean"], result["sets"][name]["worst_delta_e"]
         print(f"{name} ({len(names)}): hue error {_fmt(m['hue_error'])}°, ΔE2000 {_fmt(m['delta_e'])}, "
-              f"PSNR {_fmt(m['psnr'])} dB, colour error {_fmt(m['colour_error'], 3)}; worst ΔE {w['image']} "
+              f"PSNR {_fmt(m['psnr'])} dB, colour error {_fmt(m['colour_error'], 3)} (max "
+              f"{m['max_colour_error']:.3f}), scaled latent std {m['scaled_latent_std']:.3f}; worst ΔE {w['image']} "
               f"({w['delta_e']:.1f}, hue {_fmt(w['hue_error'])}°, colour error {w['colour_error']:.3f})")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

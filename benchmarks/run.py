@@ -5,12 +5,15 @@
     python benchmarks/run.py --checkpointing                   # + gradient-checkpointing memory study
     python benchmarks/run.py --fast channels_last=true         # one fast-path switch flipped (before/after)
     python benchmarks/run.py --only train --breakdown          # + the step without LPIPS, and LPIPS alone
+    python benchmarks/run.py --only train --gan                # the step past disc_start, both sides with a PatchGAN
     python benchmarks/run.py --device cuda --config configs/kl-f8.yaml --only encode --tiled-size 4096 --tile-size 512
 
 Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alternating who goes first; medians):
   train    forward + L1 + LPIPS + KL + backward + AdamW step; ours = trainer.train_step on trainer.build_training of
            the config (exactly what train() runs: accelerate, clipping, non-finite skip, fast path), reference =
-           benchmarks/reference.py (plain diffusers + lpips)
+           benchmarks/reference.py (plain diffusers + lpips). --gan: both sides past disc_start (ours: loss.gan on,
+           disc_start 0, hinge, adaptive weight; reference: reference_gan_training_step), the same PatchDiscriminator
+           (ours, with the config's channels / layers / norm, weights copied) on both sides, so it costs the same
   encode   posterior mode under inference_mode;  decode: latents -> images
   tiled    decode of a latent 4x the training resolution per side, ours tiling.decode_tiled vs diffusers
            enable_tiling() with the same tile (config sample_size = resolution) and 25% overlap
@@ -62,9 +65,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
-                      ) -> dict[str, list[float]]:
-    """Seconds per call of each fn, measured round-robin (the order alternates each round); warm-up calls excluded."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1,
+                      cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured round-robin (the order alternates each round); warm-up calls excluded.
+    `cpu`, when given, also gets each call's process CPU seconds (far less disturbed by a loaded machine)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -74,10 +78,12 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: t
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - cpu_start)
     return times
 
 
@@ -131,6 +137,7 @@ class Setup:
     base_config: Any = None  # the TrainConfig the training benchmark starts from
     fast: FastPath = field(default_factory=FastPath)  # inference (encode/decode/tiled)
     train_fast: FastPath = field(default_factory=FastPath)  # the training step
+    gan: bool = False  # --gan: the training step past disc_start on both sides
 
 
 def with_block_types(architecture: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +168,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
                  batch_size=args.batch_size or batch_size, kl_weight=kl_weight,
                  lpips_net=args.lpips_net or ("alex" if args.tiny else "vgg"), base_config=cfg,
                  fast=FastPath.for_device(device, **overrides),
-                 train_fast=FastPath.for_device(device, training=True, **overrides))
+                 train_fast=FastPath.for_device(device, training=True, **overrides), gan=args.gan)
 
 
 def fast_override(item: str) -> tuple[str, Any]:
@@ -231,7 +238,8 @@ def median(values: list[float]) -> float:
 
 def training_config(s: Setup, base: Any) -> Any:
     """The production TrainConfig the benchmark trains with: the setup's architecture, batch and KL weight, LPIPS with
-    a random backbone (offline; the same cost), no GAN/EMA/log-variance, and this run's fast-path switches."""
+    a random backbone (offline; the same cost), no EMA/log-variance, no GAN unless --gan (then on from step 0 with the
+    hinge loss and the adaptive weight, as the reference's GAN step), and this run's fast-path switches."""
     cfg = copy.deepcopy(base)
     cfg.model.architecture = dict(s.architecture)
     cfg.model.pretrained, cfg.model.freeze_encoder = None, False
@@ -239,7 +247,9 @@ def training_config(s: Setup, base: Any) -> Any:
     cfg.data.resolution, cfg.train.batch_size = s.resolution, s.batch_size
     cfg.train.mixed_precision = PRECISION[s.train_fast.autocast_dtype]
     cfg.train.grad_accum_steps, cfg.train.ema.enabled = 1, False
-    cfg.loss.pixel, cfg.loss.learned_logvar, cfg.loss.gan.enabled = "l1", False, False
+    cfg.loss.pixel, cfg.loss.learned_logvar, cfg.loss.gan.enabled = "l1", False, s.gan
+    if s.gan:
+        cfg.loss.gan.disc_start, cfg.loss.gan.disc_loss, cfg.loss.gan.adaptive_weight = 0, "hinge", True
     cfg.loss.kl_weight, cfg.loss.kl_warmup_steps, cfg.loss.free_bits = s.kl_weight, 0, 0.0
     cfg.loss.perceptual_weight, cfg.loss.perceptual_net = s.perceptual_weight, s.lpips_net
     cfg.loss.perceptual_pretrained = False
@@ -262,6 +272,7 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     if ours.perceptual is not None:
         copy_lpips_weights(ref_lpips, ours.perceptual)
     ref_opt = torch.optim.AdamW(ref_vae.parameters(), lr=1e-4)
+    ref_disc, ref_d_opt = reference_discriminator(ours) if s.gan else (None, None)
     x = x.to(s.device)
     ref_gen = torch.Generator(device=s.device).manual_seed(0)
 
@@ -275,17 +286,22 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
             train_step(training, x, step=0)
 
         def reference() -> None:
-            ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, perceptual_weight, ref_gen)
+            if ref_disc is not None:
+                ref.reference_gan_training_step(ref_vae, ref_lpips, ref_opt, ref_disc, ref_d_opt, x, s.kl_weight,
+                                                perceptual_weight, cfg.loss.gan.disc_weight, ref_gen)
+            else:
+                ref.reference_training_step(ref_vae, ref_lpips, ref_opt, x, s.kl_weight, perceptual_weight, ref_gen)
 
         return ours_step, reference
 
     ours_step, ref_step = steps(s.perceptual_weight)
 
     warmup = 2 if s.train_fast.compile else 1
-    times = interleaved_times({"ours": ours_step, "reference": ref_step}, repeats, s.device, warmup)
+    cpu_times: dict[str, list[float]] = {}
+    times = interleaved_times({"ours": ours_step, "reference": ref_step}, repeats, s.device, warmup, cpu_times)
     b = x.shape[0]
     rows.append(Row("train step", "images/s", b / median(times["ours"]), b / median(times["reference"])))
-    extras["train_seconds"] = times
+    extras["train_seconds"], extras["train_cpu_seconds"] = times, cpu_times  # CPU seconds: in --json only
     if not extras.get("skip_memory"):
         rows.append(Row("train step peak memory", "MiB", peak_memory_bytes(ours_step, s.device) / 2**20,
                         peak_memory_bytes(ref_step, s.device) / 2**20, higher_is_better=False))
@@ -317,7 +333,23 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
             rows.append(Row(label, "images/s", b / median(part_times[f"{key}_ours"]),
                             b / median(part_times[f"{key}_reference"])))
         extras["breakdown_seconds"] = part_times
-    del ref_opt, ours
+    del ref_opt, ref_d_opt, ours
+
+
+def reference_discriminator(ours: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The reference's discriminator and its plain AdamW: our PatchDiscriminator class with the config's channels,
+    layers and norm and our initial weights, so the discriminator's own cost is identical on both sides and the
+    comparison is about the step around it (taming's NLayerDiscriminator, the diffusers example's, is LDM's with
+    BatchNorm; it is not installed here)."""
+    from kl_autoencoder.fastpath import unwrap
+    from kl_autoencoder.losses import PatchDiscriminator
+
+    gan = ours.cfg.loss.gan
+    source = unwrap(ours.discriminator)
+    discriminator = PatchDiscriminator(3, gan.disc_channels, gan.disc_layers, gan.disc_norm)
+    discriminator.load_state_dict(source.state_dict())
+    discriminator.to(next(source.parameters()).device).train()
+    return discriminator, torch.optim.AdamW(discriminator.parameters(), lr=1e-4)
 
 
 def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any],
@@ -476,6 +508,15 @@ def machine_line(device: torch.device) -> str:
     return f"{what}{load}; torch {torch.__version__}"
 
 
+def gan_note(s: Setup) -> str:
+    """The header's words for --gan: both sides run the step past disc_start with this discriminator."""
+    if not s.gan:
+        return ""
+    gan = s.base_config.loss.gan
+    return (f", GAN on both sides past disc_start (hinge, adaptive weight, PatchGAN {gan.disc_channels} ch "
+            f"x {gan.disc_layers} layers, norm {gan.disc_norm})")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -500,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true", help="add the gradient-checkpointing memory study")
     p.add_argument("--breakdown", action="store_true",
                    help="add the train step without LPIPS and LPIPS alone, both sides (where the time goes)")
+    p.add_argument("--gan", action="store_true",
+                   help="train step past disc_start: ours with loss.gan on, the reference with the same PatchGAN")
     p.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak for MFU (H100 SXM: 989e12)")
     return p.parse_args(argv)
 
@@ -529,7 +572,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(s.device)}\n"
               f"command: python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"architecture {s.architecture['block_out_channels']}, {s.resolution}x{s.resolution}, batch "
-              f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}\nfast path, training: {s.train_fast}"
+              f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}{gan_note(s)}"
+              f"\nfast path, training: {s.train_fast}"
               f"\nfast path, inference: {s.fast}")
     flops = extras.get("train_flops_per_image")
     if flops:

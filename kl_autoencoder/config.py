@@ -118,6 +118,8 @@ class LossConfig:
     perceptual_weight: float = 1.0
     perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
     perceptual_pretrained: Literal["auto", True, False] = "auto"
+    chroma_weight: float = 0.0  # the low-resolution colour term (losses.chroma_error_sum); 0 = off
+    chroma_scale: int = 8  # its pooling: colour compared at 1 / chroma_scale of the resolution
     kl_weight: float = 1e-6
     kl_warmup_steps: int = 0
     kl_schedule: Literal["linear", "cyclical", "constant"] = "linear"
@@ -608,9 +610,10 @@ def validate_data(data: DataConfig, arch: dict[str, Any]) -> None:
 
 
 def validate_loss(loss: LossConfig) -> None:
-    for key in ("pixel_weight", "perceptual_weight", "kl_weight", "free_bits"):
+    for key in ("pixel_weight", "perceptual_weight", "kl_weight", "free_bits", "chroma_weight"):
         value = getattr(loss, key)
         _require(value >= 0, f"loss.{key}", value, "must be >= 0")
+    _require(loss.chroma_scale >= 1, "loss.chroma_scale", loss.chroma_scale, "must be >= 1 (1: full resolution)")
     eq = loss.equivariance
     _require(0 <= eq.probability <= 1, "loss.equivariance.probability", eq.probability, "must be in [0, 1]")
     _require(bool(eq.transforms) and set(eq.transforms) <= {"scale", "rotate"},

@@ -92,18 +92,40 @@ def _pixel_error_sum(reconstruction: torch.Tensor, target: torch.Tensor, kind: s
 
 
 def _nll_from_sums(error_sum: torch.Tensor, per_image: int, batch: int, pixel_weight: float,
-                   perceptual: torch.Tensor | None, perceptual_weight: float, logvar: torch.Tensor | None
-                   ) -> torch.Tensor:
+                   perceptual: torch.Tensor | None, perceptual_weight: float, logvar: torch.Tensor | None,
+                   weighted_chroma_sum: torch.Tensor | None = None) -> torch.Tensor:
     """reconstruction_nll from the summed pixel error. LDM adds each image's perceptual distance at each of its
     `per_image` elements and divides every element by exp(logvar): summed, that is per_image * distance and one
     division of the total, so the image-sized tensor of LDM's form is never built (same value up to float rounding).
     """
     total = pixel_weight * error_sum
+    if weighted_chroma_sum is not None:  # a pixel-level error like the pixel term, so it shares its likelihood
+        total = total + weighted_chroma_sum
     if perceptual is not None and perceptual_weight > 0:
         total = total + perceptual_weight * per_image * perceptual.float().reshape(-1).expand(batch).sum()
     if logvar is not None:
         total = total / torch.exp(logvar) + (batch * per_image) * logvar
     return total / batch
+
+
+# BT.601's Cb and Cr rows: the two opponent colour axes (blue-yellow, red-cyan) of gamma-encoded RGB, brightness out.
+CHROMA_AXES = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+def chroma_error_sum(reconstruction: torch.Tensor, target: torch.Tensor, scale: int = 8) -> torch.Tensor:
+    """Squared error of the two chroma axes (`CHROMA_AXES`) of scale x scale block means, summed and counted once per
+    pixel it covers (x scale^2), so it adds to the pixel term's sum on the same footing.
+
+    Why: under a plain pixel loss the colour that varies least in the training photos is the cheapest thing for a
+    small latent to drop (issue 29: the green-magenta axis went); colour at 1/8 of the resolution is nearly all a
+    viewer sees of it, and costs the latent little. Block means are linear, so this is the chroma of the pooled error.
+    """
+    diff = reconstruction.float() - target.float()
+    if scale > 1:
+        diff = F.avg_pool2d(diff, scale)
+    axes = torch.tensor(CHROMA_AXES, dtype=diff.dtype, device=diff.device)
+    chroma = torch.einsum("kc,bchw->bkhw", axes, diff)
+    return chroma.pow(2).sum() * (scale * scale)
 
 
 def kl_loss(posterior, free_bits: float = 0.0) -> torch.Tensor:
@@ -455,6 +477,8 @@ class LossWeights:
     perceptual_weight: float = 1.0
     kl_weight: float = 1e-6
     free_bits: float = 0.0
+    chroma_weight: float = 0.0
+    chroma_scale: int = 8
     gan_weight: float = 0.0  # 0 = no adversarial term at this step
     gan_loss: str = "hinge"
     adaptive_gan_weight: bool = True
@@ -470,6 +494,8 @@ def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
         perceptual_weight=loss_cfg.perceptual_weight,
         kl_weight=kl_weight_at(step, loss_cfg.kl_weight, loss_cfg.kl_warmup_steps, loss_cfg.kl_schedule, cycle),
         free_bits=loss_cfg.free_bits,
+        chroma_weight=loss_cfg.chroma_weight,
+        chroma_scale=loss_cfg.chroma_scale,
         gan_weight=loss_cfg.gan.disc_weight if gan_on else 0.0,
         gan_loss=loss_cfg.gan.disc_loss,
         adaptive_gan_weight=loss_cfg.gan.adaptive_weight,
@@ -542,12 +568,16 @@ def autoencoder_loss(
     # One pass over the pixels for the loss and its log (the log is pixel_loss's mean of the same error).
     error_sum = _pixel_error_sum(reconstruction, target, weights.pixel, "autoencoder_loss")
     logs: dict[str, torch.Tensor] = {"pixel": error_sum.detach() / reconstruction.numel()}
+    chroma_sum = None
+    if weights.chroma_weight > 0:
+        chroma_sum = weights.chroma_weight * chroma_error_sum(reconstruction, target, weights.chroma_scale)
+        logs["chroma"] = chroma_sum.detach() / reconstruction.numel()
     distances = None
     if perceptual is not None and weights.perceptual_weight > 0:
         distances = perceptual.distances(reconstruction, target)
         logs["perceptual"] = distances.detach().mean()
     rec = _nll_from_sums(error_sum, reconstruction[0].numel(), reconstruction.shape[0], weights.pixel_weight,
-                         distances, weights.perceptual_weight, logvar)
+                         distances, weights.perceptual_weight, logvar, chroma_sum)
     latent_positions = posterior.mean[0, 0].numel() if posterior.mean.dim() == 4 else 1
     kl = kl_loss(posterior, free_bits=weights.free_bits * latent_positions)
     loss = rec + weights.kl_weight * kl

@@ -168,3 +168,91 @@ def test_benchmark_and_train_run_the_same_step_function(tmp_path, monkeypatch):
         "loss.perceptual_weight=0", "train.batch_size=2", "train.max_steps=2", "train.scaling_images=4",
         f"train.output_dir={tmp_path / 'run'}"]))
     assert len(callers) == from_benchmark + 2 and set(callers) == {"Training"}
+
+
+def test_gan_flag_times_both_sides_past_disc_start(monkeypatch, capsys):
+    """--gan: ours runs with the discriminator on (its logs carry g_loss and d_loss) and the reference's GAN step is
+    what is timed; without --gan the plain reference step is timed and ours has no discriminator."""
+    import reference as ref
+    from kl_autoencoder import trainer
+
+    calls, ours_logs = [], []
+
+    def recording(name, real):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return call
+
+    for name in ("reference_training_step", "reference_gan_training_step"):
+        monkeypatch.setattr(ref, name, recording(name, getattr(ref, name)))
+    real_step = trainer.train_step
+
+    def ours_step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        ours_logs.append(set(result.logs))
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", ours_step)
+    result = bench.main(["--tiny", "--repeats", "1", "--only", "train", "--no-memory", "--gan"])
+    row = {r["name"]: r for r in result["rows"]}["train step"]
+    assert row["ours"] > 0 and row["reference"] > 0
+    assert "GAN on both sides" in capsys.readouterr().out
+    assert calls and set(calls) == {"reference_gan_training_step"}  # warm-up, timed round, FLOP count
+    assert ours_logs and all({"g_loss", "d_weight", "d_loss"} <= logs for logs in ours_logs)
+    calls.clear()
+    ours_logs.clear()
+    bench.main(["--tiny", "--repeats", "1", "--only", "train", "--no-memory"])
+    assert calls and set(calls) == {"reference_training_step"}
+    assert ours_logs and not any("g_loss" in logs or "d_loss" in logs for logs in ours_logs)
+
+
+def test_reference_gan_step_adds_the_adaptive_adversarial_term_and_trains_the_discriminator():
+    """Checked against the same step written out independently: the loss is the plain step's plus
+    disc_weight * (||d rec / dW|| / (||d g / dW|| + 1e-4)) * g, W the decoder's last conv; the VAE moves by that
+    loss's gradient, the discriminator by its hinge loss's gradient alone (nothing leaks from the generator's pass)."""
+    import copy
+
+    import reference as ref
+    from kl_autoencoder.losses import PatchDiscriminator
+
+    torch.manual_seed(0)
+    vae = ref.build_reference_vae(bench.with_block_types(bench.TINY_ARCHITECTURE))
+    disc = PatchDiscriminator(3, 8, 3, "group")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def lpips_model(a, b):
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    vae_plain, vae_check, disc_check, disc_before = (copy.deepcopy(m) for m in (vae, vae, disc, disc))
+    plain = ref.reference_training_step(vae_plain, lpips_model, torch.optim.SGD(vae_plain.parameters(), lr=0.1), x,
+                                        generator=torch.Generator().manual_seed(0))
+    loss = ref.reference_gan_training_step(vae, lpips_model, torch.optim.SGD(vae.parameters(), lr=0.1), disc,
+                                           torch.optim.SGD(disc.parameters(), lr=0.1), x, disc_weight=0.5,
+                                           generator=torch.Generator().manual_seed(0))
+    # The same step by hand, with .backward() and .grad for the gradient norms.
+    posterior = vae_check.encode(x).latent_dist
+    reconstruction = vae_check.decode(posterior.sample(generator=torch.Generator().manual_seed(0))).sample
+    rec = (reconstruction - x).abs().mean() + lpips_model(reconstruction, x).mean()
+    g = -copy.deepcopy(disc_check)(reconstruction).mean()  # a copy: disc_check's .grad stays the hinge loss's
+    norms = []
+    for term in (rec, g):
+        vae_check.zero_grad()
+        term.backward(retain_graph=True)
+        norms.append(vae_check.decoder.conv_out.weight.grad.norm())
+    adversarial = 0.5 * (norms[0] / (norms[1] + 1e-4)).detach() * g
+    assert abs(adversarial.item()) > 1e-3
+    torch.testing.assert_close(loss - plain, adversarial.detach(), rtol=1e-4, atol=1e-6)
+    vae_check.zero_grad()
+    (rec + 1e-6 * posterior.kl().mean() + adversarial).backward()
+    with torch.no_grad():
+        for p in vae_check.parameters():
+            p -= 0.1 * p.grad
+    for got, want in zip(vae.parameters(), vae_check.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    hinge = 0.5 * (torch.relu(1 - disc_check(x)).mean() + torch.relu(1 + disc_check(reconstruction.detach())).mean())
+    hinge.backward()
+    with torch.no_grad():
+        for got, want in zip(disc.parameters(), disc_check.parameters()):
+            torch.testing.assert_close(got, want - 0.1 * want.grad, rtol=1e-4, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(disc.parameters(), disc_before.parameters()))  # it moved

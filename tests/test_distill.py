@@ -22,7 +22,7 @@ from kl_autoencoder.tiny import TinyAutoencoder, build_student
 from kl_autoencoder.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TEACHER = ROOT / "tests" / "assets" / "trained-f8"  # a briefly trained f8 KL VAE (the quickstart architecture)
+TEACHER = ROOT / "tests" / "assets" / "trained-f8"  # a briefly trained f8 KL VAE (the 4-channel quickstart architecture of before issue 29)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SMALL = ["distill.width=8", "distill.encoder_blocks=1", "distill.decoder_blocks=1", "data.num_workers=0",
          "train.batch_size=4", "train.log_every=5", "train.image_every=0", "train.checkpoint_every=0",
