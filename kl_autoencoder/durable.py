@@ -70,6 +70,19 @@ def normalize_modes(folder: Path) -> None:
         os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
+def try_lock(fd: int) -> bool:
+    """Take an exclusive flock on `fd` without waiting. False when another process holds it: `fd` is then closed,
+    and the caller says who is busy in its own words."""
+    import fcntl  # POSIX only; imported here so the module loads anywhere
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    return True
+
+
 def atomic_write(path: str | Path, write_fn: Callable[[Path], None], exclusive: bool = False) -> Path:
     """Call `write_fn(tmp_path)` on a temporary file beside `path`, fsync it, then rename it over `path`.
 

@@ -23,7 +23,6 @@ Resumable and safe to share:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
@@ -40,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
-from kl_autoencoder.durable import atomic_write, atomic_write_json
+from kl_autoencoder.durable import atomic_write, atomic_write_json, try_lock
 from kl_autoencoder.shards import (
     SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
     load_saved_dataset,
@@ -66,10 +65,7 @@ def lock_folder(folder: Path, what: str = "encode") -> int:
     `unlock_folder`, or EncodeFolderBusy when another run holds it."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    if not try_lock(fd):
         raise EncodeFolderBusy(f"another {what} is writing to {folder} (it holds the folder's lock); wait for it to "
                                "finish, or choose another --out") from None
     return fd

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kl_autoencoder.durable import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
+from kl_autoencoder.durable import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree, try_lock
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +302,6 @@ class RunFolder:
                 path.unlink()
 
     def _lock(self) -> None:
-        import fcntl
-
         path = self.root / LOCK_FILE
         if path.is_symlink():  # never ours: locking through it would create or lock a file elsewhere
             path.unlink()
@@ -311,10 +309,7 @@ class RunFolder:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as err:
             raise RunFolderError(f"cannot open the run lock {path}: {err}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if not try_lock(fd):
             raise RunFolderError(f"another training run is writing to {self.root} (it holds {self.root / '.lock'}); "
                                  "wait for it to finish or choose another train.output_dir") from None
         self._lock_fd = fd
