@@ -32,6 +32,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -66,24 +67,32 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1,
-                      cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+                      cpu: dict[str, list[float]] | None = None, min_seconds: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each fn, measured round-robin (the order alternates each round); warm-up calls excluded.
-    `cpu`, when given, also gets each call's process CPU seconds (far less disturbed by a loaded machine)."""
+    `cpu`, when given, also gets each call's process CPU seconds (far less disturbed by a loaded machine).
+    `min_seconds`: each sample times the same number of back-to-back calls for every fn, enough that the fastest
+    warm-up call repeated lasts this long (a 5 ms encode timed once is mostly timer and scheduler noise)."""
+    warm: list[float] = []
     for fn in fns.values():
         for _ in range(warmup):
+            sync(device)
+            start = time.perf_counter()
             fn()
-    sync(device)
+            sync(device)
+            warm.append(time.perf_counter() - start)
+    calls = max(1, math.ceil(min_seconds / max(min(warm, default=min_seconds), 1e-6))) if min_seconds > 0 else 1
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
             sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
-            fns[name]()
+            for _ in range(calls):
+                fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / calls)
             if cpu is not None:
-                cpu.setdefault(name, []).append(time.process_time() - cpu_start)
+                cpu.setdefault(name, []).append((time.process_time() - cpu_start) / calls)
     return times
 
 
@@ -186,6 +195,10 @@ def fast_override(item: str) -> tuple[str, Any]:
         return key, getattr(torch, lowered)
     if key == "compile_mode":
         return key, None if lowered in ("none", "null") else text
+    if key == "lean_norm_act_bytes":
+        if lowered in ("none", "null") or lowered.isdigit():
+            return key, None if not lowered.isdigit() else int(lowered)
+        raise SystemExit(f"--fast {item!r}: {key} takes a byte count or none")
     if lowered in ("1", "true", "yes", "on"):
         return key, True
     if lowered in ("0", "false", "no", "off"):
@@ -380,7 +393,7 @@ def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ex
     b = x.shape[0]
     for name, ours_fn, ref_fn in (("encode", ours_encode, lambda: ref.reference_encode(ref_vae, x)),
                                   ("decode", ours_decode, lambda: ref.reference_decode(ref_vae, z))):
-        times = interleaved_times({"ours": ours_fn, "reference": ref_fn}, repeats, s.device)
+        times = interleaved_times({"ours": ours_fn, "reference": ref_fn}, repeats, s.device, min_seconds=0.2)
         rows.append(Row(name, "images/s", b / median(times["ours"]), b / median(times["reference"])))
         extras[f"{name}_seconds"] = times
         if not extras.get("skip_memory"):

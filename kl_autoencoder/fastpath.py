@@ -1,7 +1,7 @@
 """The fast path: switchable speed settings for training and inference, each measured in BENCHMARKS.md.
 
     fast = FastPath.for_device(device, training=True)  # the measured defaults for this device and job
-    model = apply_fast_path(model, fast)          # channels_last, checkpointing, torch.compile (with eager fallback)
+    model = apply_fast_path(model, fast)          # channels_last, checkpointing, lean GroupNorm+SiLU, torch.compile
     prepare_loss_network(perceptual, fast)        # LPIPS' VGG in NHWC
     optimizer = make_adamw(model.parameters(), lr=1e-4, fused=fast.fused_adamw)
     with autocast(device, fast):
@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 
+LEAN_NORM_ACT_CPU_BYTES = 8 * 2**20  # measured crossover on CPU (BENCHMARKS.md, issue 30)
+
+
 @dataclass(frozen=True)
 class FastPath:
     """Speed switches. The defaults are the plain path; `FastPath.for_device` gives the measured choice."""
@@ -39,6 +42,7 @@ class FastPath:
     compile_mode: str | None = None  # e.g. "max-autotune" on GPU; None = inductor's default
     fused_adamw: bool = False  # one multi-tensor AdamW kernel (CUDA, and CPU in recent torch)
     gradient_checkpointing: bool = False  # recompute block activations in backward: memory for ~30% time
+    lean_norm_act_bytes: int | None = None  # GroupNorm+SiLU inputs this large keep only the input (norm_act.py)
 
     @classmethod
     def for_device(cls, device: torch.device | str, training: bool = False, **overrides: Any) -> "FastPath":
@@ -52,9 +56,10 @@ class FastPath:
             # CPU (AVX2/AVX-512 without AMX): bf16 is emulated and slower than fp32, and inductor's compile time
             # (minutes) outweighs its gain in short runs. NHWC pays for inference and for VGG's wide convs, but not
             # for training the VAE: GroupNorm's backward is 1.5-3x slower in NHWC on CPU. So the model is NHWC for
-            # inference and NCHW for training; LPIPS is NHWC; fused AdamW.
+            # inference and NCHW for training; LPIPS is NHWC; fused AdamW. The lean GroupNorm+SiLU from 8 MiB
+            # activations: faster from 16 MiB (fewer fresh pages), neutral at 4 MiB, slower at 2 MiB.
             fast = cls(channels_last=not training, loss_channels_last=True,
-                       fused_adamw=fused_adamw_supported(device))
+                       fused_adamw=fused_adamw_supported(device), lean_norm_act_bytes=LEAN_NORM_ACT_CPU_BYTES)
         return replace(fast, **overrides)
 
 
@@ -113,6 +118,8 @@ def apply_fast_path(model: nn.Module, fast: FastPath, device: torch.device | str
         if not hasattr(model, "enable_gradient_checkpointing"):
             raise TypeError(f"{type(model).__name__} has no enable_gradient_checkpointing(); cannot checkpoint")
         model.enable_gradient_checkpointing(True)
+    if fast.lean_norm_act_bytes is not None and hasattr(model, "set_lean_norm_act"):
+        model.set_lean_norm_act(fast.lean_norm_act_bytes)
     if fast.compile:
         return compile_with_fallback(model, device, mode=fast.compile_mode)
     return model

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kl_autoencoder import formats, presets
 from kl_autoencoder.formats import WeightsError, capped_repr
+from kl_autoencoder.norm_act import norm_act
 
 # --------------------------------------------------------------------------------------------------------------------
 # Config: the same fields and defaults as diffusers' AutoencoderKL, so a diffusers config.json maps onto it 1:1.
@@ -196,10 +197,11 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.act = ACTIVATIONS[act_fn]()
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.lean_from_bytes: int | None = None  # see norm_act.py; set by KLAutoencoder.set_lean_norm_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+        h = self.conv1(norm_act(self.norm1, self.act, x, self.lean_from_bytes))
+        h = self.conv2(norm_act(self.norm2, self.act, h, self.lean_from_bytes))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
@@ -309,6 +311,7 @@ class Encoder(nn.Module):
         self.conv_act = ACTIVATIONS[act]()
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        self.lean_from_bytes: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.gradient_checkpointing
@@ -319,7 +322,7 @@ class Encoder(nn.Module):
             if block.downsamplers is not None:
                 h = block.downsamplers[0](h)
         h = _run(self.mid_block, h, ckpt)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return self.conv_out(norm_act(self.conv_norm_out, self.conv_act, h, self.lean_from_bytes))
 
 
 class Decoder(nn.Module):
@@ -340,6 +343,7 @@ class Decoder(nn.Module):
         self.conv_act = ACTIVATIONS[act]()
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        self.lean_from_bytes: int | None = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         ckpt = self.gradient_checkpointing
@@ -349,7 +353,7 @@ class Decoder(nn.Module):
                 h = _run(resnet, h, ckpt)
             if block.upsamplers is not None:
                 h = block.upsamplers[0](h)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return self.conv_out(norm_act(self.conv_norm_out, self.conv_act, h, self.lean_from_bytes))
 
 
 @torch.no_grad()
@@ -501,6 +505,13 @@ class KLAutoencoder(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.gradient_checkpointing = enabled
         self.decoder.gradient_checkpointing = enabled
+
+    def set_lean_norm_act(self, from_bytes: int | None) -> None:
+        """GroupNorm+SiLU pairs whose input has at least `from_bytes` bytes keep only that input for backward
+        (norm_act.py: a third less activation memory per ResNet block, same math); None turns it off."""
+        for module in self.modules():
+            if hasattr(module, "lean_from_bytes"):
+                module.lean_from_bytes = from_bytes
 
     def num_parameters(self, part: str | None = None) -> int:
         module = self if part is None else getattr(self, part)

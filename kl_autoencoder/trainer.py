@@ -294,6 +294,7 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     model = build_model(cfg.model, channels_last).to(device)
+    model.set_lean_norm_act(fast.lean_norm_act_bytes)
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
         perceptual = L.PerceptualLoss(cfg.loss.perceptual_net, cfg.loss.perceptual_pretrained).to(device)

@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -256,3 +257,18 @@ def test_reference_gan_step_adds_the_adaptive_adversarial_term_and_trains_the_di
         for got, want in zip(disc.parameters(), disc_check.parameters()):
             torch.testing.assert_close(got, want - 0.1 * want.grad, rtol=1e-4, atol=1e-7)
     assert any(not torch.equal(a, b) for a, b in zip(disc.parameters(), disc_before.parameters()))  # it moved
+
+
+def test_interleaved_times_repeat_short_calls_to_min_seconds():
+    calls = {"ours": 0, "reference": 0}
+
+    def call(name):
+        def fn():
+            calls[name] += 1
+            time.sleep(0.002)
+        return fn
+
+    times = bench.interleaved_times({k: call(k) for k in calls}, repeats=2, device=torch.device("cpu"), warmup=1,
+                                    min_seconds=0.02)
+    assert calls["ours"] == calls["reference"] >= 1 + 2 * 5  # the same number of calls per sample for both
+    assert all(0.002 <= t < 0.02 for ts in times.values() for t in ts)  # seconds per call, not per sample

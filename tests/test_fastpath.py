@@ -42,7 +42,9 @@ X = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
 @pytest.mark.parametrize("switch", [{"channels_last": True}, {"gradient_checkpointing": True},
-                                    {"channels_last": True, "gradient_checkpointing": True}])
+                                    {"channels_last": True, "gradient_checkpointing": True},
+                                    {"lean_norm_act_bytes": 0}, {"lean_norm_act_bytes": 0, "channels_last": True},
+                                    {"lean_norm_act_bytes": 0, "gradient_checkpointing": True}])
 def test_switch_gives_same_outputs_and_gradients_fp32(switch):
     plain, fast_model, call, fast = make_pair(**switch)
     expected = outputs_and_grads(plain, plain, X)
@@ -155,6 +157,7 @@ def test_device_defaults():
     # Training on CPU keeps the VAE NCHW (GroupNorm's NHWC backward is slow there) and LPIPS' VGG NHWC.
     cpu_train = FastPath.for_device("cpu", training=True)
     assert not cpu_train.channels_last and cpu_train.loss_channels_last
+    assert cpu_train.lean_norm_act_bytes == 8 * 2**20  # the measured crossover (BENCHMARKS.md, issue 30)
     for training in (False, True):
         gpu = FastPath.for_device("cuda", training=training, compile=False)
         assert gpu.autocast_dtype == torch.bfloat16 and gpu.tf32 and gpu.channels_last and not gpu.compile
