@@ -327,26 +327,33 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
         rows.append(Row("train MFU (bf16 peak)", "%", 100 * flops * step_row.ours / peak,
                         100 * flops * step_row.reference / peak))
     if extras.get("breakdown") and s.perceptual_weight > 0:
-        # Where the step's time goes: the same step without LPIPS, and LPIPS alone (forward + backward to the
-        # reconstruction), each side in its own layout. Explains how far the whole-step ratio can move.
-        ours_vae_step, ref_vae_step = steps(0.0)
-
-        def lpips_call(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], image: torch.Tensor
-                       ) -> Callable[[], None]:
-            def call() -> None:
-                reconstruction = image.detach().clone().requires_grad_(True)
-                loss_fn(reconstruction, x).backward()
-            return call
-
-        parts = {"vae_ours": ours_vae_step, "vae_reference": ref_vae_step,
-                 "lpips_ours": lpips_call(ours.perceptual, to_model_input(x, s.train_fast)),
-                 "lpips_reference": lpips_call(lambda a, b: ref_lpips(a, b).mean(), x)}
-        part_times = interleaved_times(parts, repeats, s.device, warmup)
-        for label, key in (("train step without LPIPS", "vae"), ("LPIPS forward + backward", "lpips")):
-            rows.append(Row(label, "images/s", b / median(part_times[f"{key}_ours"]),
-                            b / median(part_times[f"{key}_reference"])))
-        extras["breakdown_seconds"] = part_times
+        bench_breakdown(s, x, steps, ours.perceptual, ref_lpips, repeats, warmup, rows, extras)
     del ref_opt, ref_d_opt, ours
+
+
+def bench_breakdown(s: Setup, x: torch.Tensor, steps: Callable[[float], tuple[Callable[[], None], Callable[[], None]]],
+                    perceptual: torch.nn.Module, ref_lpips: torch.nn.Module, repeats: int, warmup: int,
+                    rows: list[Row], extras: dict[str, Any]) -> None:
+    """Where the step's time goes: the same step without LPIPS, and LPIPS alone (forward + backward to the
+    reconstruction), each side in its own layout. Explains how far the whole-step ratio can move."""
+    ours_vae_step, ref_vae_step = steps(0.0)
+    b = x.shape[0]
+
+    def lpips_call(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], image: torch.Tensor
+                   ) -> Callable[[], None]:
+        def call() -> None:
+            reconstruction = image.detach().clone().requires_grad_(True)
+            loss_fn(reconstruction, x).backward()
+        return call
+
+    parts = {"vae_ours": ours_vae_step, "vae_reference": ref_vae_step,
+             "lpips_ours": lpips_call(perceptual, to_model_input(x, s.train_fast)),
+             "lpips_reference": lpips_call(lambda a, b: ref_lpips(a, b).mean(), x)}
+    part_times = interleaved_times(parts, repeats, s.device, warmup)
+    for label, key in (("train step without LPIPS", "vae"), ("LPIPS forward + backward", "lpips")):
+        rows.append(Row(label, "images/s", b / median(part_times[f"{key}_ours"]),
+                        b / median(part_times[f"{key}_reference"])))
+    extras["breakdown_seconds"] = part_times
 
 
 def reference_discriminator(ours: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -367,8 +374,7 @@ def reference_discriminator(ours: Any) -> tuple[torch.nn.Module, torch.optim.Opt
 
 def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any],
                     tiled: bool = True, tiled_size: int | None = None, tile_size: int | None = None) -> None:
-    from kl_autoencoder.tiling import decode_tiled
-
+    """Encode and decode of the batch, ours (the inference layout) vs diffusers, then the tiled decode."""
     torch.manual_seed(0)
     architecture = dict(s.architecture, sample_size=s.resolution)  # diffusers tiles by config sample_size
     ref_vae = ref.build_reference_vae(architecture).to(s.device).eval()
@@ -399,8 +405,16 @@ def bench_inference(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ex
         if not extras.get("skip_memory"):
             rows.append(Row(f"{name} peak memory", "MiB", peak_memory_bytes(ours_fn, s.device) / 2**20,
                             peak_memory_bytes(ref_fn, s.device) / 2**20, higher_is_better=False))
-    if not tiled:
-        return
+    if tiled:
+        bench_tiled(s, ours, ref_vae, repeats, rows, extras, tiled_size, tile_size)
+
+
+def bench_tiled(s: Setup, ours: KLAutoencoder, ref_vae: torch.nn.Module, repeats: int, rows: list[Row],
+                extras: dict[str, Any], tiled_size: int | None = None, tile_size: int | None = None) -> None:
+    """Tiled decode of one large latent: ours with per-tile and with whole-image GroupNorm statistics vs
+    diffusers' enable_tiling()."""
+    from kl_autoencoder.tiling import decode_tiled
+
     # One large image (default 4x the resolution per side), tiles of `tile` pixels (default the resolution) with
     # 25% overlap: diffusers' split, where the tile is the config's sample_size.
     f = ours.config.downsampling_factor
