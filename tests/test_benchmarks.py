@@ -272,3 +272,17 @@ def test_interleaved_times_repeat_short_calls_to_min_seconds():
                                     min_seconds=0.02)
     assert calls["ours"] == calls["reference"] >= 1 + 2 * 5  # the same number of calls per sample for both
     assert all(0.002 <= t < 0.02 for ts in times.values() for t in ts)  # seconds per call, not per sample
+
+
+def test_gpu_session_script_parses_and_its_run_arguments_are_valid():
+    """benchmarks/gpu_session.sh is run once on a lent GPU: a syntax error or a stale option would waste the lease."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    commands = re.findall(r"benchmarks/run\.py (.*?)--json", text.replace("\\\n", " "), flags=re.S)
+    assert len(commands) == 2
+    for command in commands:
+        argv = [a.strip('"') for a in command.split()]
+        bench.parse_args(["cpu" if a == "$DEV" else "2" if a.startswith("$") else a for a in argv])

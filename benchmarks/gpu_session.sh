@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 28's measurements in one go, for a session lent the GPU (about 15 device-minutes in all, start included).
+#   OUT=$OUT bash benchmarks/gpu_session.sh            # on the GPU machine: every part logs and writes under $OUT
+#   SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu_session.sh  # on the CPU: every part at toy sizes, to check the plumbing
+# Parts run in order of value and each has its own time limit, so a slow or failing one costs only itself; the summary
+# at the end gives each part's exit status and seconds. LPIPS uses a random VGG (no download on the machine): same cost.
+# The lent H200 (see the device tool's README and KINDS.md) has Python 3.12 with torch, accelerate, safetensors, but
+# not diffusers, lpips or datasets: carry their wheels (`.whl`, installed with --no-deps into /tmp/site) and run from
+# the checkout with PYTHONPATH=/tmp/site:. and PYTHONUNBUFFERED=1; its torch is older than our pin, which is fine here.
+set -u
+OUT=${OUT:-outputs/gpu_session}
+mkdir -p "$OUT"
+if [ "${SMOKE:-0}" = 1 ]; then
+  DEV=cpu RES=64 BATCH=2 REP=1 ENC_SIZES="64 128" BIG=256 TILE=128 STEPS=4 PRECISION=no FP16=no
+  T_STEP=300 T_ENC=300 T_TILED=300 T_RUN=300 T_FP16=300
+else  # limits sum to 570 s, under one device call's 600 s: the whole script is one `run`
+  DEV=cuda RES=256 BATCH=32 REP=10 ENC_SIZES="512 1024" BIG=4096 TILE=512 STEPS=200 PRECISION=bf16 FP16=fp16
+  T_STEP=150 T_ENC=60 T_TILED=60 T_RUN=120 T_FP16=60
+fi
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, keep going whatever it returns
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "== $name: $*"
+  start=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc seconds=$(( $(date +%s) - start ))" | tee -a "$SUMMARY"
+  tail -n 8 "$OUT/$name.log"
+}
+
+train_run() {  # train_run NAME PRECISION STEPS: a short accelerate run of the kl-f8 config, exported at the end
+  accelerate launch --config_file configs/accelerate/single-process.yaml training/train.py --config configs/kl-f8.yaml \
+    "train.output_dir=$OUT/$1" "train.mixed_precision=$2" "train.max_steps=$3" "train.log_every=$(( $3 / 4 + 1 ))" \
+    "train.checkpoint_every=$3" "train.image_every=$3" "data.resolution=$RES" "train.batch_size=$BATCH" \
+    loss.perceptual_pretrained=false
+}
+export -f train_run  # `timeout` runs programs, not shell functions: the parts call it through bash -c
+export OUT RES BATCH
+
+part env 30 python -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+part train_step "$T_STEP" python benchmarks/run.py --device "$DEV" --config configs/kl-f8.yaml --resolution "$RES" \
+  --batch-size "$BATCH" --only train --repeats "$REP" --json "$OUT/train_step.json"
+for size in $ENC_SIZES; do
+  part "encode_$size" "$T_ENC" python benchmarks/run.py --device "$DEV" --config configs/kl-f8.yaml --resolution "$size" \
+    --batch-size 4 --only encode --no-tiled --repeats "$REP" --json "$OUT/encode_$size.json"
+done
+part tiled_memory "$T_TILED" python benchmarks/tiled_memory.py --device "$DEV" --config configs/kl-f8.yaml --sizes "$BIG" \
+  --tile "$TILE" --json "$OUT/tiled_memory.json"
+part train_run "$T_RUN" bash -c 'train_run "$@"' _ run "$PRECISION" "$STEPS"
+part diffusers_load 30 python -c "
+import sys; from diffusers import AutoencoderKL
+m = AutoencoderKL.from_pretrained(sys.argv[1]); print('diffusers loads it:', dict(scaling_factor=m.config.scaling_factor))
+" "$OUT/run/vae"
+part fp16_run "$T_FP16" bash -c 'train_run "$@"' _ fp16 "$FP16" "$(( STEPS / 3 + 1 ))"
+echo "summary ($SUMMARY):"
+cat "$SUMMARY"
