@@ -80,7 +80,9 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: t
             fn()
             sync(device)
             warm.append(time.perf_counter() - start)
-    calls = max(1, math.ceil(min_seconds / max(min(warm, default=min_seconds), 1e-6))) if min_seconds > 0 else 1
+    calls = 1
+    if min_seconds > 0 and warm:
+        calls = max(1, math.ceil(min_seconds / max(min(warm), 1e-6)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for round_index in range(repeats):
@@ -196,8 +198,10 @@ def fast_override(item: str) -> tuple[str, Any]:
     if key == "compile_mode":
         return key, None if lowered in ("none", "null") else text
     if key == "lean_norm_act_bytes":
-        if lowered in ("none", "null") or lowered.isdigit():
-            return key, None if not lowered.isdigit() else int(lowered)
+        if lowered in ("none", "null"):
+            return key, None
+        if lowered.isdigit():
+            return key, int(lowered)
         raise SystemExit(f"--fast {item!r}: {key} takes a byte count or none")
     if lowered in ("1", "true", "yes", "on"):
         return key, True

@@ -26,6 +26,18 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_globals
 
 
+def group_scale_shift(mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      per_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm with known per-(sample, group) mean and 1/std as a per-(sample, channel) scale and shift [N, C]:
+    group_norm(x) == x * scale + shift, one pass over x. Used here and by tiling's whole-image statistics."""
+    scale = rstd.repeat_interleave(per_group, dim=1)
+    shift = -mean.repeat_interleave(per_group, dim=1) * scale
+    if weight is not None:
+        scale = scale * weight
+        shift = shift * weight + bias
+    return scale, shift
+
+
 class GroupNormSiLU(torch.autograd.Function):
     """silu(group_norm(x)) saving x, the weights and the group mean / 1/std; backward recomputes group_norm(x)."""
 
@@ -44,9 +56,7 @@ class GroupNormSiLU(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, mean, rstd = ctx.saved_tensors
         n, c, positions = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-        per_group = c // ctx.groups
-        scale = rstd.repeat_interleave(per_group, dim=1) * weight  # [N, C]: GroupNorm as one scale and shift
-        shift = bias - mean.repeat_interleave(per_group, dim=1) * scale
+        scale, shift = group_scale_shift(mean, rstd, weight, bias, c // ctx.groups)
         normalised = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
         grad_normalised = torch.ops.aten.silu_backward.grad_input(grad_y, normalised, grad_input=normalised)
         mask = list(ctx.needs_input_grad[:3])

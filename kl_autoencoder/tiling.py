@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kl_autoencoder.model import DiagonalGaussian
+from kl_autoencoder.norm_act import group_scale_shift
 
 
 AUTO_TILE_SIZE = 512  # pixels: the tile `tile_size="auto"` uses once an image is over the budget
@@ -204,12 +205,8 @@ class _GlobalGroupNorm:
         if m not in self.stats:  # first recording pass: tile-local statistics
             return F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps)
         mean, var = self.stats[m]
-        per_group = x.shape[1] // m.num_groups
-        scale = torch.rsqrt(var + m.eps).repeat_interleave(per_group, dim=1)  # [B, C]
-        shift = -mean.repeat_interleave(per_group, dim=1) * scale
-        if m.affine:
-            scale = scale * m.weight.float()
-            shift = shift * m.weight.float() + m.bias.float()
+        weight, bias = (m.weight.float(), m.bias.float()) if m.affine else (None, None)
+        scale, shift = group_scale_shift(mean, torch.rsqrt(var + m.eps), weight, bias, x.shape[1] // m.num_groups)
         # fp32 like GroupNorm under autocast; the input's dtype otherwise (as GroupNorm itself).
         dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
         return torch.addcmul(shift[:, :, None, None], x.float(), scale[:, :, None, None]).to(dtype)
