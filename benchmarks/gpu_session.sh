@@ -5,8 +5,9 @@
 # Parts run in order of value and each has its own time limit, so a slow or failing one costs only itself; the summary
 # at the end gives each part's exit status and seconds. LPIPS uses a random VGG (no download on the machine): same cost.
 # The lent H200 (see the device tool's README and KINDS.md) has Python 3.12 with torch, accelerate, safetensors, but
-# not diffusers, lpips or datasets: carry their wheels (`.whl`, installed with --no-deps into /tmp/site) and run from
-# the checkout with PYTHONPATH=/tmp/site:. and PYTHONUNBUFFERED=1; its torch is older than our pin, which is fine here.
+# not diffusers, lpips or datasets: fetch their wheels here first (`bash benchmarks/gpu_wheels.sh`), carry `.whl`, and
+# this script installs them with --no-deps into /tmp/site; its torch is older than our pin, which is fine here. So:
+#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 set -u
 OUT=${OUT:-outputs/gpu_session}
 mkdir -p "$OUT"
@@ -17,6 +18,12 @@ else  # limits sum to 570 s, under one device call's 600 s: the whole script is 
   DEV=cuda RES=256 BATCH=32 REP=10 ENC_SIZES="512 1024" BIG=4096 TILE=512 STEPS=200 PRECISION=bf16 FP16=fp16
   T_STEP=150 T_ENC=60 T_TILED=60 T_RUN=120 T_FP16=60
 fi
+if [ -d .whl ] && [ "${SMOKE:-0}" != 1 ]; then  # carried wheels: the packages the device image lacks
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
@@ -32,7 +39,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 train_run() {  # train_run NAME PRECISION STEPS: a short accelerate run of the kl-f8 config, exported at the end
-  accelerate launch --config_file configs/accelerate/single-process.yaml training/train.py --config configs/kl-f8.yaml \
+  python3 -m accelerate.commands.launch --config_file configs/accelerate/single-process.yaml training/train.py \
+    --config configs/kl-f8.yaml \
     "train.output_dir=$OUT/$1" "train.mixed_precision=$2" "train.max_steps=$3" "train.log_every=$(( $3 / 4 + 1 ))" \
     "train.checkpoint_every=$3" "train.image_every=$3" "data.resolution=$RES" "train.batch_size=$BATCH" \
     loss.perceptual_pretrained=false
@@ -40,17 +48,23 @@ train_run() {  # train_run NAME PRECISION STEPS: a short accelerate run of the k
 export -f train_run  # `timeout` runs programs, not shell functions: the parts call it through bash -c
 export OUT RES BATCH
 
-part env 30 python -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-part train_step "$T_STEP" python benchmarks/run.py --device "$DEV" --config configs/kl-f8.yaml --resolution "$RES" \
+part env 30 python3 -c "
+import importlib.metadata as m, torch
+print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))
+for name in ('diffusers', 'lpips', 'datasets', 'accelerate', 'pyarrow', 'fsspec', 'huggingface-hub'):
+    print(name, m.version(name))
+import diffusers, lpips, datasets  # a missing or clashing package shows here, before the parts that need it
+"
+part train_step "$T_STEP" python3 benchmarks/run.py --device "$DEV" --config configs/kl-f8.yaml --resolution "$RES" \
   --batch-size "$BATCH" --only train --repeats "$REP" --json "$OUT/train_step.json"
 for size in $ENC_SIZES; do
-  part "encode_$size" "$T_ENC" python benchmarks/run.py --device "$DEV" --config configs/kl-f8.yaml --resolution "$size" \
+  part "encode_$size" "$T_ENC" python3 benchmarks/run.py --device "$DEV" --config configs/kl-f8.yaml --resolution "$size" \
     --batch-size 4 --only encode --no-tiled --repeats "$REP" --json "$OUT/encode_$size.json"
 done
-part tiled_memory "$T_TILED" python benchmarks/tiled_memory.py --device "$DEV" --config configs/kl-f8.yaml --sizes "$BIG" \
+part tiled_memory "$T_TILED" python3 benchmarks/tiled_memory.py --device "$DEV" --config configs/kl-f8.yaml --sizes "$BIG" \
   --tile "$TILE" --json "$OUT/tiled_memory.json"
 part train_run "$T_RUN" bash -c 'train_run "$@"' _ run "$PRECISION" "$STEPS"
-part diffusers_load 30 python -c "
+part diffusers_load 30 python3 -c "
 import sys; from diffusers import AutoencoderKL
 m = AutoencoderKL.from_pretrained(sys.argv[1]); print('diffusers loads it:', dict(scaling_factor=m.config.scaling_factor))
 " "$OUT/run/vae"

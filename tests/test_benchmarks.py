@@ -278,9 +278,14 @@ def test_gpu_session_script_parses_and_its_run_arguments_are_valid():
     """benchmarks/gpu_session.sh is run once on a lent GPU: a syntax error or a stale option would waste the lease."""
     import subprocess
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_session.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    script, wheels = benchmarks / "gpu_session.sh", benchmarks / "gpu_wheels.sh"
+    for path in (script, wheels):
+        assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0, path
     text = script.read_text()
+    fetched = re.search(r'WHEELS="(.*?)"', wheels.read_text()).group(1)
+    for needed in ("diffusers", "lpips", "datasets"):  # what the session imports and the device image lacks
+        assert f"{needed}==" in fetched and needed in text
     commands = re.findall(r"benchmarks/run\.py (.*?)--json", text.replace("\\\n", " "), flags=re.S)
     assert len(commands) == 2
     for command in commands:
