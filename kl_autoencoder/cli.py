@@ -461,6 +461,71 @@ def _add_sample_photos(sub) -> None:
     p.set_defaults(func=cmd_sample_photos)
 
 
+def _add_sample(sub) -> None:
+    """The sample command: decode draws from the prior."""
+    p = sub.add_parser(
+        "sample", help="decode draws from the prior N(0, I)",
+        description="Decode latents drawn from the VAE prior N(0, I) into PNGs (sample-00000.png, ...). A KL-VAE's "
+                    "prior samples look like texture, not photos: its KL weight is tiny, so the latents carry the image "
+                    "and the prior is only loosely matched. For real generation, train a diffusion model on the "
+                    "latents: examples/latent_diffusion.py.")
+    p.add_argument("--model", required=True,
+                   help="a KL VAE (AutoencoderKL: diffusers folder, pipeline folder, LDM .safetensors or hub id); "
+                        "not a tiny autoencoder, which has no prior")
+    p.add_argument("--num", type=int, default=8, help="how many images to draw and decode (default: 8)")
+    p.add_argument("--truncation", type=float, default=None,
+                   help="redraw latent entries with |z| above this (default: no truncation)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the latent draws: the same seed, model and sizes give the same images (default: 0)")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="side of the square images in pixels; the latent is image-size / downsampling factor, "
+                        "rounded up (default: 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="images decoded at once (default: 8)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_tiling(p)
+    _add_replace(p, "the samples --out already holds (all sample-*.png there are replaced)")
+    p.set_defaults(func=cmd_sample)
+
+
+def _add_interpolate(sub) -> None:
+    """The interpolate command: a latent path between two images."""
+    p = sub.add_parser("interpolate", help="decode a latent path between two images into a strip")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+    p.add_argument("--image-size", type=int, default=256, help="both images are resized and centre-cropped to this")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True,
+                   help="the strip: an image file whose extension sets the format (strip.png, strip.jpg, ...), or a "
+                        "folder (a trailing slash or an existing folder) to write A-to-B.png into; not an input")
+    p.add_argument("--device", default=None)
+    _add_image_limit(p)
+    _add_replace(p, "the file at --out")
+    p.set_defaults(func=cmd_interpolate)
+
+
+def _add_distill(sub) -> None:
+    """The distill command: a tiny autoencoder from a KL VAE."""
+    p = sub.add_parser(
+        "distill", help="distil a tiny autoencoder (diffusers AutoencoderTiny) from a KL VAE",
+        description="Train a tiny encoder and decoder (TAESD's architecture, loadable by diffusers' AutoencoderTiny) "
+                    "to reproduce a KL VAE's diffusion latents and decodes, in the training loop (checkpoints, "
+                    "resume with train.resume=latest, EMA, logs). Writes OUT/vae/.")
+    p.add_argument("--teacher", required=True, help="the KL VAE: diffusers folder, pipeline folder, LDM file or hub id")
+    p.add_argument("--data", required=True, help='"sample" (built-in photos), an image folder, or a hub dataset')
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, the export in vae/)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (train.max_steps; default: the config's)")
+    p.add_argument("--resolution", type=int, default=None, help="training crop size (data.resolution)")
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: configs/distill.yaml, the CPU-sized recipe)")
+    _add_preset(p, "the release the teacher is (model.preset)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. distill.width=64 optim.lr=1e-3")
+    p.set_defaults(func=cmd_distill)
+
+
 def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kl-autoencoder", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -494,62 +559,9 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     _add_replace(p, "PNGs --out already holds (same-named ones are replaced, others kept)")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser(
-        "sample", help="decode draws from the prior N(0, I)",
-        description="Decode latents drawn from the VAE prior N(0, I) into PNGs (sample-00000.png, ...). A KL-VAE's "
-                    "prior samples look like texture, not photos: its KL weight is tiny, so the latents carry the image "
-                    "and the prior is only loosely matched. For real generation, train a diffusion model on the "
-                    "latents: examples/latent_diffusion.py.")
-    p.add_argument("--model", required=True,
-                   help="a KL VAE (AutoencoderKL: diffusers folder, pipeline folder, LDM .safetensors or hub id); "
-                        "not a tiny autoencoder, which has no prior")
-    p.add_argument("--num", type=int, default=8, help="how many images to draw and decode (default: 8)")
-    p.add_argument("--truncation", type=float, default=None,
-                   help="redraw latent entries with |z| above this (default: no truncation)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the latent draws: the same seed, model and sizes give the same images (default: 0)")
-    p.add_argument("--image-size", type=int, default=256,
-                   help="side of the square images in pixels; the latent is image-size / downsampling factor, "
-                        "rounded up (default: 256)")
-    p.add_argument("--batch-size", type=int, default=8, help="images decoded at once (default: 8)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    _add_tiling(p)
-    _add_replace(p, "the samples --out already holds (all sample-*.png there are replaced)")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("interpolate", help="decode a latent path between two images into a strip")
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("image_a")
-    p.add_argument("image_b")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
-    p.add_argument("--image-size", type=int, default=256, help="both images are resized and centre-cropped to this")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", required=True,
-                   help="the strip: an image file whose extension sets the format (strip.png, strip.jpg, ...), or a "
-                        "folder (a trailing slash or an existing folder) to write A-to-B.png into; not an input")
-    p.add_argument("--device", default=None)
-    _add_image_limit(p)
-    _add_replace(p, "the file at --out")
-    p.set_defaults(func=cmd_interpolate)
-
-    p = sub.add_parser(
-        "distill", help="distil a tiny autoencoder (diffusers AutoencoderTiny) from a KL VAE",
-        description="Train a tiny encoder and decoder (TAESD's architecture, loadable by diffusers' AutoencoderTiny) "
-                    "to reproduce a KL VAE's diffusion latents and decodes, in the training loop (checkpoints, "
-                    "resume with train.resume=latest, EMA, logs). Writes OUT/vae/.")
-    p.add_argument("--teacher", required=True, help="the KL VAE: diffusers folder, pipeline folder, LDM file or hub id")
-    p.add_argument("--data", required=True, help='"sample" (built-in photos), an image folder, or a hub dataset')
-    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, the export in vae/)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (train.max_steps; default: the config's)")
-    p.add_argument("--resolution", type=int, default=None, help="training crop size (data.resolution)")
-    p.add_argument("--config", default=None,
-                   help="YAML config (default: configs/distill.yaml, the CPU-sized recipe)")
-    _add_preset(p, "the release the teacher is (model.preset)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. distill.width=64 optim.lr=1e-3")
-    p.set_defaults(func=cmd_distill)
-
+    _add_sample(sub)
+    _add_interpolate(sub)
+    _add_distill(sub)
     _add_sample_photos(sub)
 
     p = sub.add_parser("evaluate", help="reconstruction metrics, latent statistics, report")
