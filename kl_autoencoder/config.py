@@ -81,6 +81,9 @@ class DataConfig:
     num_workers: int | None = None  # None = sized from the machine
     max_images: int | None = None
     cache_dir: str | None = None
+    # parquet / save_to_disk cells that name a local file ({"bytes": null, "path": ...} or a plain path) are read only
+    # when true: a dataset from someone else could name any file of this machine
+    allow_local_paths: bool = False
 
 
 @dataclass
