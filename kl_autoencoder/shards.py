@@ -219,8 +219,8 @@ def _walk_tar(url: str, start: int, image_ext: str | None = None) -> Iterator[Sa
                 member = tar.next()
             except (tarfile.TarError, OSError, EOFError) as err:
                 # between members: what was read is whole, only the end of the shard is missing
-                logger.warning("shard %s is truncated or damaged after %d sample(s) (%s: %s)", url, position + 1,
-                               type(err).__name__, err)
+                logger.warning("shard %s is truncated or damaged after %d sample(s) (%s: %s)", shown(url), position + 1,
+                               type(err).__name__, shown(err))
                 break
             if member is None:
                 break

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         # fine-tunes model.pretrained against its frozen fp32 self (kl_autoencoder/fp16_fix.py)
         build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
         train(cfg, build=build)  # prints "exported <folder>" once
-    except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError, ShardError) as e:  # found before training: nothing was written
+    except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError, ShardError) as e:  # nothing written
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except (DatasetUnavailableError, DiskSpaceError) as e:  # the machine or the network, not the request
