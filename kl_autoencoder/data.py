@@ -54,7 +54,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from kl_autoencoder.formats import is_local_path
-from kl_autoencoder.untrusted import MAX_ERROR_CHARS, arrow_cell_problem, array_problem, nested_shape, shown, too_many_pixels
+from kl_autoencoder.untrusted import (
+    MAX_ERROR_CHARS, arrow_cell_problem, array_problem, nested_shape, shown, too_many_pixels,
+)
 
 if TYPE_CHECKING:
     from kl_autoencoder.config import DataConfig

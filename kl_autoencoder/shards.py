@@ -47,7 +47,8 @@ from kl_autoencoder.data import (
     IMAGE_EXTENSIONS, BadImageError, ImageTransform, SkipLog, decode_hub_value, decode_image, find_image_column,
 )
 from kl_autoencoder.untrusted import (
-    MAX_PATTERN_NAMES, arrow_cell_problem, parquet_row_group_problem, pattern_names, shown, too_many_bytes,
+    MAX_PATTERN_NAMES, arrow_cell_problem, parquet_file_problem, parquet_row_group_problem, pattern_names, shown,
+    too_many_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -344,6 +345,9 @@ def check_parquet_bounds(pf: Any, url: str) -> None:
         problem = parquet_row_group_problem(pf.metadata, group)
         if problem:
             raise ShardError(f"parquet file {shown(url)}, row group {group}: {problem}")
+    problem = parquet_file_problem(pf.metadata)
+    if problem:
+        raise ShardError(f"parquet file {shown(url)}: {problem}")
 
 
 def count_parquet_samples(url: str) -> int:

@@ -165,10 +165,27 @@ def parquet_row_group_problem(metadata: Any, group: int, columns: set[str] | Non
     row_group = metadata.row_group(group)
     for index in range(row_group.num_columns):
         chunk = row_group.column(index)
-        if columns is None or chunk.path_in_schema.split(".")[0] in columns:
+        path = chunk.path_in_schema  # "image.bytes", "image.list.element": the top column's name, then the leaf's
+        if columns is None or any(path == name or path.startswith(name + ".") for name in columns):
             problem = parquet_chunk_problem(chunk)
             if problem:
                 return problem
+    return None
+
+
+def parquet_file_problem(metadata: Any) -> str | None:
+    """`parquet_chunk_problem`'s rule for a whole file (what `datasets` writes into its Arrow cache), or None: many
+    row groups, each under the floor, must not add up to a bomb either."""
+    if not bounds_on():
+        return None
+    chunks = [metadata.row_group(g).column(c) for g in range(metadata.num_row_groups)
+              for c in range(metadata.num_columns)]
+    stored = max(sum(int(chunk.total_compressed_size) for chunk in chunks), 1)
+    unpacked = sum(int(chunk.total_uncompressed_size) for chunk in chunks)
+    allowed = max(EXPANSION_FLOOR, MAX_EXPANSION * stored)
+    if unpacked > allowed:
+        return (f"its columns unpack from {stored:,} to {unpacked:,} bytes, over {allowed:,} (a possible "
+                "decompression bomb; --max-image-pixels 0 lifts this for trusted files)")
     return None
 
 

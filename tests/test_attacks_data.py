@@ -184,7 +184,12 @@ def test_a_map_style_parquet_bomb_is_refused_before_any_cache_is_written(tmp_pat
     with pytest.raises(ShardError, match=r"bomb\.parquet, row group 0: column image unpacks from") as err:
         build_dataset(cfg, train=False)
     assert "\n" not in str(err.value)
-    assert not [p for p in cache.rglob("*") if p.is_file()] if cache.exists() else True
+    many = _parquet(tmp_path / "many.parquet", {"image": pa.array([bytes(900 << 10)] * 3, pa.binary())},
+                    row_group_size=1)  # each row group under the floor, the file over it
+    cfg = DataConfig(source="parquet", data_files=str(many), streaming=False, cache_dir=str(cache), resolution=16)
+    with pytest.raises(ShardError, match=r"many\.parquet: its columns unpack from"):
+        build_dataset(cfg, train=False)
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
 
 
 def test_array_cells_are_held_to_the_pixel_limit_in_every_form(tmp_path, low_pixel_limit):
