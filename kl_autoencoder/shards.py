@@ -10,9 +10,10 @@ truncated at its end aborts the whole stream, and we want it skipped and counted
 resumable state (`IterableDataset.state_dict()`) lives in each DataLoader worker and needs torchdata's
 StatefulDataLoader (not a dependency) plus a per-rank gather into the checkpoint. Here the stream's position is a pure
 function of the number the trainer already saves (`batches_seen`), as for folders, so resume needs nothing new in
-the checkpoint. We use the `webdataset` library for what it standardises: brace expansion and `gopen` (http://,
-pipe:, s3 via pipe) for remote shards, and its sample grouping rule (`__key__` = the member name up to the first dot
-of its base name). Parquet files are read with pyarrow (the engine under `datasets`); `data.streaming: false` on
+the checkpoint. We use the `webdataset` library for what it standardises: its pattern syntax (`::` lists, `${NAME}`
+from WDS_NAME, brace patterns by `braceexpand`, counted here before they are expanded), `gopen` (http://, pipe:, s3
+via pipe) for remote shards, and its sample grouping rule (`__key__` = the member name up to the first dot of its
+base name). Parquet files are read with pyarrow (the engine under `datasets`); `data.streaming: false` on
 parquet, and every `save_to_disk` folder, go through `datasets` as map-style datasets (memory-mapped Arrow).
 
 The stream (`ShardStream`): every epoch the shard list is shuffled (seeded by (seed, epoch)); rank r takes every
@@ -25,7 +26,10 @@ DataLoader workers, batch size and shards as the run that wrote the checkpoint. 
 order.
 
 Bad members (corrupt image, a sample without an image, a shard truncated mid-member) become skipped items counted in
-the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it.
+the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it. A shard may
+come from someone else: only the member a sample uses is read, and sizes are bounded before anything is read
+(untrusted.py: member and cell bytes, parquet unpacked sizes, array pixels); cells naming local files are followed
+only with `data.allow_local_paths`.
 """
 
 from __future__ import annotations
