@@ -458,12 +458,12 @@ def find_image_column(features: Any, image_column: str | None = None) -> str:
     )
 
 
-def decode_hub_value(value: Any, name: str, local_paths: bool = False) -> Image.Image:
+def decode_hub_value(value: Any, name: str, local_paths: bool | str = False) -> Image.Image:
     """One image-column value of a `datasets` row -> RGB image: undecoded {"bytes", "path"}, PIL, or array.
 
     A value that names a file instead of holding the image (a path, or {"bytes": None, "path": ...}) is read only
-    with `local_paths` (a dataset from someone else could name any file of this machine); every form is held to the
-    pixel limit before it is decoded or converted (untrusted.py)."""
+    with `local_paths` True, or when it lies inside the folder `local_paths` names (a dataset from someone else could
+    name any file of this machine); every form is held to the pixel limit before it is decoded or converted."""
     if isinstance(value, Image.Image):
         problem = too_many_pixels(*value.size)
         if problem:
@@ -495,14 +495,25 @@ def decode_hub_value(value: Any, name: str, local_paths: bool = False) -> Image.
         raise BadImageError(name, f"cannot interpret value of type {type(value).__name__} as an image: {err}") from err
 
 
-def local_image_path(path: str, name: str, allowed: bool) -> str:
-    """`path`, a file a dataset cell names, when following such names is `allowed`; else a `BadImageError` that
-    says nothing of the file (not even whether it exists)."""
+def local_image_path(path: str, name: str, allowed: bool | str) -> str:
+    """`path`, a file a dataset cell names, when following such names is `allowed` (True, or a folder it lies in);
+    else a `BadImageError` that says nothing of the file (not even whether it exists)."""
+    if isinstance(allowed, str):
+        root = os.path.realpath(os.path.expanduser(allowed))
+        allowed = os.path.realpath(os.path.expanduser(path)).startswith(root.rstrip(os.sep) + os.sep)
     if not allowed:
         raise BadImageError(name, f"the cell names a local file ({shown(path, 80)}) instead of holding the image; "
                                   "not followed (set data.allow_local_paths=true, or encode --allow-local-paths, if "
                                   "you trust the dataset)")
     return path
+
+
+def hub_download_folder(cache_dir: str | None = None) -> str:
+    """Where `datasets` keeps what it downloads and extracts: the only files a hub dataset's path cells may name
+    (unless data.allow_local_paths)."""
+    import datasets
+
+    return str(cache_dir or datasets.config.HF_DATASETS_CACHE)
 
 
 def checked_cell(arrow_rows: Any, index: int, column: str, name: str) -> Any:
@@ -666,7 +677,7 @@ class HFImageDataset(ImageDataset):
     """A map-style `datasets.Dataset`, image column decoded by us."""
 
     def __init__(self, hf_dataset: Any, column: str, transform: ImageTransform, repeats: int = 1, prefix: str = "",
-                 local_paths: bool = False):
+                 local_paths: bool | str = False):
         super().__init__(transform, repeats)
         if len(hf_dataset) == 0:
             raise ValueError(f"dataset {prefix or '(in memory)'} has no rows")
@@ -697,7 +708,7 @@ class HFIterableImageDataset(IterableDataset):
     """
 
     def __init__(self, hf_dataset: Any, transform: ImageTransform, image_column: str | None = None, prefix: str = "",
-                 local_paths: bool = False):
+                 local_paths: bool | str = False):
         super().__init__()
         self.local_paths = local_paths
         # Streams may not know their features before the first row: then the column is found on it.
@@ -753,10 +764,10 @@ def dataset_from_hf(
     image_column: str | None = None,
     repeats: int = 1,
     name: str = "",
-    local_paths: bool = False,
+    local_paths: bool | str = False,
 ) -> HFImageDataset | HFIterableImageDataset:
     """Wrap a `datasets.Dataset` (map-style) or `datasets.IterableDataset` (streaming) as a torch dataset;
-    `local_paths`: follow cells that name a local file (see `decode_hub_value`)."""
+    `local_paths`: follow cells that name a local file, or those inside this folder (see `decode_hub_value`)."""
     import datasets
 
     if isinstance(hf_dataset, datasets.IterableDataset):
@@ -812,17 +823,17 @@ def build_dataset(
         return ImageFolderDataset(paths, transform, repeats=_repeats_for(len(paths), train))
 
     hf = load_hub_dataset(source, split=split, streaming=data_cfg.streaming, cache_dir=data_cfg.cache_dir)
+    paths = data_cfg.allow_local_paths or hub_download_folder(data_cfg.cache_dir)  # path cells: datasets' downloads
     if data_cfg.streaming:
         if data_cfg.max_images:
             hf = hf.take(data_cfg.max_images)
         if train:
             hf = hf.shuffle(seed=0, buffer_size=1000)
-        return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}", local_paths=True)
+        return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}", local_paths=paths)
     if data_cfg.max_images:
         hf = hf.select(range(min(data_cfg.max_images, len(hf))))
     repeats = _repeats_for(len(hf), train)
-    # a hub dataset's path cells are the files `datasets` itself downloaded and extracted
-    return dataset_from_hf(hf, transform, data_cfg.image_column, repeats, name=f"{source}/{split}", local_paths=True)
+    return dataset_from_hf(hf, transform, data_cfg.image_column, repeats, name=f"{source}/{split}", local_paths=paths)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -919,7 +930,7 @@ def load_eval_images(
         for index, row in enumerate(_undecoded(hf, column)):
             name = f"{source}/{split}[{index}]"
             try:
-                named.append((name, decode_hub_value(row[column], name, local_paths=True)))
+                named.append((name, decode_hub_value(row[column], name, local_paths=hub_download_folder())))
             except BadImageError as err:
                 skipped.add(err.path, err.reason)
         if not named:

@@ -265,6 +265,23 @@ def test_path_cells_in_training_sources_need_the_config_key(path_cells):
         assert first["pixel_values"] is not None
 
 
+def test_hub_path_cells_are_followed_only_inside_the_datasets_download_folder(tmp_path):
+    """A hub dataset's path cells are the files `datasets` downloaded: anything outside that folder (or a link out of
+    it) is refused like a parquet's."""
+    downloads, home = tmp_path / "hf" / "downloads", tmp_path / "home"
+    downloads.mkdir(parents=True)
+    home.mkdir()
+    (downloads / "0.png").write_bytes(png(32, 50))
+    (home / "secret.png").write_bytes(png(32, 7))
+    (downloads / "link.png").symlink_to(home / "secret.png")
+    root = str(tmp_path / "hf")
+    assert decode_hub_value({"bytes": None, "path": str(downloads / "0.png")}, "row", root).size == (32, 32)
+    for path in (home / "secret.png", downloads / "link.png", downloads / ".." / ".." / "home" / "secret.png"):
+        with pytest.raises(BadImageError, match="not followed"):
+            decode_hub_value({"bytes": None, "path": str(path)}, "row", root)
+    assert decode_hub_value(str(home / "secret.png"), "row", True).size == (32, 32)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Brace patterns and variables
 
