@@ -144,13 +144,13 @@ def _parquet(path: Path, columns: dict, row_group_size: int | None = None) -> Pa
 
 
 def test_a_parquet_bomb_is_skipped_from_its_metadata_with_little_memory(tmp_path):
-    """A ~10 KB zstd parquet whose second row group holds one 128 MiB cell: that row is skipped before a page is
+    """A ~10 KB zstd parquet whose second row group holds one 80 MiB cell: that row is skipped before a page is
     read, the others are read; measured in a fresh process (peak RSS)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     bomb = tmp_path / "bomb.parquet"
-    zeros = pa.py_buffer(np.zeros(128 << 20, np.uint8))  # untouched pages: no 128 MiB copy in this process
+    zeros = pa.py_buffer(np.zeros(80 << 20, np.uint8))  # untouched pages: no 80 MiB copy in this process
     cell = pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(np.array([0, zeros.size], np.int32)), zeros])
     with pq.ParquetWriter(str(bomb), pa.schema([("image", pa.binary())]), compression="zstd",
                           use_dictionary=False) as writer:
