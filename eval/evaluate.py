@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kl_autoencoder import evaluation  # noqa: E402
+from kl_autoencoder.untrusted import error_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluation.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -85,8 +85,10 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 def _report(result) -> None:
     """Each skipped file first, then the summary that counts them: the summary is the last line."""
+    from kl_autoencoder.untrusted import MAX_ERROR_CHARS, shown
+
     for name, reason in result.skipped:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+        print(f"skipped {shown(name)}: {shown(reason, MAX_ERROR_CHARS)}", file=sys.stderr)
     sys.stderr.flush()
     print(result.summary())
 
@@ -629,6 +631,8 @@ def _image_pixel_limit(limit: int | None) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kl_autoencoder.untrusted import error_line
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
@@ -637,10 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _image_pixel_limit(getattr(args, "max_image_pixels", None)):
                 return args.func(args)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except _system_errors() as err:
-        print(f"error: {command} failed: {err}", file=sys.stderr)
+        print(f"error: {command} failed: {error_line(err)}", file=sys.stderr)
         return 1
     except Terminated:
         print("error: stopped by SIGTERM; temporary files were removed, files already written are complete",

@@ -81,6 +81,9 @@ class DataConfig:
     num_workers: int | None = None  # None = sized from the machine
     max_images: int | None = None
     cache_dir: str | None = None
+    # parquet / save_to_disk cells that name a local file ({"bytes": null, "path": ...} or a plain path), and a hub
+    # dataset's outside `datasets`' download folder, are read only when true: a dataset could name any file here
+    allow_local_paths: bool = False
 
 
 @dataclass

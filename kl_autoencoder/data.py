@@ -54,6 +54,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from kl_autoencoder.formats import is_local_path
+from kl_autoencoder.untrusted import (
+    MAX_ERROR_CHARS, arrow_cell_problem, array_problem, nested_shape, shown, too_many_pixels,
+)
 
 if TYPE_CHECKING:
     from kl_autoencoder.config import DataConfig
@@ -455,18 +458,30 @@ def find_image_column(features: Any, image_column: str | None = None) -> str:
     )
 
 
-def decode_hub_value(value: Any, name: str) -> Image.Image:
-    """One image-column value of a `datasets` row -> RGB image: undecoded {"bytes", "path"}, PIL, or array."""
+def decode_hub_value(value: Any, name: str, local_paths: bool | str = False) -> Image.Image:
+    """One image-column value of a `datasets` row -> RGB image: undecoded {"bytes", "path"}, PIL, or array.
+
+    A value that names a file instead of holding the image (a path, or {"bytes": None, "path": ...}) is read only
+    with `local_paths` True, or when it lies inside the folder `local_paths` names (a dataset from someone else could
+    name any file of this machine); every form is held to the pixel limit before it is decoded or converted."""
     if isinstance(value, Image.Image):
+        problem = too_many_pixels(*value.size)
+        if problem:
+            raise BadImageError(name, problem)
         return to_rgb(ImageOps.exif_transpose(value))
     if isinstance(value, dict):
         if value.get("bytes"):
             return decode_image(value["bytes"], value.get("path") or name)
         if value.get("path"):
-            return decode_image(value["path"])
+            return decode_image(local_image_path(value["path"], name, local_paths))
         raise BadImageError(name, "image entry has neither bytes nor path")
-    if isinstance(value, (bytes, str)):
+    if isinstance(value, str):
+        return decode_image(local_image_path(value, name, local_paths), name)
+    if isinstance(value, bytes):
         return decode_image(value, name)
+    problem = array_problem(nested_shape(value))
+    if problem:
+        raise BadImageError(name, problem)
     try:
         array = np.asarray(value)
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
@@ -478,6 +493,37 @@ def decode_hub_value(value: Any, name: str) -> Image.Image:
         return to_rgb(Image.fromarray(array))
     except Exception as err:
         raise BadImageError(name, f"cannot interpret value of type {type(value).__name__} as an image: {err}") from err
+
+
+def local_image_path(path: str, name: str, allowed: bool | str) -> str:
+    """`path`, a file a dataset cell names, when following such names is `allowed` (True, or a folder it lies in);
+    else a `BadImageError` that says nothing of the file (not even whether it exists)."""
+    if isinstance(allowed, str):
+        root = os.path.realpath(os.path.expanduser(allowed))
+        allowed = os.path.realpath(os.path.expanduser(path)).startswith(root.rstrip(os.sep) + os.sep)
+    if not allowed:
+        raise BadImageError(name, f"the cell names a local file ({shown(path, 80)}) instead of holding the image; "
+                                  "not followed (set data.allow_local_paths=true, or encode --allow-local-paths, if "
+                                  "you trust the dataset)")
+    return path
+
+
+def hub_download_folder(cache_dir: str | None = None) -> str:
+    """Where `datasets` keeps what it downloads and extracts: the only files a hub dataset's path cells may name
+    (unless data.allow_local_paths)."""
+    import datasets
+
+    return str(cache_dir or datasets.config.HF_DATASETS_CACHE)
+
+
+def checked_cell(arrow_rows: Any, index: int, column: str, name: str) -> Any:
+    """Row `index`'s `column` of a `datasets.Dataset` in Arrow format, as Python, once its size is checked
+    (`untrusted.arrow_cell_problem`): a hostile cell fails before it becomes gigabytes of Python objects."""
+    cell = arrow_rows[index].column(column).combine_chunks()
+    problem = arrow_cell_problem(cell)
+    if problem:
+        raise BadImageError(name, problem)
+    return cell.to_pylist()[0]
 
 
 def _is_encoded_image(value: Any) -> bool:
@@ -507,7 +553,7 @@ class SkipLog:
     def add(self, path: str, reason: str) -> None:
         with self._lock:
             if path not in self._reasons:
-                logger.warning("skipping unreadable image %s (%s)", path, reason)
+                logger.warning("skipping unreadable image %s (%s)", shown(path), shown(reason, MAX_ERROR_CHARS))
             self._reasons[path] = reason
 
     def record_batch(self, batch: dict) -> None:
@@ -630,13 +676,16 @@ class PhotoListDataset(ImageDataset):
 class HFImageDataset(ImageDataset):
     """A map-style `datasets.Dataset`, image column decoded by us."""
 
-    def __init__(self, hf_dataset: Any, column: str, transform: ImageTransform, repeats: int = 1, prefix: str = ""):
+    def __init__(self, hf_dataset: Any, column: str, transform: ImageTransform, repeats: int = 1, prefix: str = "",
+                 local_paths: bool | str = False):
         super().__init__(transform, repeats)
         if len(hf_dataset) == 0:
             raise ValueError(f"dataset {prefix or '(in memory)'} has no rows")
         self.hf_dataset = _undecoded(hf_dataset.select_columns([column]), column)
+        self.arrow_rows = self.hf_dataset.with_format("arrow")  # cells checked before they become Python objects
         self.column = column
         self.prefix = prefix
+        self.local_paths = local_paths
 
     @property
     def num_images(self) -> int:
@@ -646,7 +695,8 @@ class HFImageDataset(ImageDataset):
         return f"{self.prefix}[{index}]"
 
     def load(self, index: int) -> Image.Image:
-        return decode_hub_value(self.hf_dataset[index][self.column], self.name(index))
+        name = self.name(index)
+        return decode_hub_value(checked_cell(self.arrow_rows, index, self.column, name), name, self.local_paths)
 
 
 class HFIterableImageDataset(IterableDataset):
@@ -657,8 +707,10 @@ class HFIterableImageDataset(IterableDataset):
     gives each rank its own share.
     """
 
-    def __init__(self, hf_dataset: Any, transform: ImageTransform, image_column: str | None = None, prefix: str = ""):
+    def __init__(self, hf_dataset: Any, transform: ImageTransform, image_column: str | None = None, prefix: str = "",
+                 local_paths: bool | str = False):
         super().__init__()
+        self.local_paths = local_paths
         # Streams may not know their features before the first row: then the column is found on it.
         self.column = find_image_column(hf_dataset.features, image_column) if hf_dataset.features else None
         self.hf_dataset = _undecoded(hf_dataset, self.column) if self.column else hf_dataset
@@ -697,7 +749,7 @@ class HFIterableImageDataset(IterableDataset):
         for position, example in enumerate(self.hf_dataset):
             name = f"{self.prefix}[{tag}{position}]"
             try:
-                image = decode_hub_value(example[self._column_of(example)], name)
+                image = decode_hub_value(example[self._column_of(example)], name, self.local_paths)
             except BadImageError as err:
                 if worker is None:
                     self.skipped.add(err.path, err.reason)
@@ -712,14 +764,16 @@ def dataset_from_hf(
     image_column: str | None = None,
     repeats: int = 1,
     name: str = "",
+    local_paths: bool | str = False,
 ) -> HFImageDataset | HFIterableImageDataset:
-    """Wrap a `datasets.Dataset` (map-style) or `datasets.IterableDataset` (streaming) as a torch dataset."""
+    """Wrap a `datasets.Dataset` (map-style) or `datasets.IterableDataset` (streaming) as a torch dataset;
+    `local_paths`: follow cells that name a local file, or those inside this folder (see `decode_hub_value`)."""
     import datasets
 
     if isinstance(hf_dataset, datasets.IterableDataset):
-        return HFIterableImageDataset(hf_dataset, transform, image_column, prefix=name)
+        return HFIterableImageDataset(hf_dataset, transform, image_column, prefix=name, local_paths=local_paths)
     column = find_image_column(hf_dataset.features, image_column)
-    return HFImageDataset(hf_dataset, column, transform, repeats=repeats, prefix=name)
+    return HFImageDataset(hf_dataset, column, transform, repeats=repeats, prefix=name, local_paths=local_paths)
 
 
 def _repeats_for(num_images: int, train: bool) -> int:
@@ -769,16 +823,17 @@ def build_dataset(
         return ImageFolderDataset(paths, transform, repeats=_repeats_for(len(paths), train))
 
     hf = load_hub_dataset(source, split=split, streaming=data_cfg.streaming, cache_dir=data_cfg.cache_dir)
+    paths = data_cfg.allow_local_paths or hub_download_folder(data_cfg.cache_dir)  # path cells: datasets' downloads
     if data_cfg.streaming:
         if data_cfg.max_images:
             hf = hf.take(data_cfg.max_images)
         if train:
             hf = hf.shuffle(seed=0, buffer_size=1000)
-        return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}")
+        return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}", local_paths=paths)
     if data_cfg.max_images:
         hf = hf.select(range(min(data_cfg.max_images, len(hf))))
     repeats = _repeats_for(len(hf), train)
-    return dataset_from_hf(hf, transform, data_cfg.image_column, repeats, name=f"{source}/{split}")
+    return dataset_from_hf(hf, transform, data_cfg.image_column, repeats, name=f"{source}/{split}", local_paths=paths)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -875,7 +930,7 @@ def load_eval_images(
         for index, row in enumerate(_undecoded(hf, column)):
             name = f"{source}/{split}[{index}]"
             try:
-                named.append((name, decode_hub_value(row[column], name)))
+                named.append((name, decode_hub_value(row[column], name, local_paths=hub_download_folder())))
             except BadImageError as err:
                 skipped.add(err.path, err.reason)
         if not named:

@@ -79,6 +79,7 @@ from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.presets import LATENT_SCALE_KEY, PRESETS
 from kl_autoencoder.outputs import check_output
 from kl_autoencoder.tiny import TinyAutoencoder
+from kl_autoencoder.untrusted import shown
 
 GRID_IMAGES = 4        # first images shown in reconstructions.png
 LATENT_IMAGES = 2      # images whose latent channels are drawn
@@ -162,7 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{_fmt(values['delta_e'], 3)}, hue error {_fmt(values['hue_error'], 3)}°; {detail}")
     if result["skipped_images"]:
         print(f"skipped {_plural(result['skipped_images'], 'unreadable image')}: "
-              + ", ".join(result["skipped_files"]))
+              + ", ".join(shown(name) for name in result["skipped_files"][:20])
+              + (" ..." if len(result["skipped_files"]) > 20 else ""))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
     return result
 
@@ -623,8 +625,8 @@ def check_latent_scale_writable(config_path: Path, force: bool) -> None:
         return  # unreadable: write_latent_config reports it, naming the file
     if isinstance(record, dict) and record.get("latent_scale") == "kept" and not force:
         raise EvaluationError(f"--write-config: {config_path} holds the latent factors its training run kept from "
-                              f"{record.get('source')} (the encoder was frozen, so diffusion models trained on that "
-                              "latent space need them); refusing to replace them with this evaluation's estimate. "
+                              f"{shown(record.get('source'))} (the encoder was frozen, so diffusion models trained on "
+                              "that latent space need them); refusing to replace them with this evaluation's estimate. "
                               "Add --force to write anyway")
 
 

@@ -44,6 +44,7 @@ from kl_autoencoder.shards import (
     SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
     load_saved_dataset,
 )
+from kl_autoencoder.untrusted import MAX_ERROR_CHARS, shown
 
 FORMAT = "kl-autoencoder/latent-shard/1"
 SHARD_NAME = "latent-shard-{:05d}.safetensors"
@@ -113,40 +114,47 @@ def _shard_units(shards: ShardSet, side: int) -> list[Unit]:
         def read() -> Iterator:
             for sample in shards.samples(index):
                 name = shards.name(index, sample.key)
-                yield sample.key, lambda s=sample, n=name: decode_sample(s, n, side)
+                yield sample.key, lambda s=sample, n=name: decode_sample(s, n, side, shards.local_paths)
         return read
 
     return [Unit(i, shards.files[i], reader(i)) for i in range(len(shards))]
 
 
-def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int) -> list[Unit]:
-    from kl_autoencoder.data import _undecoded, decode_hub_value, find_image_column
+def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int,
+                 local_paths: bool = False) -> list[Unit]:
+    from kl_autoencoder.data import _undecoded, checked_cell, decode_hub_value, find_image_column
 
     hf = load_saved_dataset(path, split)
     column = find_image_column(hf.features, image_column)
-    hf = _undecoded(hf.select_columns([column]), column)
+    hf = _undecoded(hf.select_columns([column]), column).with_format("arrow")
+
+    def read_row(row: int) -> Any:
+        name = f"{path}[{row}]"
+        return decode_hub_value(checked_cell(hf, row, column, name), name, local_paths)
 
     def reader(start: int, stop: int) -> Callable[[], Iterator]:
-        return lambda: ((str(row), lambda row=row: decode_hub_value(hf[row][column], f"{path}[{row}]"))
-                        for row in range(start, stop))
+        return lambda: ((str(row), lambda row=row: read_row(row)) for row in range(start, stop))
 
     bounds = [(start, min(start + shard_size, len(hf))) for start in range(0, len(hf), shard_size)]
     return [Unit(i, f"rows {start}..{stop - 1}", reader(start, stop)) for i, (start, stop) in enumerate(bounds)]
 
 
 def input_units(source: str, data_files: str | Sequence[str] | None = None, image_column: str | None = None,
-                split: str | None = "train", shard_size: int = 256, resolution: int = 256) -> tuple[list[Unit], dict]:
-    """The units of `source` and a description of the input for `encode.json`."""
+                split: str | None = "train", shard_size: int = 256, resolution: int = 256,
+                local_paths: bool = False) -> tuple[list[Unit], dict]:
+    """The units of `source` and a description of the input for `encode.json` (`local_paths`: follow cells that
+    name a local file)."""
     if source in SHARD_SOURCES:
         if not data_files:
             raise ShardError(f"--input {source} needs --data-files (for example shards/{{00000..00127}}.tar)")
         files = expand_data_files(data_files)
-        return _shard_units(ShardSet(source, files, image_column), resolution), {"source": source, "files": files}
+        return (_shard_units(ShardSet(source, files, image_column, local_paths), resolution),
+                {"source": source, "files": files})
     if data_files:
         raise ShardError("--data-files names webdataset/parquet shards: pass --input webdataset or --input parquet")
     root = Path(source).expanduser()
     if is_saved_dataset(root):
-        return (_saved_units(str(root), split, image_column, shard_size),
+        return (_saved_units(str(root), split, image_column, shard_size, local_paths),
                 {"source": str(root.resolve()), "split": split, "shard_size": shard_size})
     if not root.is_dir():
         raise FileNotFoundError(f"--input {source}: not a folder of images, a saved dataset, webdataset or parquet")
@@ -225,7 +233,9 @@ def encode_unit(model: Any, unit: Unit, path: Path, resolution: int, batch_size:
         latents, std = _encode(model, torch.stack([t for _, t in batch]), store_posterior, mode, generator)
         for i, (key, _) in enumerate(batch):
             if key in tensors:
-                raise ShardError(f"{unit.name}: the key {key!r} occurs twice")
+                raise ShardError(f"{shown(unit.name)}: the key {shown(key)} occurs twice")
+            if std is not None:
+                check_posterior_keys(key, tensors, unit.name)
             tensors[key] = latents[i].contiguous()
             if std is not None:
                 tensors[key + STD_SUFFIX] = std[i].contiguous()
@@ -249,6 +259,18 @@ def encode_unit(model: Any, unit: Unit, path: Path, resolution: int, batch_size:
     metadata = {**meta, "format": FORMAT, "input": unit.name, "keys": json.dumps(keys), "skipped": json.dumps(skipped)}
     write_exclusive(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return len(keys), skipped
+
+
+def check_posterior_keys(key: str, tensors: dict[str, Any], where: str) -> None:
+    """With --store-posterior KEY.std holds KEY's std: an input key that is another's KEY.std (`a` and `a.std`)
+    would be overwritten or read as a std, so the pair is refused, naming both."""
+    pair = (key, key + STD_SUFFIX) if key + STD_SUFFIX in tensors else None
+    if pair is None and key.endswith(STD_SUFFIX) and key[:-len(STD_SUFFIX)] in tensors:
+        pair = (key[:-len(STD_SUFFIX)], key)
+    if pair is not None:
+        raise ShardError(f"{shown(where)}: the input keys {shown(pair[0])} and {shown(pair[1])} clash under "
+                         f"--store-posterior (KEY{STD_SUFFIX} holds KEY's std): rename one, or encode without "
+                         "--store-posterior")
 
 
 def read_latent_shard(path: str | Path) -> tuple[dict[str, str], list[str]]:
@@ -320,7 +342,7 @@ def write_manifest(out: Path, identity: dict, num_units: int) -> dict:
         metadata, keys = read_latent_shard(path)
         for key in keys:
             if owner.setdefault(key, path.name) != path.name:
-                raise ShardError(f"the key {key!r} is in {owner[key]} and {path.name}: input keys must be unique")
+                raise ShardError(f"the key {shown(key)} is in {owner[key]} and {path.name}: input keys must be unique")
         skipped.extend(json.loads(metadata.get("skipped", "[]")))
         shards.append({"file": path.name, "input": metadata.get("input"), "count": len(keys)})
         count += len(keys)
@@ -337,9 +359,11 @@ def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, re
                    store_posterior: bool = False, shard_size: int = 256, image_column: str | None = None,
                    split: str | None = "train", threads: int = 2, overwrite: bool = False,
                    rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
-                   generator: torch.Generator | None = None, progress: bool = True) -> EncodeResult:
+                   generator: torch.Generator | None = None, progress: bool = True,
+                   allow_local_paths: bool = False) -> EncodeResult:
     """Encode this process's units of `source` into `out` (see the module docstring); rank 0 claims the folder,
-    writes the manifest once every rank is done (`barrier` is Accelerate's `wait_for_everyone`)."""
+    writes the manifest once every rank is done (`barrier` is Accelerate's `wait_for_everyone`);
+    `allow_local_paths`: follow parquet / saved-dataset cells that name a local file."""
     from kl_autoencoder.outputs import check_output
 
     factor = model.config.downsampling_factor
@@ -350,7 +374,8 @@ def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, re
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
     out = Path(out).expanduser()
-    units, described = input_units(source, data_files, image_column, split, shard_size, resolution)
+    units, described = input_units(source, data_files, image_column, split, shard_size, resolution,
+                                   allow_local_paths)
     local_inputs = [p for p in described.get("files", [described["source"]]) if not is_url(str(p))]
     check_output(out, "encode", local_inputs)
     identity = {"model": model_identity(model, model_path), "input": described, "resolution": resolution,
@@ -413,6 +438,9 @@ def add_encode_arguments(p: Any) -> None:
                    help="store the posterior mean (KEY) and std (KEY.std) in diffusion units, to sample later")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard for a folder or saved dataset")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads per process (default: 2)")
+    p.add_argument("--allow-local-paths", action="store_true",
+                   help="read the local files that parquet / saved-dataset cells name instead of holding the image "
+                        "(refused otherwise: a dataset from someone else could name any file of this machine)")
 
 
 def wants_dataset_encode(args: Any) -> bool:
@@ -441,9 +469,9 @@ def encode_command(args: Any, load: Callable[..., Any]) -> int:
     result = encode_dataset(model, model_path, args.input, args.out, args.resolution, args.data_files,
                             args.batch_size, args.mode, args.store_posterior, args.shard_size, args.image_column,
                             args.split, args.num_workers, args.overwrite, state.process_index, state.num_processes,
-                            state.wait_for_everyone, generator)
+                            state.wait_for_everyone, generator, allow_local_paths=args.allow_local_paths)
     for name, reason in result.skipped:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+        print(f"skipped {shown(name)}: {shown(reason, MAX_ERROR_CHARS)}", file=sys.stderr)
     sys.stderr.flush()
     prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
     print(prefix + result.summary())

@@ -10,9 +10,10 @@ truncated at its end aborts the whole stream, and we want it skipped and counted
 resumable state (`IterableDataset.state_dict()`) lives in each DataLoader worker and needs torchdata's
 StatefulDataLoader (not a dependency) plus a per-rank gather into the checkpoint. Here the stream's position is a pure
 function of the number the trainer already saves (`batches_seen`), as for folders, so resume needs nothing new in
-the checkpoint. We use the `webdataset` library for what it standardises: brace expansion and `gopen` (http://,
-pipe:, s3 via pipe) for remote shards, and its sample grouping rule (`__key__` = the member name up to the first dot
-of its base name). Parquet files are read with pyarrow (the engine under `datasets`); `data.streaming: false` on
+the checkpoint. We use the `webdataset` library for what it standardises: its pattern syntax (`::` lists, `${NAME}`
+from WDS_NAME, brace patterns by `braceexpand`, counted here before they are expanded), `gopen` (http://, pipe:, s3
+via pipe) for remote shards, and its sample grouping rule (`__key__` = the member name up to the first dot of its
+base name). Parquet files are read with pyarrow (the engine under `datasets`); `data.streaming: false` on
 parquet, and every `save_to_disk` folder, go through `datasets` as map-style datasets (memory-mapped Arrow).
 
 The stream (`ShardStream`): every epoch the shard list is shuffled (seeded by (seed, epoch)); rank r takes every
@@ -25,7 +26,10 @@ DataLoader workers, batch size and shards as the run that wrote the checkpoint. 
 order.
 
 Bad members (corrupt image, a sample without an image, a shard truncated mid-member) become skipped items counted in
-the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it.
+the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it. A shard may
+come from someone else: only the member a sample uses is read, and sizes are bounded before anything is read
+(untrusted.py: member and cell bytes, parquet unpacked sizes, array pixels); cells naming local files are followed
+only with `data.allow_local_paths`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kl_autoencoder.data import (
     IMAGE_EXTENSIONS, BadImageError, ImageTransform, SkipLog, decode_hub_value, decode_image, find_image_column,
+)
+from kl_autoencoder.untrusted import (
+    MAX_PATTERN_NAMES, arrow_cell_problem, parquet_file_problem, parquet_row_group_problem, pattern_names, shown,
+    too_many_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,14 +77,47 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
     return (root / "state.json").is_file() or (root / "dataset_dict.json").is_file()
 
 
+def expand_pattern(pattern: str) -> list[str]:
+    """webdataset's expansion (`::` lists, `${NAME}` from the environment variable WDS_NAME, brace patterns), with
+    the names counted before they are made (at most `MAX_PATTERN_NAMES`) and a missing variable a `ShardError`."""
+    import re
+
+    from braceexpand import braceexpand
+
+    names: list[str] = []
+    for part in pattern.split("::"):
+        for _ in range(10):  # as webdataset: variables may name variables
+            substituted = re.sub(r"\$\{(\w+)\}", lambda m: _shard_variable(m.group(1), pattern), part)
+            if substituted == part:
+                break
+            part = substituted
+        try:
+            count = pattern_names(part)
+            if count + len(names) > MAX_PATTERN_NAMES:
+                raise ShardError(f"data_files {shown(pattern)} expands to {count:,} shard names, more than "
+                                 f"{MAX_PATTERN_NAMES:,}")
+            names.extend(braceexpand(part))
+        except ValueError as err:  # braceexpand's UnbalancedBracesError
+            if isinstance(err, ShardError):
+                raise
+            raise ShardError(f"data_files {shown(pattern)}: {shown(err)}") from err
+    return names
+
+
+def _shard_variable(name: str, pattern: str) -> str:
+    value = os.environ.get(f"WDS_{name}")
+    if value is None:
+        raise ShardError(f"data_files {shown(pattern)} uses ${{{shown(name)}}}, but the environment variable "
+                         f"WDS_{shown(name)} is not set (webdataset reads ${{NAME}} from WDS_NAME)")
+    return value
+
+
 def expand_data_files(data_files: str | Sequence[str]) -> list[str]:
     """Shard paths/URLs from brace patterns (`{00000..00127}`), globs and lists; missing local shards are errors."""
-    from webdataset.shardlists import expand_urls
-
     patterns = [data_files] if isinstance(data_files, str) else list(data_files)
     found: list[str] = []
     for pattern in patterns:
-        for item in expand_urls(str(pattern)):
+        for item in expand_pattern(str(pattern)):
             if is_url(item):
                 found.append(item)
                 continue
@@ -84,10 +125,10 @@ def expand_data_files(data_files: str | Sequence[str]) -> list[str]:
             if glob.has_magic(local):
                 matches = sorted(p for p in glob.glob(local, recursive=True) if os.path.isfile(p))
                 if not matches:
-                    raise ShardError(f"no shard file matches {item!r}")
+                    raise ShardError(f"no shard file matches {shown(item)}")
                 found.extend(matches)
             elif not os.path.isfile(local):
-                raise ShardError(f"shard {item} does not exist (or is not a file)")
+                raise ShardError(f"shard {shown(item)} does not exist (or is not a file)")
             else:
                 found.append(local)
     unique = list(dict.fromkeys(found))
@@ -116,14 +157,26 @@ def _sample_key(name: str) -> tuple[str | None, str]:
     return key, (ext or "")
 
 
-def _pick_image(members: dict[str, bytes | None], image_ext: str | None) -> tuple[str | None, str | None]:
-    """(extension of the image member, problem) for one tar sample."""
+def _is_image_ext(ext: str) -> bool:
+    return ext.lower() in TAR_IMAGE_EXTENSIONS or ext.lower().rsplit(".", 1)[-1] in TAR_IMAGE_EXTENSIONS
+
+
+def _wanted(ext: str, members: dict[str, bytes | None], image_ext: str | None) -> bool:
+    """Whether a member is read: the sample's image (`image_ext`, else its first image member); nothing else."""
     if image_ext is not None:
-        return (image_ext, None) if image_ext in members else (None, f"no .{image_ext} member")
-    for ext in members:
-        if ext.lower() in TAR_IMAGE_EXTENSIONS or ext.lower().rsplit(".", 1)[-1] in TAR_IMAGE_EXTENSIONS:
+        return ext == image_ext
+    return _is_image_ext(ext) and not any(data is not None for data in members.values())
+
+
+def _pick_image(members: dict[str, bytes | None], image_ext: str | None) -> tuple[str | None, str | None]:
+    """(extension of the image member, problem) for one tar sample; members passed unread hold None."""
+    if image_ext is not None:
+        return (image_ext, None) if members.get(image_ext) is not None else (None, f"no .{shown(image_ext)} member")
+    for ext, data in members.items():
+        if data is not None and _is_image_ext(ext):
             return ext, None
-    return None, f"no image member (has: {', '.join(sorted(members)) or 'nothing'})"
+    names = ", ".join(shown(ext, 40) for ext in sorted(members)[:20]) + (" ..." if len(members) > 20 else "")
+    return None, f"no image member (has: {names or 'nothing'})"
 
 
 def _open_tar(url: str) -> tarfile.TarFile:
@@ -171,8 +224,8 @@ def _walk_tar(url: str, start: int, image_ext: str | None = None) -> Iterator[Sa
                 member = tar.next()
             except (tarfile.TarError, OSError, EOFError) as err:
                 # between members: what was read is whole, only the end of the shard is missing
-                logger.warning("shard %s is truncated or damaged after %d sample(s) (%s: %s)", url, position + 1,
-                               type(err).__name__, err)
+                logger.warning("shard %s is truncated or damaged after %d sample(s) (%s: %s)", shown(url), position + 1,
+                               type(err).__name__, shown(err))
                 break
             if member is None:
                 break
@@ -186,13 +239,19 @@ def _walk_tar(url: str, start: int, image_ext: str | None = None) -> Iterator[Sa
                 key, members, problem = name_key, {}, None
             if position < start:
                 continue  # counted by its key, never read
+            if problem or not _wanted(ext, members, image_ext):
+                members.setdefault(ext, None)  # a caption, a second image: passed by its header, never read
+                continue
+            problem = too_many_bytes(member.size, f"member {shown(member.name)}")
+            if problem:
+                continue  # the sample is bad; the member is passed unread
             try:
-                data = tar.extractfile(member).read()
+                data = tar.extractfile(member).read(member.size)
                 if len(data) != member.size:
-                    raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
+                    raise tarfile.ReadError(f"{shown(member.name)}: {len(data)} of {member.size} bytes")
                 members[ext] = data
             except (tarfile.TarError, OSError, EOFError) as err:
-                problem = f"shard truncated inside {member.name} ({type(err).__name__}: {err})"
+                problem = f"shard truncated inside {shown(member.name)} ({type(err).__name__}: {shown(err)})"
                 break
         if key is not None:
             yield flush()
@@ -218,9 +277,11 @@ def parquet_image_column(schema: Any, image_column: str | None, where: str) -> s
     import datasets
 
     names = list(schema.names)
+    listed = ", ".join(shown(name, 60) for name in names[:20]) + (f" ... ({len(names)} columns)" if len(names) > 20
+                                                                   else "")
     if image_column is not None:
         if image_column not in names:
-            raise ShardError(f"{where}: no column {image_column!r} (columns: {names})")
+            raise ShardError(f"{where}: no column {shown(image_column)} (columns: {listed})")
         return image_column
     try:
         return find_image_column(datasets.Features.from_arrow_schema(schema), None)
@@ -229,7 +290,7 @@ def parquet_image_column(schema: Any, image_column: str | None, where: str) -> s
             if name in names:
                 return name
     raise ShardError(f"{where}: no image column (none of type Image, none named {', '.join(PARQUET_IMAGE_COLUMNS)}); "
-                     f"its columns are {names}: set data.image_column")
+                     f"its columns are {listed}: set data.image_column")
 
 
 def parquet_samples(url: str, start: int = 0, image_column: str | None = None) -> Iterator[Sample]:
@@ -249,29 +310,62 @@ def parquet_samples(url: str, start: int = 0, image_column: str | None = None) -
         return
     columns = [column, "key"] if has_key else [column]
     try:
-        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=columns):
-            values = batch.column(0).to_pylist()
-            keys = batch.column(1).to_pylist() if has_key else [None] * len(values)
-            for value, key in zip(values, keys):
-                if row >= start:
-                    key = str(key) if key is not None else str(row)
-                    yield Sample(key, value, None if value is not None else f"no value in column {column!r}")
-                row += 1
+        for group in groups:
+            rows = pf.metadata.row_group(group).num_rows
+            problem = parquet_row_group_problem(pf.metadata, group, set(columns))
+            if problem:  # every row of the group is bad, counted as such; none is read
+                for skipped in range(max(row, start), row + rows):
+                    yield Sample(str(skipped), None, f"row group {group}: {problem}")
+                row += rows
+                continue
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=columns):
+                for index in range(batch.num_rows):
+                    if row >= start:
+                        yield _parquet_row(batch, index, row, column, has_key)
+                    row += 1
     except Exception as err:  # a damaged page: the rest of this shard is lost, the stream goes on
-        yield Sample(f"{row}", None, f"parquet shard damaged at row {row} ({type(err).__name__}: {err})")
+        yield Sample(f"{row}", None, f"parquet shard damaged at row {row} ({type(err).__name__}: {shown(err)})")
+
+
+def _parquet_row(batch: Any, index: int, row: int, column: str, has_key: bool) -> Sample:
+    """One row of a parquet batch as a Sample; its cells are checked (`arrow_cell_problem`) before they become
+    Python objects."""
+    cells = [batch.column(i).slice(index, 1) for i in range(batch.num_columns)]
+    problems = [arrow_cell_problem(cell) for cell in cells]
+    key = str(row)
+    if has_key and problems[1] is None and cells[1].null_count == 0:
+        key = str(cells[1].to_pylist()[0])
+    if problems[0] or problems[-1]:
+        where = "key" if problems[0] is None else shown(column)
+        return Sample(key, None, f"column {where}: {problems[0] or problems[-1]}")
+    value = cells[0].to_pylist()[0]
+    return Sample(key, value, None if value is not None else f"no value in column {shown(column)}")
+
+
+def check_parquet_bounds(pf: Any, url: str) -> None:
+    """A `ShardError` naming the file when any column of any row group would unpack to too much (see untrusted.py):
+    `datasets` converts whole files into an Arrow cache, so one bomb anywhere would fill the disk."""
+    for group in range(pf.metadata.num_row_groups):
+        problem = parquet_row_group_problem(pf.metadata, group)
+        if problem:
+            raise ShardError(f"parquet file {shown(url)}, row group {group}: {problem}")
+    problem = parquet_file_problem(pf.metadata)
+    if problem:
+        raise ShardError(f"parquet file {shown(url)}: {problem}")
 
 
 def count_parquet_samples(url: str) -> int:
     return _parquet_file(url).metadata.num_rows
 
 
-def decode_sample(sample: Sample, name: str, min_side: int | None = None):
-    """A sample's image as RGB; `BadImageError` naming `name` when the sample is bad."""
+def decode_sample(sample: Sample, name: str, min_side: int | None = None, local_paths: bool = False):
+    """A sample's image as RGB; `BadImageError` naming `name` when the sample is bad (`local_paths`: follow a cell
+    that names a local file, see `data.decode_hub_value`)."""
     if sample.problem is not None:
         raise BadImageError(name, sample.problem)
     if isinstance(sample.value, (bytes, bytearray)):
         return decode_image(bytes(sample.value), name, min_side)
-    return decode_hub_value(sample.value, name)
+    return decode_hub_value(sample.value, name, local_paths)
 
 
 # --------------------------------------------------------------------------------------------- the stream
@@ -280,10 +374,11 @@ def decode_sample(sample: Sample, name: str, min_side: int | None = None):
 class ShardSet:
     """A list of shards of one kind, read sample by sample from any position; sample counts are cached."""
 
-    def __init__(self, kind: str, files: Sequence[str], image_column: str | None = None):
+    def __init__(self, kind: str, files: Sequence[str], image_column: str | None = None, local_paths: bool = False):
         if kind not in SHARD_SOURCES:
             raise ValueError(f"unknown shard kind {kind!r}; expected one of {SHARD_SOURCES}")
         self.kind, self.files, self.image_column = kind, list(files), image_column
+        self.local_paths = local_paths  # follow parquet cells that name a local file
         self._counts: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -355,7 +450,7 @@ class ShardStream(IterableDataset):
         name = self.shards.name(shard, sample.key)
         base = {"key": sample.key, "epoch": epoch}
         try:
-            image = decode_sample(sample, name, self.transform.source_side)
+            image = decode_sample(sample, name, self.transform.source_side, self.shards.local_paths)
         except BadImageError as err:
             if not in_worker:
                 self.skipped.add(err.path, err.reason)
@@ -403,7 +498,8 @@ def build_shard_dataset(data_cfg: Any, transform: ImageTransform, train: bool, r
         hf = load_saved_dataset(source, data_cfg.split)
         if data_cfg.max_images:
             hf = hf.select(range(min(data_cfg.max_images, len(hf))))
-        return dataset_from_hf(hf, transform, data_cfg.image_column, repeats_for(len(hf), train), name=source)
+        return dataset_from_hf(hf, transform, data_cfg.image_column, repeats_for(len(hf), train), name=source,
+                               local_paths=data_cfg.allow_local_paths)
     if data_cfg.data_files is None:
         raise ShardError(f"data.source={source} needs data.data_files (for example shards/{{00000..00127}}.tar)")
     files = expand_data_files(data_cfg.data_files)
@@ -412,9 +508,10 @@ def build_shard_dataset(data_cfg: Any, transform: ImageTransform, train: bool, r
         if data_cfg.max_images:
             hf = hf.select(range(min(data_cfg.max_images, len(hf))))
         column = parquet_image_column(hf.data.schema, data_cfg.image_column, files[0])
-        return dataset_from_hf(hf, transform, column, repeats_for(len(hf), train), name=f"parquet[{len(files)}]")
-    return ShardStream(ShardSet(source, files, data_cfg.image_column), transform, shuffle=train,
-                       epochs=None if train else 1)
+        return dataset_from_hf(hf, transform, column, repeats_for(len(hf), train), name=f"parquet[{len(files)}]",
+                               local_paths=data_cfg.allow_local_paths)
+    return ShardStream(ShardSet(source, files, data_cfg.image_column, data_cfg.allow_local_paths), transform,
+                       shuffle=train, epochs=None if train else 1)
 
 
 def load_saved_dataset(path: str, split: str | None = None) -> Any:
@@ -437,7 +534,7 @@ def load_parquet_dataset(files: Sequence[str], image_column: str | None, cache_d
     import datasets
 
     for url in files:
-        _parquet_file(url)
+        check_parquet_bounds(_parquet_file(url), url)
     try:
         return datasets.load_dataset("parquet", data_files=list(files), split="train", cache_dir=cache_dir)
     except Exception as err:

@@ -20,7 +20,9 @@ from kl_autoencoder.formats import WeightsError  # noqa: E402
 from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.data import DatasetUnavailableError  # noqa: E402
 from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E402
+from kl_autoencoder.shards import ShardError  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
+from kl_autoencoder.untrusted import error_line  # noqa: E402
 
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number: `train && evaluate` stops
 
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         # fine-tunes model.pretrained against its frozen fp32 self (kl_autoencoder/fp16_fix.py)
         build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
         train(cfg, build=build)  # prints "exported <folder>" once
-    except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError) as e:  # found before training: nothing was written
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError, ShardError) as e:  # nothing written
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except (DatasetUnavailableError, DiskSpaceError) as e:  # the machine or the network, not the request
         print(f"error: {e}", file=sys.stderr)
