@@ -797,13 +797,17 @@ def collate_images(items: Sequence[dict], resolution: int | None = None) -> dict
     else:
         side = resolution or 0
         pixel_values = torch.zeros(0, 3, side, side)
-    return {
+    batch = {
         "pixel_values": pixel_values,
         "paths": [item["path"] for item in good],
         "num_skipped": len(skipped),
         "skipped_files": [path for path, _ in skipped],
         "skip_reasons": [reason for _, reason in skipped],
     }
+    counts = {url: n for item in items for url, n in item.get("shard_counts", {}).items()}
+    if counts:  # shard sample counts a stream's worker found: the main process records them (shards.ShardSet)
+        batch["shard_counts"] = counts
+    return batch
 
 
 def default_num_workers() -> int:
@@ -952,8 +956,10 @@ def training_batches(dataset: Dataset, batch_size: int, seed: int, rank: int = 0
     if hasattr(dataset, "at"):  # shards.ShardStream: its position is a function of batches_seen (see shards.py)
         stream = dataset.at(rank, world, workers, batch_size, batches_seen, seed)
         collate = partial(collate_images, resolution=stream.resolution)
-        yield from DataLoader(stream, batch_size=batch_size, num_workers=stream.workers if workers else 0,
-                              collate_fn=collate, pin_memory=torch.cuda.is_available())
+        for batch in DataLoader(stream, batch_size=batch_size, num_workers=stream.workers if workers else 0,
+                                collate_fn=collate, pin_memory=torch.cuda.is_available()):
+            dataset.shards.record(batch.get("shard_counts"))  # saved with the next checkpoint
+            yield batch
         return
     if isinstance(dataset, IterableDataset):
         if world > 1:
