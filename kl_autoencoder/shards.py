@@ -31,6 +31,7 @@ the batch like a folder's bad files; a shard that cannot be opened at all is a `
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -305,6 +306,17 @@ class ShardSet:
                 self._counts[index] = count_parquet_samples(url)  # the file's footer: cheap, never recorded
         return self._counts[index]
 
+    def known_count(self, index: int) -> int | None:
+        """A shard's count without reading it: recorded for a tar shard (else None), the footer's for parquet."""
+        return self._counts.get(index) if self.kind == "webdataset" else self.count(index)
+
+    def walk(self, index: int, start: int = 0) -> Iterator[Sample | None]:
+        """Every sample position of a shard in order: None for the first `start` (passed unread), then the samples."""
+        if self.kind == "webdataset":
+            return _walk_tar(self.files[index], start, self.image_column)
+        return itertools.chain(itertools.repeat(None, min(start, self.count(index))),
+                               parquet_samples(self.files[index], start, self.image_column))
+
     def learn(self, index: int, count: int) -> None:
         """A tar shard's sample count, found by reading it to its end."""
         self._counts[index] = count
@@ -435,19 +447,19 @@ class ShardStream(IterableDataset):
                                 self.shuffle)
             any_sample = False
             for shard in mine:
-                if index < first:
-                    count = self.shards.count(shard)
+                count = self.shards.known_count(shard) if index < first else None
+                if count is not None and index + count <= first:
                     any_sample |= count > 0
-                    if index + count <= first:
-                        index += count
-                        continue
-                start = max(0, first - index)
-                walked = start
-                for offset, sample in enumerate(self.shards.samples(shard, start), start=start):
-                    any_sample, walked = True, offset + 1
-                    yield index + offset, (sample, shard, offset, epoch)
-                if self.shards.kind == "webdataset" and shard not in self.shards._counts:
+                    index += count
+                    continue
+                walked = 0
+                for offset, sample in enumerate(self.shards.walk(shard, max(0, first - index))):
+                    walked = offset + 1
+                    if sample is not None:
+                        yield index + offset, (sample, shard, offset, epoch)
+                if self.shards.known_count(shard) is None:
                     self.shards.learn(shard, walked)  # read to its end: its count costs nothing now
+                any_sample |= walked > 0
                 index += walked
             if not any_sample:
                 raise ShardError(f"no samples in the shards of rank {self.rank}, worker {logical}: "
