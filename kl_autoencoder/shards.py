@@ -17,12 +17,15 @@ parquet, and every `save_to_disk` folder, go through `datasets` as map-style dat
 
 The stream (`ShardStream`): every epoch the shard list is shuffled (seeded by (seed, epoch)); rank r takes every
 world-th shard from r, and DataLoader worker w takes every W-th of those from w, so within an epoch every sample is
-read by exactly one worker of one rank. Each worker runs its own endless sequence of epochs, so the DataLoader's
-round-robin makes batch b come from worker b mod W, and after `batches_seen` batches worker w has consumed a known
-number of samples: a resumed stream skips exactly those, counting samples from tar headers (local files are seeked,
-not read) or parquet metadata, never decoding an image again. Exact resume therefore needs the same processes,
-DataLoader workers, batch size and shards as the run that wrote the checkpoint. Within a shard samples keep their
-order.
+read by exactly one worker of one rank. Each worker runs its own endless sequence of epochs through a shuffle buffer
+(`data.shuffle_buffer` encoded samples, webdataset's `shuffle`; its draws seeded by (seed, rank, worker, position)),
+so the DataLoader's round-robin makes batch b come from worker b mod W, and after `batches_seen` batches worker w has
+produced a known number of samples. A resumed stream recomputes which samples its buffer held and reads on from the
+oldest of them, passing earlier shards by their sample counts: tar shards' counts travel from the workers in the
+batches and are saved in the checkpoint (`trainer_state.json`), so a resume opens no shard it has consumed (remote
+`pipe:`/http shards are not downloaded again), and nothing is decoded twice. Exact resume therefore needs the same
+processes, DataLoader workers, batch size, buffer and shards as the run that wrote the checkpoint; the trainer refuses
+another number of processes or workers.
 
 Bad members (corrupt image, a sample without an image, a shard truncated mid-member) become skipped items counted in
 the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it.

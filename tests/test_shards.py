@@ -418,7 +418,8 @@ def test_buffer_position_is_computed_without_reading():
 
 
 def pipe_shards(folder: Path, log: Path, shards: int = 8, per_shard: int = 3, side: int = 32) -> list[str]:
-    """Remote-style shards `pipe:echo N >> LOG && cat FILE`: each opening of shard N appends N to LOG."""
+    """Remote-style shards `pipe:echo "$SHARD_PHASE N" >> LOG && cat FILE`: each opening of shard N appends N to LOG
+    (after the opening process's SHARD_PHASE, when set)."""
     rng = np.random.default_rng(0)
     urls = []
     for shard in range(shards):
@@ -427,12 +428,13 @@ def pipe_shards(folder: Path, log: Path, shards: int = 8, per_shard: int = 3, si
             pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
             samples.append((f"{i:04d}", {"jpg": jpeg(Image.fromarray(pixels))}))
         path = write_tar(folder / f"{shard:05d}.tar", samples)
-        urls.append(f"pipe:echo {shard} >> {log} && cat {path}")
+        urls.append(f'pipe:echo "$SHARD_PHASE {shard}" >> {log} && cat {path}')
     return urls
 
 
-def opened(log: Path) -> list[int]:
-    return [int(line) for line in log.read_text().split()] if log.exists() else []
+def opened(log: Path, phase: str | None = None) -> list[int]:
+    lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return [int(words[-1]) for words in lines if phase is None or words[0] == phase]
 
 
 def test_resume_on_remote_shards_reads_no_consumed_shard(tmp_path):
@@ -493,3 +495,35 @@ def test_resume_with_another_layout_is_refused_before_anything_is_written(number
         train(load_config(None, resume + ["data.num_workers=2"]))
     state_file.write_text(saved)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_two_processes_resume_remote_shards_reading_no_consumed_shard(tmp_path):
+    """2 ranks (DDP over gloo, `accelerate launch` as the README runs it) on `pipe:` shards: the checkpoint holds the
+    sample counts both ranks found, and the resumed run opens neither rank's consumed shard. (That the resumed batches
+    are the uninterrupted run's, per rank and worker, is tested above on the stream and the trainer.)"""
+    from kl_autoencoder.shards import epoch_shards
+    from tests.conftest import TINY_TRAINING
+    from tests.test_trainer import free_port
+
+    log = tmp_path / "opened.log"
+    urls = pipe_shards(tmp_path, log)  # 8 shards x 3 samples: 4 shards per rank
+
+    def launch(phase: str, *overrides: str) -> None:
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "SHARD_PHASE": phase}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(ROOT / "training" / "train.py"),
+               *TINY_TRAINING, "data.source=webdataset", f"data.data_files={json.dumps(urls)}", "data.num_workers=0",
+               "data.shuffle_buffer=0", "train.batch_size=2", "train.checkpoint_every=2", "train.seed=0",
+               "train.remeasure_latent_scale=false", f"train.output_dir={tmp_path / 'run'}", *overrides]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    launch("first", "train.max_steps=2")
+    launch("resumed", "train.max_steps=4", "train.resume=latest")
+    consumed = {epoch_shards(8, 0, 0, rank, 2, 0, 1)[0] for rank in (0, 1)}  # 4 samples per rank: 1 shard of 3 each
+    assert sorted(opened(log, "first")) == sorted(consumed | {epoch_shards(8, 0, 0, r, 2, 0, 1)[1] for r in (0, 1)})
+    resumed = opened(log, "resumed")
+    assert len(resumed) == 4 and not consumed & set(resumed)  # shards 2 and 3 of each rank's 4
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    assert {urls[i] for i in consumed} <= set(state["shard_counts"]) and state["processes"] == 2
