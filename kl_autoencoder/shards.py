@@ -291,6 +291,7 @@ class ShardSet:
         self.kind, self.files, self.image_column = kind, list(files), image_column
         self._counts: dict[int, int] = {}
         self._learned: dict[str, int] = {}  # counts found in this process and not yet handed on (`take_learned`)
+        self._index: dict[str, int] | None = None  # URL -> position, built when counts are first recorded
 
     def __len__(self) -> int:
         return len(self.files)
@@ -321,9 +322,10 @@ class ShardSet:
                                parquet_samples(self.files[index], start, self.image_column))
 
     def learn(self, index: int, count: int) -> None:
-        """A tar shard's sample count, found by reading it to its end."""
-        self._counts[index] = count
-        self._learned[self.files[index]] = count
+        """A tar shard's sample count, found by reading it to its end (kept unless known; parquet's are in footers)."""
+        if self.kind == "webdataset" and index not in self._counts:
+            self._counts[index] = count
+            self._learned[self.files[index]] = count
 
     def take_learned(self) -> dict[str, int]:
         """The counts learned since the last call (by URL): they travel in the batches to the main process."""
@@ -337,7 +339,7 @@ class ShardSet:
     def record(self, counts: dict[str, int] | None) -> None:
         """Counts found elsewhere (a worker's batches, a checkpoint); URLs not in this set are ignored."""
         if counts:
-            if getattr(self, "_index", None) is None:
+            if self._index is None:
                 self._index = {url: i for i, url in enumerate(self.files)}
             self._counts.update({self._index[url]: int(n) for url, n in counts.items() if url in self._index})
 
@@ -460,8 +462,7 @@ class ShardStream(IterableDataset):
                     walked = offset + 1
                     if sample is not None:
                         yield index + offset, (sample, shard, offset, epoch)
-                if self.shards.known_count(shard) is None:
-                    self.shards.learn(shard, walked)  # read to its end: its count costs nothing now
+                self.shards.learn(shard, walked)  # read to its end: its count costs nothing now
                 any_sample |= walked > 0
                 index += walked
             if not any_sample:
