@@ -981,7 +981,7 @@ def training_batches(dataset: Dataset, batch_size: int, seed: int, rank: int = 0
 
     Map-style datasets: each rank draws its own share of every epoch's permutation. Streams: each rank reads its own
     share of the stream (`datasets.distributed.split_dataset_by_node`), so no rank decodes another rank's images;
-    a resumed stream skips the batches already seen.
+    a resumed stream passes the batches already seen without decoding them (`HFIterableImageDataset.pass_undecoded`).
     """
     workers = default_num_workers() if num_workers is None else num_workers
     if hasattr(dataset, "at"):  # shards.ShardStream: its position is a function of batches_seen (see shards.py)

@@ -463,7 +463,8 @@ def test_resume_on_remote_shards_reads_no_consumed_shard(tmp_path):
     assert state["shard_counts"][urls[straight[0]]] == 3 and state["processes"] == 1 and state["data_workers"] == 1
 
     def losses(run: str) -> dict[int, float]:
-        return {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().split("\n")[:-1])}
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return {m["step"]: m["loss"] for m in map(json.loads, lines)}
 
     assert [losses("b")[s] for s in (3, 4)] == pytest.approx([losses("a")[s] for s in (3, 4)], rel=1e-5)
 
