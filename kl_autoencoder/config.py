@@ -79,9 +79,10 @@ class DataConfig:
     # source: data.SAMPLE_RANDOM_HUE (0.5) on the built-in sample photos, 0 on every other source (your own folder)
     random_hue: float | None = 0.0
     num_workers: int | None = None  # None = sized from the machine: its cores shared by the processes on it
-    # webdataset/parquet streams: each DataLoader worker shuffles its samples in a buffer of this many encoded
-    # samples (webdataset's shuffle(1000)); it mixes about that many consecutive samples of the worker's shards,
-    # so shards written in class order need it several shards long. 0 or 1 = read order. Part of the exact resume.
+    # streams (webdataset/parquet shards, hub datasets with streaming): each DataLoader worker shuffles its samples in
+    # a buffer of this many encoded samples (webdataset's shuffle(1000)); it mixes about that many consecutive samples
+    # of the worker's shards, so shards written in class order need it several shards long. 0 or 1 = read order.
+    # Shards' buffer is part of the exact resume.
     shuffle_buffer: int = 1000
     max_images: int | None = None
     cache_dir: str | None = None

@@ -787,8 +787,8 @@ def build_dataset(
     if data_cfg.streaming:
         if data_cfg.max_images:
             hf = hf.take(data_cfg.max_images)
-        if train:
-            hf = hf.shuffle(seed=0, buffer_size=1000)
+        if train and data_cfg.shuffle_buffer > 1:
+            hf = hf.shuffle(seed=0, buffer_size=data_cfg.shuffle_buffer)
         return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}")
     if data_cfg.max_images:
         hf = hf.select(range(min(data_cfg.max_images, len(hf))))
