@@ -4,6 +4,7 @@ with 1 and 2 processes (`accelerate launch`), against the config's training step
     python benchmarks/shard_speed.py                     # quickstart config, 8 shards x 16 photos
     python benchmarks/shard_speed.py --config configs/kl-f8.yaml --workers 0 1 2 4
     python benchmarks/shard_speed.py --tiny              # harness self-test
+    python benchmarks/shard_speed.py --data-only --shuffle-buffer 0     # the stream in read order (default: 1000)
 
 The shards are written to a temporary directory: the 9 built-in training photos at native size (370-1411 px), JPEG
 quality 90, as img2dataset writes them (`000123.jpg` + `000123.txt`). The data rows read them through the trainer's
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batches", type=int, default=20, help="batches timed per data row")
     p.add_argument("--encode-resolution", type=int, default=256)
     p.add_argument("--json", default=None)
+    p.add_argument("--shuffle-buffer", type=int, default=None, help="data.shuffle_buffer (default: the config's)")
+    p.add_argument("--data-only", action="store_true", help="the stream rows only (no training step, no encode)")
     p.add_argument("--tiny", action="store_true", help="2 shards x 4 photos, 2 batches: a harness self-test")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -115,10 +118,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         pattern = write_shards(Path(tmp), args.shards, args.per_shard)
-        cfg = load_config(args.config, ["data.source=webdataset", f"data.data_files={pattern}"])
+        buffer = [] if args.shuffle_buffer is None else [f"data.shuffle_buffer={args.shuffle_buffer}"]
+        cfg = load_config(args.config, ["data.source=webdataset", f"data.data_files={pattern}", *buffer])
         for workers in args.workers:
-            rows.append((f"training stream from shards, {workers} DataLoader worker(s)",
-                         stream_rate(cfg, workers, args.batches)))
+            rows.append((f"training stream from shards, {workers} DataLoader worker(s), shuffle buffer "
+                         f"{cfg.data.shuffle_buffer}", stream_rate(cfg, workers, args.batches)))
+        if args.data_only:
+            print("\n".join(f"| {name} | {value:.1f} |" for name, value in rows))
+            return {"rows": [{"name": n, "images_per_second": v} for n, v in rows]}
         rows.append(("training step of the config (for reference)", training_rate(cfg, 2 if args.tiny else 10)))
         torch.manual_seed(0)
         model = Path(tmp) / "vae"

@@ -78,7 +78,12 @@ class DataConfig:
     # probability of turning a training crop's hues by a random angle (colour augmentation), on any source; None = per
     # source: data.SAMPLE_RANDOM_HUE (0.5) on the built-in sample photos, 0 on every other source (your own folder)
     random_hue: float | None = 0.0
-    num_workers: int | None = None  # None = sized from the machine
+    num_workers: int | None = None  # None = sized from the machine: its cores shared by the processes on it
+    # streams (webdataset/parquet shards, hub datasets with streaming): each DataLoader worker shuffles its samples in
+    # a buffer of this many encoded samples (webdataset's shuffle(1000)); it mixes about that many consecutive samples
+    # of the worker's shards, so shards written in class order need it several shards long. 0 or 1 = read order.
+    # Shards' buffer is part of the exact resume.
+    shuffle_buffer: int = 1000
     max_images: int | None = None
     cache_dir: str | None = None
     # parquet / save_to_disk cells that name a local file ({"bytes": null, "path": ...} or a plain path), and a hub
@@ -605,6 +610,7 @@ def validate_data(data: DataConfig, arch: dict[str, Any]) -> None:
         _require(os.path.isdir(os.path.expanduser(data.source)), "data.source", data.source,
                  "image folder does not exist")
     _require(data.num_workers is None or data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0")
+    _require(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 0 (0: read order)")
     _require(data.max_crop_scale is None or data.max_crop_scale >= 1, "data.max_crop_scale", data.max_crop_scale,
              "must be >= 1 (1: whole-photo crops) or null (per source)")
     _require(data.random_hue is None or 0 <= data.random_hue <= 1, "data.random_hue", data.random_hue,

@@ -743,10 +743,25 @@ class HFIterableImageDataset(IterableDataset):
             self.column = find_image_column(inferred, self.image_column)
         return self.column
 
+    def pass_undecoded(self, batches: int, batch_size: int) -> None:
+        """Let the next pass leave undecoded the rows of its first `batches` batches (a resume skips them)."""
+        self.undecoded = (batches, batch_size)
+
+    def _undecoded_rows(self, worker: Any) -> int:
+        """Rows of this worker that surely fall in the skipped batches: the DataLoader takes batches from its workers
+        in turn, so worker w's j-th batch is among the first j * W + w + 1 (sooner when another worker runs dry)."""
+        batches, batch_size = getattr(self, "undecoded", (0, 0))
+        workers, index = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        return len(range(index, batches, workers)) * batch_size
+
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         tag = f"w{worker.id}:" if worker is not None else ""
+        undecoded = self._undecoded_rows(worker)
         for position, example in enumerate(self.hf_dataset):
+            if position < undecoded:  # in a batch the resume skips: read, never decoded
+                yield {"pixel_values": None, "path": None, "skipped": []}
+                continue
             name = f"{self.prefix}[{tag}{position}]"
             try:
                 image = decode_hub_value(example[self._column_of(example)], name, self.local_paths)
@@ -827,8 +842,8 @@ def build_dataset(
     if data_cfg.streaming:
         if data_cfg.max_images:
             hf = hf.take(data_cfg.max_images)
-        if train:
-            hf = hf.shuffle(seed=0, buffer_size=1000)
+        if train and data_cfg.shuffle_buffer > 1:
+            hf = hf.shuffle(seed=0, buffer_size=data_cfg.shuffle_buffer)
         return dataset_from_hf(hf, transform, data_cfg.image_column, name=f"{source}/{split}", local_paths=paths)
     if data_cfg.max_images:
         hf = hf.select(range(min(data_cfg.max_images, len(hf))))
@@ -852,23 +867,33 @@ def collate_images(items: Sequence[dict], resolution: int | None = None) -> dict
     else:
         side = resolution or 0
         pixel_values = torch.zeros(0, 3, side, side)
-    return {
+    batch = {
         "pixel_values": pixel_values,
         "paths": [item["path"] for item in good],
         "num_skipped": len(skipped),
         "skipped_files": [path for path, _ in skipped],
         "skip_reasons": [reason for _, reason in skipped],
     }
+    counts = {url: n for item in items for url, n in item.get("shard_counts", {}).items()}
+    if counts:  # shard sample counts a stream's worker found: the main process records them (shards.ShardSet)
+        batch["shard_counts"] = counts
+    return batch
 
 
 def default_num_workers() -> int:
-    """DataLoader workers for this machine: none on 1-2 cores (a worker would fight the training step
-    for the only other core), else one per core but one, at most 8."""
+    """DataLoader workers for this process: its share of the node's cores (cores / the processes launched on the node,
+    LOCAL_WORLD_SIZE as torchrun and `accelerate launch` set it), none on a share of 1-2 cores (a worker would fight
+    the training step for the only other core), else one per core of the share but one, at most 8."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(cores - 1, 8)
+    try:
+        local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_processes = 1
+    share = cores // local_processes
+    return 0 if share <= 2 else min(share - 1, 8)
 
 
 def build_dataloader(
@@ -995,20 +1020,32 @@ def _epoch_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, rank
                       collate_fn=collate, drop_last=True, pin_memory=torch.cuda.is_available())
 
 
+def order_workers(dataset: Dataset, world: int, workers: int) -> int:
+    """The DataLoader workers per process a stream's batch order depends on; 0 for map-style data, whose order
+    depends on the seed and the processes only (workers build the items the sampler picks)."""
+    if hasattr(dataset, "at"):  # shards.ShardStream: as many as get a shard
+        from kl_autoencoder.shards import usable_workers
+
+        return usable_workers(len(dataset.shards), world, workers)
+    return max(1, workers) if isinstance(dataset, IterableDataset) else 0
+
+
 def training_batches(dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                      batches_seen: int = 0, num_workers: int | None = None) -> Iterator[dict]:
     """Endless collated batches for this rank, resuming after `batches_seen` of its batches (epochs included).
 
     Map-style datasets: each rank draws its own share of every epoch's permutation. Streams: each rank reads its own
     share of the stream (`datasets.distributed.split_dataset_by_node`), so no rank decodes another rank's images;
-    a resumed stream skips the batches already seen.
+    a resumed stream passes the batches already seen without decoding them (`HFIterableImageDataset.pass_undecoded`).
     """
     workers = default_num_workers() if num_workers is None else num_workers
     if hasattr(dataset, "at"):  # shards.ShardStream: its position is a function of batches_seen (see shards.py)
         stream = dataset.at(rank, world, workers, batch_size, batches_seen, seed)
         collate = partial(collate_images, resolution=stream.resolution)
-        yield from DataLoader(stream, batch_size=batch_size, num_workers=stream.workers if workers else 0,
-                              collate_fn=collate, pin_memory=torch.cuda.is_available())
+        for batch in DataLoader(stream, batch_size=batch_size, num_workers=stream.workers if workers else 0,
+                                collate_fn=collate, pin_memory=torch.cuda.is_available()):
+            dataset.shards.record(batch.get("shard_counts"))  # saved with the next checkpoint
+            yield batch
         return
     if isinstance(dataset, IterableDataset):
         if world > 1:
@@ -1017,6 +1054,8 @@ def training_batches(dataset: Dataset, batch_size: int, seed: int, rank: int = 0
         while True:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
+            if hasattr(dataset, "pass_undecoded"):
+                dataset.pass_undecoded(skip, batch_size)
             yielded = 0
             for batch in _epoch_loader(dataset, batch_size, seed, epoch, rank, world, 0, workers):
                 if skip:

@@ -77,6 +77,9 @@ class TrainingState:
     nonfinite_total: int = 0
     nonfinite_run: int = 0  # consecutive non-finite steps at the end
     skipped_images: int = 0
+    processes: int = 0  # the data layout the position is exact for (0: not recorded): processes ...
+    data_workers: int = 0  # ... and the DataLoader workers a stream is split among (0: not a stream)
+    shard_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # tar shard URL -> samples, for resume
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint files
@@ -169,6 +172,10 @@ def read_training_state(path: Path) -> TrainingState:
     for key, value in data.items():
         if key not in known:
             raise RunFolderError(f"{where}: unknown entry {key[:80]!r} (expected only {', '.join(known)})")
+        if key == "shard_counts":
+            if not (isinstance(value, dict) and all(_is_int(n) and 0 <= n < 2**63 for n in value.values())):
+                raise RunFolderError(f"{where}: shard_counts must map shard URLs to non-negative integers")
+            continue
         if not (_is_int(value) and 0 <= value < 2**63):
             raise RunFolderError(f"{where}: {key} = {repr(value)[:80]} must be a non-negative integer")
     return TrainingState(**data)

@@ -18,12 +18,15 @@ parquet, and every `save_to_disk` folder, go through `datasets` as map-style dat
 
 The stream (`ShardStream`): every epoch the shard list is shuffled (seeded by (seed, epoch)); rank r takes every
 world-th shard from r, and DataLoader worker w takes every W-th of those from w, so within an epoch every sample is
-read by exactly one worker of one rank. Each worker runs its own endless sequence of epochs, so the DataLoader's
-round-robin makes batch b come from worker b mod W, and after `batches_seen` batches worker w has consumed a known
-number of samples: a resumed stream skips exactly those, counting samples from tar headers (local files are seeked,
-not read) or parquet metadata, never decoding an image again. Exact resume therefore needs the same processes,
-DataLoader workers, batch size and shards as the run that wrote the checkpoint. Within a shard samples keep their
-order.
+read by exactly one worker of one rank. Each worker runs its own endless sequence of epochs through a shuffle buffer
+(`data.shuffle_buffer` encoded samples, webdataset's `shuffle`; its draws seeded by (seed, rank, worker, position)),
+so the DataLoader's round-robin makes batch b come from worker b mod W, and after `batches_seen` batches worker w has
+produced a known number of samples. A resumed stream recomputes which samples its buffer held and reads on from the
+oldest of them, passing earlier shards by their sample counts: tar shards' counts travel from the workers in the
+batches and are saved in the checkpoint (`trainer_state.json`), so a resume opens no shard it has consumed (remote
+`pipe:`/http shards are not downloaded again), and nothing is decoded twice. Exact resume therefore needs the same
+processes, DataLoader workers, batch size, buffer and shards as the run that wrote the checkpoint; the trainer refuses
+another number of processes or workers.
 
 Bad members (corrupt image, a sample without an image, a shard truncated mid-member) become skipped items counted in
 the batch like a folder's bad files; a shard that cannot be opened at all is a `ShardError` naming it. A shard may
@@ -35,6 +38,7 @@ only with `data.allow_local_paths`.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -380,6 +385,8 @@ class ShardSet:
         self.kind, self.files, self.image_column = kind, list(files), image_column
         self.local_paths = local_paths  # follow parquet cells that name a local file
         self._counts: dict[int, int] = {}
+        self._learned: dict[str, int] = {}  # counts found in this process and not yet handed on (`take_learned`)
+        self._index: dict[str, int] | None = None  # URL -> position, built when counts are first recorded
 
     def __len__(self) -> int:
         return len(self.files)
@@ -392,8 +399,44 @@ class ShardSet:
     def count(self, index: int) -> int:
         if index not in self._counts:
             url = self.files[index]
-            self._counts[index] = count_tar_samples(url) if self.kind == "webdataset" else count_parquet_samples(url)
+            if self.kind == "webdataset":
+                self.learn(index, count_tar_samples(url))  # reads the shard: recorded so no resume reads it again
+            else:
+                self._counts[index] = count_parquet_samples(url)  # the file's footer: cheap, never recorded
         return self._counts[index]
+
+    def known_count(self, index: int) -> int | None:
+        """A shard's count without reading it: recorded for a tar shard (else None), the footer's for parquet."""
+        return self._counts.get(index) if self.kind == "webdataset" else self.count(index)
+
+    def walk(self, index: int, start: int = 0) -> Iterator[Sample | None]:
+        """Every sample position of a shard in order: None for the first `start` (passed unread), then the samples."""
+        if self.kind == "webdataset":
+            return _walk_tar(self.files[index], start, self.image_column)
+        return itertools.chain(itertools.repeat(None, min(start, self.count(index))),
+                               parquet_samples(self.files[index], start, self.image_column))
+
+    def learn(self, index: int, count: int) -> None:
+        """A tar shard's sample count, found by reading it to its end (kept unless known; parquet's are in footers)."""
+        if self.kind == "webdataset" and index not in self._counts:
+            self._counts[index] = count
+            self._learned[self.files[index]] = count
+
+    def take_learned(self) -> dict[str, int]:
+        """The counts learned since the last call (by URL): they travel in the batches to the main process."""
+        learned, self._learned = self._learned, {}
+        return learned
+
+    def known_counts(self) -> dict[str, int]:
+        """Every tar shard's count known here, by URL (saved in checkpoints: `record` them to resume reading none)."""
+        return {self.files[i]: n for i, n in self._counts.items()} if self.kind == "webdataset" else {}
+
+    def record(self, counts: dict[str, int] | None) -> None:
+        """Counts found elsewhere (a worker's batches, a checkpoint); URLs not in this set are ignored."""
+        if counts:
+            if self._index is None:
+                self._index = {url: i for i, url in enumerate(self.files)}
+            self._counts.update({self._index[url]: int(n) for url, n in counts.items() if url in self._index})
 
     def name(self, index: int, key: str) -> str:
         return f"{self.files[index]}#{key}"
@@ -417,17 +460,50 @@ def usable_workers(num_shards: int, world: int, workers: int) -> int:
     return max(1, min(workers, per_rank))
 
 
+SHUFFLE_DRAWS = 1 << 16  # slot draws per seeded chunk of a shuffle buffer
+
+
+def shuffle_slots(key: Sequence[int], size: int, chunk: int) -> np.ndarray:
+    """The slots a worker's shuffle buffer of `size` empties for outputs chunk * SHUFFLE_DRAWS onwards (SHUFFLE_DRAWS
+    of them): a pure function of `key` (seed, rank, worker) and `chunk`, so any position can be recomputed."""
+    if size == 1:
+        return np.zeros(SHUFFLE_DRAWS, np.int64)
+    return np.random.default_rng([*key, chunk]).integers(0, size, SHUFFLE_DRAWS)
+
+
+def buffer_after(outputs: int, size: int, key: Sequence[int]) -> np.ndarray:
+    """The input index each slot of a shuffle buffer holds after `outputs` outputs, computed without reading anything.
+
+    The buffer starts with inputs 0..size-1 in slots 0..size-1, and output t empties slot s_t and refills it with
+    input size + t: a slot holds size + the last t that drew it, or its first input if none did."""
+    if size == 1:
+        return np.array([outputs])
+    last = np.full(size, -1, np.int64)
+    for chunk in range(-(-outputs // SHUFFLE_DRAWS)):
+        first = chunk * SHUFFLE_DRAWS
+        slots = shuffle_slots(key, size, chunk)[:outputs - first]
+        drawn, at_reversed = np.unique(slots[::-1], return_index=True)  # the last draw of each slot in this chunk
+        last[drawn] = first + len(slots) - 1 - at_reversed
+    return np.where(last < 0, np.arange(size), last + size)
+
+
 class ShardStream(IterableDataset):
     """Endless training items from a `ShardSet`, this rank's and this worker's share, from a resume position.
 
-    Items are those of `data.ImageDataset` ({"pixel_values", "path", "skipped"}) plus "key" and "epoch"; each item's
-    random crop/flip is seeded by (seed, epoch, shard, sample), so a resumed run sees the same crops."""
+    Items are those of `data.ImageDataset` ({"pixel_values", "path", "skipped"}) plus "key", "epoch" and
+    "shard_counts" (tar shards whose sample count this worker found, for the main process to record); each item's
+    random crop/flip is seeded by (seed, epoch, shard, sample), so a resumed run sees the same crops.
+
+    With `shuffle_buffer` > 1 (training) each worker passes its samples through a shuffle buffer of that many
+    encoded samples (webdataset's `shuffle`, decoded when they leave it): output t takes the sample in slot s_t and
+    puts the next sample read there, s_t drawn from (seed, rank, worker, t). A resume recomputes which samples the
+    buffer held (`buffer_after`) and reads them again from the oldest one's shard on; nothing is decoded twice."""
 
     def __init__(self, shards: ShardSet, transform: ImageTransform, seed: int = 0, shuffle: bool = True,
-                 epochs: int | None = None):
+                 epochs: int | None = None, shuffle_buffer: int = 0):
         super().__init__()
         self.shards, self.transform, self.resolution = shards, transform, transform.resolution
-        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        self.seed, self.shuffle, self.epochs, self.shuffle_buffer = seed, shuffle, epochs, shuffle_buffer
         self.rank, self.world, self.workers, self.batch_size, self.batches_seen = 0, 1, 1, 1, 0
         self.skipped = SkipLog()
 
@@ -446,9 +522,10 @@ class ShardStream(IterableDataset):
         rounds, extra = divmod(self.batches_seen, self.workers)
         return (rounds + (1 if logical < extra else 0)) * self.batch_size
 
-    def _item(self, sample: Sample, shard: int, offset: int, epoch: int, in_worker: bool) -> dict:
+    def _item(self, entry: tuple[Sample, int, int, int], in_worker: bool) -> dict:
+        sample, shard, offset, epoch = entry
         name = self.shards.name(shard, sample.key)
-        base = {"key": sample.key, "epoch": epoch}
+        base = {"key": sample.key, "epoch": epoch, "shard_counts": self.shards.take_learned()}
         try:
             image = decode_sample(sample, name, self.transform.source_side, self.shards.local_paths)
         except BadImageError as err:
@@ -461,32 +538,61 @@ class ShardStream(IterableDataset):
             pixels = self.transform(image)
         return {**base, "pixel_values": pixels, "path": name, "skipped": []}
 
+    def _inputs(self, logical: int, first: int) -> Iterator[tuple[int, tuple[Sample, int, int, int]]]:
+        """This worker's samples in reading order over its epochs, (input index, (sample, shard, offset, epoch)), from
+        input `first` on: whole shards before it are passed by their sample counts (recorded ones read nothing)."""
+        index, epoch = 0, 0
+        while self.epochs is None or epoch < self.epochs:
+            mine = epoch_shards(len(self.shards), self.seed, epoch, self.rank, self.world, logical, self.workers,
+                                self.shuffle)
+            any_sample = False
+            for shard in mine:
+                count = self.shards.known_count(shard) if index < first else None
+                if count is not None and index + count <= first:
+                    any_sample |= count > 0
+                    index += count
+                    continue
+                walked = 0
+                for offset, sample in enumerate(self.shards.walk(shard, max(0, first - index))):
+                    walked = offset + 1
+                    if sample is not None:
+                        yield index + offset, (sample, shard, offset, epoch)
+                self.shards.learn(shard, walked)  # read to its end: its count costs nothing now
+                any_sample |= walked > 0
+                index += walked
+            if not any_sample:
+                raise ShardError(f"no samples in the shards of rank {self.rank}, worker {logical}: "
+                                 f"{describe([self.shards.files[i] for i in mine])}")
+            epoch += 1
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         if info is not None and info.num_workers != self.workers:
             raise RuntimeError(f"ShardStream positioned for {self.workers} workers runs in {info.num_workers}")
         logical = (physical + self.batches_seen) % self.workers  # the DataLoader starts at physical worker 0
-        skip, epoch = self.consumed(logical), 0
-        while self.epochs is None or epoch < self.epochs:
-            mine = epoch_shards(len(self.shards), self.seed, epoch, self.rank, self.world, logical, self.workers,
-                                self.shuffle)
-            any_sample = False
-            for shard in mine:
-                if skip:
-                    count = self.shards.count(shard)
-                    any_sample |= count > 0
-                    if skip >= count:
-                        skip -= count
-                        continue
-                for offset, sample in enumerate(self.shards.samples(shard, skip), start=skip):
-                    any_sample = True
-                    yield self._item(sample, shard, offset, epoch, info is not None)
-                skip = 0
-            if not any_sample:
-                raise ShardError(f"no samples in the shards of rank {self.rank}, worker {logical}: "
-                                 f"{describe([self.shards.files[i] for i in mine])}")
-            epoch += 1
+        size = max(1, self.shuffle_buffer) if self.shuffle else 1
+        key = (self.seed % 2**64, self.rank, logical)
+        done = self.consumed(logical)
+        held = buffer_after(done, size, key)
+        slot_of = {int(index): slot for slot, index in enumerate(held)}
+        buffer: list[tuple | None] = [None] * size
+        inputs = self._inputs(logical, int(held.min()))
+        for index, entry in inputs:  # fill the buffer with what it held at this position (read again, not decoded)
+            if index in slot_of:
+                buffer[slot_of[index]] = entry
+            if index >= done + size - 1:
+                break
+        chunk, skip = divmod(done, SHUFFLE_DRAWS)
+        while True:
+            for slot in shuffle_slots(key, size, chunk)[skip:].tolist():
+                entry, refill = buffer[slot], next(inputs, None)
+                if refill is None:  # a finite stream ran out: the buffer empties in slot order
+                    yield from (self._item(held_entry, info is not None) for held_entry in buffer if held_entry)
+                    return
+                buffer[slot] = refill[1]
+                yield self._item(entry, info is not None)
+            chunk, skip = chunk + 1, 0
 
 
 def build_shard_dataset(data_cfg: Any, transform: ImageTransform, train: bool, repeats_for: Any) -> Any:
@@ -511,7 +617,7 @@ def build_shard_dataset(data_cfg: Any, transform: ImageTransform, train: bool, r
         return dataset_from_hf(hf, transform, column, repeats_for(len(hf), train), name=f"parquet[{len(files)}]",
                                local_paths=data_cfg.allow_local_paths)
     return ShardStream(ShardSet(source, files, data_cfg.image_column, data_cfg.allow_local_paths), transform,
-                       shuffle=train, epochs=None if train else 1)
+                       shuffle=train, epochs=None if train else 1, shuffle_buffer=data_cfg.shuffle_buffer)
 
 
 def load_saved_dataset(path: str, split: str | None = None) -> Any:

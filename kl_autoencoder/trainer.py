@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
-from kl_autoencoder.data import build_dataset, default_num_workers, training_batches
+from kl_autoencoder.data import build_dataset, default_num_workers, order_workers, training_batches
 from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
-from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, is_complete_checkpoint,  # noqa: F401
-                                       list_checkpoints, read_training_state)
+from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, RunFolderError, TrainingState,  # noqa: F401
+                                       is_complete_checkpoint, list_checkpoints, read_training_state)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -565,6 +565,9 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     if resume_from is not None:
         state = run.load_checkpoint(resume_from, modules, optimizers)
         acc.print(f"resumed from {resume_from} at step {state.step}")
+    workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
+    if dataset is not None and state.step < cfg.train.max_steps:  # before anything is written
+        keep_data_layout(state, dataset, world, workers, resume_from)
     if acc.is_main_process:
         save_config(cfg, run.config_file)
         run.start_metrics(state.step)
@@ -573,7 +576,6 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     acc.print(f"training on {world} process(es), {device.type} (mixed precision: {cfg.train.mixed_precision})")
 
     dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
-    workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
     batches = training_batches(dataset, cfg.train.batch_size, cfg.train.seed, rank, world, state.batches_seen, workers)
     skip_log = getattr(dataset, "skipped", None)
     acc.init_trackers("tensorboard")
@@ -630,6 +632,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
             checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
             if checkpoint_due or stop_requested or state.step == cfg.train.max_steps:
                 nonfinite.read(state)
+                state.shard_counts = gathered_shard_counts(dataset)  # a collective: every rank checkpoints here
                 path = save_checkpoint(t, run, state)
                 if stop_requested:
                     if progress is not None:
@@ -651,6 +654,34 @@ def next_readable_batch(batches: Iterator[dict], state: TrainingState, skip_log:
             skip_log.record_batch(batch)
         if batch["pixel_values"].shape[0] > 0:
             return batch["pixel_values"]
+
+
+def keep_data_layout(state: TrainingState, dataset: Any, world: int, workers: int, resume_from: Path | None) -> None:
+    """Refuse to resume a data position on another layout (it would silently read other samples than an uninterrupted
+    run), record this run's layout in `state`, and give a shard stream the sample counts the checkpoint holds."""
+    streams = order_workers(dataset, world, workers)
+    where = f"checkpoint {resume_from}"
+    if state.processes and state.processes != world:
+        raise RunFolderError(f"{where} was written by {state.processes} process(es) and this run has {world}: its data "
+                             f"position is exact only on as many; launch with --num_processes {state.processes}")
+    if state.data_workers and streams and state.data_workers != streams:
+        raise RunFolderError(f"{where} read its data stream with {state.data_workers} DataLoader worker(s) per process "
+                             f"and this run would use {streams}: set data.num_workers={state.data_workers}")
+    state.processes, state.data_workers = world, streams
+    if hasattr(dataset, "shards"):  # shards.ShardStream: the recorded counts spare reading consumed shards again
+        dataset.shards.record(state.shard_counts)
+
+
+def gathered_shard_counts(dataset: Any) -> dict[str, int]:
+    """The tar shard sample counts every process has found (they go into the checkpoint)."""
+    if not hasattr(dataset, "shards"):
+        return {}
+    from accelerate.utils import gather_object
+
+    merged: dict[str, int] = {}
+    for counts in gather_object([dataset.shards.known_counts()]):
+        merged.update(counts)
+    return merged
 
 
 def save_checkpoint(t: Training, run: RunFolder, state: TrainingState) -> Path:

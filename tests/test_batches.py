@@ -54,3 +54,35 @@ def test_resuming_a_map_style_order_replays_the_same_batches():
     resumed = D.training_batches(dataset, 4, seed=3, rank=1, world=2, batches_seen=4, num_workers=0)
     for expected in seen[4:]:
         assert torch.equal(next(resumed)["pixel_values"], expected)
+
+
+def test_resuming_a_stream_decodes_no_skipped_batch(monkeypatch):
+    """A resumed hub stream passes the rows of the batches it skips without decoding them, and yields the batches an
+    uninterrupted run yields (in the main process and across DataLoader worker processes)."""
+    decoded = []
+    real = D.decode_hub_value
+    monkeypatch.setattr(D, "decode_hub_value", lambda value, name, *rest: decoded.append(name) or real(value, name, *rest))
+
+    def values(batches, count: int) -> list[list[int]]:
+        return [[round((float(p.mean()) + 1) / 2 * 255) for p in next(batches)["pixel_values"]] for _ in range(count)]
+
+    straight = values(D.training_batches(stream(), 2, seed=0, num_workers=0), 7)  # 4 batches an epoch
+    decoded.clear()
+    resumed = values(D.training_batches(stream(), 2, seed=0, batches_seen=5, num_workers=0), 2)
+    assert resumed == straight[5:]
+    assert len(decoded) == 4  # the 2 batches taken, not the 5 skipped before them
+    with_workers = values(D.training_batches(stream(num_shards=4), 2, seed=0, num_workers=2), 7)
+    assert values(D.training_batches(stream(num_shards=4), 2, seed=0, batches_seen=3, num_workers=2), 4) == \
+        with_workers[3:]
+
+
+def test_default_workers_share_the_node_between_its_processes(monkeypatch):
+    """8 processes on a 16-core node (LOCAL_WORLD_SIZE, set by torchrun / accelerate launch) get 16 / 8 = 2 cores
+    each: no worker processes, not 8 each (64 workers fighting over 16 cores)."""
+    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert D.default_num_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert D.default_num_workers() == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert D.default_num_workers() == 7

@@ -369,3 +369,162 @@ def test_accelerate_launch_two_processes_encode_a_folder_and_train_a_ldm_on_it(t
     png = tmp_path / "samples.png"
     assert latent_diffusion.main(["--vae", str(MODEL), "--latents", str(out), "--quick", "--out", str(png)]) == 0
     assert Image.open(png).size[0] > 0
+
+
+# --------------------------------------------------------------------------------------------- shuffle buffer
+
+
+def buffered(folder: Path, size: int, seed: int = 0) -> ShardStream:
+    cfg = DataConfig(source="webdataset", data_files=str(folder / "{00000..00007}.tar"), resolution=8,
+                     random_crop=False, random_flip=False, shuffle_buffer=size)
+    stream = build_dataset(cfg, train=True)
+    stream.seed = seed
+    return stream
+
+
+def test_shuffle_buffer_mixes_shards_written_in_order_and_resumes_exactly(numbered):
+    """Shards written in class order (here each shard is a class of 5): batches of 5 from one worker were each a
+    single shard; a 10-sample buffer mixes them, the same way for the same seed, and a resume continues exactly."""
+    def shard_of(batch: list[str]) -> set[int]:
+        return {int(key) // 5 for key in batch}
+
+    straight = take(buffered(numbered, 10).at(0, 1, workers=0, batch_size=5, batches_seen=0), 12, workers=0)
+    assert sum(len(shard_of(batch)) > 1 for batch in straight) >= 9, straight  # read order: 0 of 12 batches
+    keys = [key for batch in straight[:8] for key in batch]
+    assert len(set(keys)) >= 30  # a shuffle, not a repetition: 8 batches (one epoch's worth) hold most images
+    assert take(buffered(numbered, 10).at(0, 1, 0, 5, 0), 12, workers=0) == straight  # deterministic per seed
+    assert take(buffered(numbered, 10, seed=1).at(0, 1, 0, 5, 0), 12, workers=0) != straight
+    for seen in (3, 9):  # mid-epoch, and past the first epoch
+        assert take(buffered(numbered, 10).at(0, 1, 0, 5, seen), 12 - seen, workers=0) == straight[seen:]
+    # two ranks, two worker processes each: a resumed rank replays the batches of the uninterrupted one
+    whole = take(buffered(numbered, 7).at(1, 2, workers=2, batch_size=3, batches_seen=0), 11, workers=2)
+    assert take(buffered(numbered, 7).at(1, 2, workers=2, batch_size=3, batches_seen=5), 6, workers=2) == whole[5:]
+    assert buffered(numbered, 0).shuffle_buffer == 0  # 0 = read order
+    with pytest.raises(ConfigError, match="data.shuffle_buffer"):
+        load_config(None, ["data.shuffle_buffer=-1"])
+
+
+def test_buffer_position_is_computed_without_reading():
+    """`buffer_after` (what a resume reads again) against running the buffer on plain numbers."""
+    from kl_autoencoder import shards
+
+    size, key, outputs = 5, (3, 0, 1), 40
+    buffer, taken, slots = list(range(size)), [], shards.shuffle_slots(key, size, 0)
+    for t in range(outputs):
+        taken.append(buffer[slots[t]])
+        buffer[slots[t]] = size + t
+        assert sorted(shards.buffer_after(t + 1, size, key).tolist()) == sorted(buffer)
+    assert sorted(taken + buffer) == list(range(outputs + size))  # every input exactly once, none lost
+
+
+def pipe_shards(folder: Path, log: Path, shards: int = 8, per_shard: int = 3, side: int = 32) -> list[str]:
+    """Remote-style shards `pipe:echo "$SHARD_PHASE N" >> LOG && cat FILE`: each opening of shard N appends N to LOG
+    (after the opening process's SHARD_PHASE, when set)."""
+    rng = np.random.default_rng(0)
+    urls = []
+    for shard in range(shards):
+        samples = []
+        for i in range(shard * per_shard, (shard + 1) * per_shard):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            samples.append((f"{i:04d}", {"jpg": jpeg(Image.fromarray(pixels))}))
+        path = write_tar(folder / f"{shard:05d}.tar", samples)
+        urls.append(f'pipe:echo "$SHARD_PHASE {shard}" >> {log} && cat {path}')
+    return urls
+
+
+def opened(log: Path, phase: str | None = None) -> list[int]:
+    lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return [int(words[-1]) for words in lines if phase is None or words[0] == phase]
+
+
+def test_resume_on_remote_shards_reads_no_consumed_shard(tmp_path):
+    """Resuming on `pipe:` shards (as http/s3 ones): the checkpoint holds each consumed shard's sample count, so the
+    resumed run opens only the shards it still reads, and continues exactly (same losses as an uninterrupted run)."""
+    from kl_autoencoder.trainer import train
+    from tests.conftest import TINY_TRAINING
+
+    log = tmp_path / "opened.log"
+    urls = pipe_shards(tmp_path, log)  # 8 shards x 3 samples
+    common = TINY_TRAINING + ["data.source=webdataset", f"data.data_files={json.dumps(urls)}", "data.num_workers=0",
+                              "data.shuffle_buffer=0", "train.batch_size=2", "train.log_every=1",
+                              "train.checkpoint_every=2", "data.random_crop=false", "data.random_flip=false",
+                              "train.remeasure_latent_scale=false"]  # the export reads no data
+    train(load_config(None, common + [f"train.output_dir={tmp_path / 'a'}", "train.max_steps=4"]))
+    straight, _ = opened(log), log.unlink()
+    train(load_config(None, common + [f"train.output_dir={tmp_path / 'b'}", "train.max_steps=2"]))
+    first = opened(log)
+    log.unlink()
+    train(load_config(None, common + [f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4",
+                                      "train.resume=latest"]))
+    # 4 samples before the checkpoint: the first shard (3) consumed, the second begun; 8 samples read in all
+    assert straight == first + straight[2:] and len(straight) == 3
+    assert opened(log) == straight[1:]  # the consumed shard is not opened again, not even to count it
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step_0000004" / "trainer_state.json").read_text())
+    assert state["shard_counts"][urls[straight[0]]] == 3 and state["processes"] == 1 and state["data_workers"] == 1
+
+    def losses(run: str) -> dict[int, float]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return {m["step"]: m["loss"] for m in map(json.loads, lines)}
+
+    assert [losses("b")[s] for s in (3, 4)] == pytest.approx([losses("a")[s] for s in (3, 4)], rel=1e-5)
+
+
+def test_resume_with_another_layout_is_refused_before_anything_is_written(numbered, tmp_path):
+    """The data position is exact only for the processes and stream workers that wrote it: another count is refused
+    in one line naming the value to set, and the run folder is left as it was."""
+    from kl_autoencoder.run_folder import RunFolderError
+    from kl_autoencoder.trainer import train
+    from tests.conftest import TINY_TRAINING
+
+    out = tmp_path / "run"
+    common = TINY_TRAINING + ["data.source=webdataset", f"data.data_files={numbered}/*.tar", "data.resolution=8",
+                              "train.batch_size=2", "train.checkpoint_every=2", "data.shuffle_buffer=4",
+                              "train.remeasure_latent_scale=false", f"train.output_dir={out}"]
+    train(load_config(None, common + ["train.max_steps=2", "data.num_workers=2"]))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    resume = common + ["train.max_steps=4", "train.resume=latest"]
+    with pytest.raises(RunFolderError, match=r"2 DataLoader worker\(s\) per process and this run would use 1: set "
+                                             r"data.num_workers=2") as err:
+        train(load_config(None, resume + ["data.num_workers=1"]))
+    assert "\n" not in str(err.value)
+    state_file = out / "checkpoints" / "step_0000002" / "trainer_state.json"
+    saved = state_file.read_text()
+    state = json.loads(saved)
+    assert (state["processes"], state["data_workers"]) == (1, 2)
+    state_file.write_text(json.dumps({**state, "processes": 2}))  # as if written by 2 processes
+    with pytest.raises(RunFolderError, match=r"written by 2 process\(es\) and this run has 1: .*--num_processes 2"):
+        train(load_config(None, resume + ["data.num_workers=2"]))
+    state_file.write_text(saved)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_two_processes_resume_remote_shards_reading_no_consumed_shard(tmp_path):
+    """2 ranks (DDP over gloo, `accelerate launch` as the README runs it) on `pipe:` shards: the checkpoint holds the
+    sample counts both ranks found, and the resumed run opens neither rank's consumed shard. (That the resumed batches
+    are the uninterrupted run's, per rank and worker, is tested above on the stream and the trainer.)"""
+    from kl_autoencoder.shards import epoch_shards
+    from tests.conftest import TINY_TRAINING
+    from tests.test_trainer import free_port
+
+    log = tmp_path / "opened.log"
+    urls = pipe_shards(tmp_path, log)  # 8 shards x 3 samples: 4 shards per rank
+
+    def launch(phase: str, *overrides: str) -> None:
+        env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "SHARD_PHASE": phase}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(ROOT / "training" / "train.py"),
+               *TINY_TRAINING, "data.source=webdataset", f"data.data_files={json.dumps(urls)}", "data.num_workers=0",
+               "data.shuffle_buffer=0", "train.batch_size=2", "train.checkpoint_every=2", "train.seed=0",
+               "train.remeasure_latent_scale=false", f"train.output_dir={tmp_path / 'run'}", *overrides]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    launch("first", "train.max_steps=2")
+    launch("resumed", "train.max_steps=4", "train.resume=latest")
+    consumed = {epoch_shards(8, 0, 0, rank, 2, 0, 1)[0] for rank in (0, 1)}  # 4 samples per rank: 1 shard of 3 each
+    assert sorted(opened(log, "first")) == sorted(consumed | {epoch_shards(8, 0, 0, r, 2, 0, 1)[1] for r in (0, 1)})
+    resumed = opened(log, "resumed")
+    assert len(resumed) == 4 and not consumed & set(resumed)  # shards 2 and 3 of each rank's 4
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "trainer_state.json").read_text())
+    assert {urls[i] for i in consumed} <= set(state["shard_counts"]) and state["processes"] == 2
