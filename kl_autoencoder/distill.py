@@ -7,8 +7,8 @@
     export_dir = train(cfg, build=build_distillation)   # `kl-autoencoder distill` does exactly this
 
 `build_distillation` gives the loop a `Training` whose model is the student (checkpointed, EMA'd, resumed like any
-model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout; never checkpointed: resume
-loads it again from `distill.teacher`). Each micro-batch, `distill_step` takes TAESD's targets for the batch
+model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout, run in fp32 whatever the run's mixed
+precision: `teacher_precision`; never checkpointed: resume loads it again from `distill.teacher`). Each micro-batch, `distill_step` takes TAESD's targets for the batch
 (`tiny.distillation_targets` with the posterior mean): the teacher's scaled posterior mean (z_mean - shift) * scale
 and the teacher's decode of z_mean, and trains both halves of the student at once (`tiny.distillation_loss`: pixel +
 LPIPS of the student's decode of those latents against the teacher's decode, latent MSE of the student's encode)
@@ -24,6 +24,7 @@ train.* and data.* as for any run. model.* and the KL / GAN terms do not apply (
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -87,6 +88,19 @@ def build_distillation(cfg: TrainConfig, fast: FastPath | None = None) -> Traini
                     export_fn=export_student, teacher=teacher)
 
 
+def teacher_precision(teacher: KLAutoencoder, mixed_precision: str, device_type: str
+                      ) -> contextlib.AbstractContextManager:
+    """The precision the frozen teacher runs in: fp32 whatever the run's, except fp16 for an fp16 run when the
+    teacher's `force_upcast` is false (diffusers' word that this VAE is safe in fp16, as an fp16-fixed SDXL VAE is).
+
+    The teacher has no gradient, so fp32 costs one forward pass; under the run's autocast an SDXL-class teacher
+    overflows in fp16 (every target NaN, every step skipped) and bf16 rounds the targets to ~0.4 %.
+    """
+    if mixed_precision == "fp16" and not teacher.config.force_upcast:
+        return torch.autocast(device_type, dtype=torch.float16)
+    return torch.autocast(device_type, enabled=False)
+
+
 def distill_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepResult:
     """One micro-batch of optimizer step `step` (0-based): the teacher's targets, the student's loss and update.
 
@@ -97,7 +111,7 @@ def distill_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> Ste
     cfg = t.cfg
     if t.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with t.accelerator.autocast():  # the teacher under the run's mixed precision (a no-op for "no")
+    with teacher_precision(t.teacher, cfg.train.mixed_precision, x.device.type):
         targets = distillation_targets(t.teacher, x, sample=False)  # TAESD's: the posterior mean
     with t.accelerator.accumulate(t.model):
         loss, logs = distillation_loss(t.model, targets, x, pixel_weight=cfg.loss.pixel_weight, perceptual=t.perceptual,

@@ -231,3 +231,32 @@ def test_student_learns_the_teachers_scaled_posterior_mean_and_its_decode(tmp_pa
     torch.testing.assert_close(logs["pixel"], expected_pixel, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="distill.sample_posterior.*posterior mean"):
         small_config(tmp_path / "old", "distill.sample_posterior=true")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_teacher_targets_are_fp32_whatever_the_runs_mixed_precision(tmp_path, monkeypatch, precision):
+    """The frozen teacher runs outside the run's autocast: under bf16 its targets were rounded to ~0.4 %, under fp16
+    an SDXL-class teacher overflowed (every target NaN). The targets the loss gets equal the fp32 teacher's exactly;
+    an fp16 run with a teacher whose force_upcast is false (fp16-safe) runs it in fp16, as a pipeline would."""
+    from kl_autoencoder import distill
+    from kl_autoencoder.tiny import distillation_targets
+
+    cfg = small_config(tmp_path / "run", f"train.mixed_precision={precision}", "loss.perceptual_weight=0")
+    try:
+        t = build_distillation(cfg)
+    except ValueError as error:  # an accelerate / torch without CPU fp16 autocast
+        pytest.skip(str(error))
+    seen = []
+    real_loss = distill.distillation_loss
+    monkeypatch.setattr(distill, "distillation_loss", lambda model, targets, *a, **k: (
+        seen.append(targets), real_loss(model, targets, *a, **k))[1])
+    _, x = load_eval_images("sample:heldout", 32)
+    distill.distill_step(t, x, step=0)
+    expected = distillation_targets(t.teacher, x, sample=False)  # no autocast here: fp32
+    torch.testing.assert_close(seen[0].latents, expected.latents, rtol=0, atol=0)
+    torch.testing.assert_close(seen[0].decoded, expected.decoded, rtol=0, atol=0)
+    if precision == "fp16":  # an fp16-safe teacher runs in the run's fp16, as diffusers' pipelines run it
+        t.teacher.config.force_upcast = False
+        seen.clear()
+        distill.distill_step(t, x, step=1)
+        assert (seen[0].latents - expected.latents).abs().max() > 0
