@@ -87,6 +87,10 @@ class DataConfig:
 class GanConfig:
     enabled: bool = False
     disc_start: int = 50001  # first step with the adversarial term and discriminator updates
+    # The generator's adversarial weight ramps linearly from 0 at disc_start to disc_weight at disc_start +
+    # disc_warmup_steps while the discriminator trains from disc_start: a fresh discriminator learns before its
+    # gradients reach a (pretrained) decoder at full weight. 0 = LDM's switch, full weight at disc_start.
+    disc_warmup_steps: int = 0
     disc_weight: float = 0.5
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_lr: float | None = None  # None = optim.lr
@@ -108,6 +112,10 @@ class EquivarianceConfig:
     transforms: list[str] = field(default_factory=lambda: ["scale", "rotate"])  # of: scale, rotate
     # s = m / h, m uniform over the integer latent sizes with min_scale <= s < 1 (EQ-VAE: s in {8..31}/32 at 32x32)
     min_scale: float = 0.25
+    # EQ-VAE's p_prior_s: on this share of the steps that draw no transform, the plain pair is the image downscaled
+    # by the same kind of s (prior preservation at low resolution), so the VAE keeps reconstructing the small
+    # images it must now decode from downscaled latents. 0 = off (EQ-VAE: 0.25).
+    low_res_probability: float = 0.0
 
 
 @dataclass
@@ -619,6 +627,8 @@ def validate_loss(loss: LossConfig) -> None:
     _require(bool(eq.transforms) and set(eq.transforms) <= {"scale", "rotate"},
              "loss.equivariance.transforms", eq.transforms, "must be a non-empty list of: scale, rotate")
     _require(0 < eq.min_scale < 1, "loss.equivariance.min_scale", eq.min_scale, "must be in (0, 1) (EQ-VAE: 0.25)")
+    _require(0 <= eq.low_res_probability <= 1, "loss.equivariance.low_res_probability", eq.low_res_probability,
+             "must be in [0, 1] (EQ-VAE's p_prior_s: 0.25)")
     _require(loss.kl_warmup_steps >= 0, "loss.kl_warmup_steps", loss.kl_warmup_steps, "must be >= 0")
     if loss.kl_schedule == "cyclical":
         _require(loss.kl_cycle_steps is not None and loss.kl_cycle_steps >= 2, "loss.kl_cycle_steps",
@@ -627,6 +637,7 @@ def validate_loss(loss: LossConfig) -> None:
              loss.kl_warmup_steps, "loss.kl_schedule=constant has no warm-up; use kl_schedule=linear")
     gan = loss.gan
     _require(gan.disc_start >= 0, "loss.gan.disc_start", gan.disc_start, "must be >= 0")
+    _require(gan.disc_warmup_steps >= 0, "loss.gan.disc_warmup_steps", gan.disc_warmup_steps, "must be >= 0")
     _require(gan.disc_weight >= 0, "loss.gan.disc_weight", gan.disc_weight, "must be >= 0")
     _require(gan.disc_lr is None or gan.disc_lr > 0, "loss.gan.disc_lr", gan.disc_lr, "must be > 0")
     _require(gan.disc_channels >= 1, "loss.gan.disc_channels", gan.disc_channels, "must be >= 1")
