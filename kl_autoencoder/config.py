@@ -687,10 +687,18 @@ def validate_distill(cfg: TrainConfig) -> None:
     for key, value, default in (("model.pretrained", cfg.model.pretrained, None),
                                 ("model.architecture", cfg.model.architecture, {}),
                                 ("model.freeze_encoder", cfg.model.freeze_encoder, False),
-                                ("loss.learned_logvar", cfg.loss.learned_logvar, False),
-                                ("loss.gan.enabled", cfg.loss.gan.enabled, False)):
+                                ("loss.learned_logvar", cfg.loss.learned_logvar, False)):
         _require(value == default, key, value, "does not apply to distillation (the student is built from "
-                 "distill.teacher and distill.width / *_blocks; its losses are pixel, LPIPS and latent MSE)")
+                 "distill.teacher and distill.width / *_blocks; its losses are pixel, LPIPS, latent MSE and "
+                 "optionally loss.gan)")
+    if cfg.loss.gan.enabled:  # TAESD's adversarial decoder: its small reconstruction term is what D's weight balances
+        _require(cfg.loss.pixel_weight > 0 or cfg.loss.perceptual_weight > 0, "loss.pixel_weight",
+                 cfg.loss.pixel_weight, "with loss.gan.enabled the decoder needs a reconstruction term too "
+                 "(loss.pixel_weight or loss.perceptual_weight > 0; TAESD keeps a small one)")
+        smallest = 3 * 2 ** cfg.loss.gan.disc_layers
+        _require(cfg.data.resolution >= smallest, "data.resolution", cfg.data.resolution,
+                 f"is below the discriminator's smallest input, {smallest} px at loss.gan.disc_layers="
+                 f"{cfg.loss.gan.disc_layers}: use fewer layers or a larger resolution")
 
 
 def validate_fp16_fix(cfg: TrainConfig) -> None:

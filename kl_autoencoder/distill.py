@@ -32,10 +32,10 @@ import torch
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, TrainConfig
 from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, prepare_for_inference,
-                                     prepare_loss_network)
+                                     prepare_loss_network, unwrap)
 from kl_autoencoder.model import KLAutoencoder
-from kl_autoencoder.tiny import TinyAutoencoder, build_student, distillation_loss, distillation_targets
-from kl_autoencoder.trainer import EMA, StepResult, Training, make_accelerator, optimizer_step
+from kl_autoencoder.tiny import TinyAutoencoder, build_student, distillation_targets, distillation_terms
+from kl_autoencoder.trainer import EMA, StepResult, Training, make_accelerator, make_discriminator, optimizer_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "distill.yaml"  # the CLI's default (in a checkout)
 SINGLE_FILE_NAME = "tiny"  # -> tiny_encoder.safetensors / tiny_decoder.safetensors (rename for a preview tool)
@@ -78,14 +78,20 @@ def build_distillation(cfg: TrainConfig, fast: FastPath | None = None) -> Traini
         perceptual = L.PerceptualLoss(cfg.loss.perceptual_net, cfg.loss.perceptual_pretrained).to(device)
         prepare_loss_network(perceptual, fast)
     params = list(student.parameters())
-    optimizer = make_adamw(params, cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                           fused=fused)
+    adamw = dict(betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=fused)
+    optimizer = make_adamw(params, cfg.optim.lr, **adamw)
     called = compile_with_fallback(student, device) if cfg.model.compile else student
-    called, optimizer = accelerator.prepare(called, optimizer)
+    discriminator = d_optimizer = None
+    if cfg.loss.gan.enabled:  # TAESD's decoder: adversarial, the real images against its decodes of the latents
+        discriminator, d_optimizer = make_discriminator(cfg, device, accelerator.num_processes, **adamw)
+        called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
+                                                                            d_optimizer)
+    else:
+        called, optimizer = accelerator.prepare(called, optimizer)
     ema = EMA(student, cfg.train.ema.decay).to(device) if cfg.train.ema.enabled else None
-    return Training(cfg, accelerator, called, student, optimizer, params, perceptual, logvar=None, discriminator=None,
-                    d_optimizer=None, ema=ema, channels_last=channels_last, step_fn=distill_step,
-                    export_fn=export_student, teacher=teacher)
+    return Training(cfg, accelerator, called, student, optimizer, params, perceptual, logvar=None,
+                    discriminator=discriminator, d_optimizer=d_optimizer, ema=ema, channels_last=channels_last,
+                    step_fn=distill_step, export_fn=export_student, teacher=teacher)
 
 
 def teacher_precision(teacher: KLAutoencoder, mixed_precision: str, device_type: str
@@ -113,13 +119,26 @@ def distill_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> Ste
         x = x.contiguous(memory_format=torch.channels_last)
     with teacher_precision(t.teacher, cfg.train.mixed_precision, x.device.type):
         targets = distillation_targets(t.teacher, x, sample=False)  # TAESD's: the posterior mean
-    with t.accelerator.accumulate(t.model):
-        loss, logs = distillation_loss(t.model, targets, x, pixel_weight=cfg.loss.pixel_weight, perceptual=t.perceptual,
-                                       perceptual_weight=cfg.loss.perceptual_weight,
-                                       latent_weight=cfg.distill.latent_weight, pixel=cfg.loss.pixel)
+    adversarial = t.discriminator is not None
+    weights = L.loss_weights_at(cfg.loss, step)
+    if adversarial:  # TAESD: the decoder's reconstruction terms compare with the real images, as its GAN does
+        targets = targets._replace(decoded=x.float())
+    with t.accelerator.accumulate(*((t.model, t.discriminator) if adversarial else (t.model,))):
+        loss, logs, decoded = distillation_terms(
+            t.model, targets, x, pixel_weight=cfg.loss.pixel_weight, perceptual=t.perceptual,
+            perceptual_weight=cfg.loss.perceptual_weight, latent_weight=cfg.distill.latent_weight, pixel=cfg.loss.pixel)
+        if adversarial and weights.gan_weight > 0 and decoded is not None:
+            term, gan_logs = L.adversarial_term(decoded, loss, weights, unwrap(t.discriminator),
+                                                t.raw_model.last_decoder_layer)
+            loss = loss + term
+            logs.update(gan_logs, loss=loss.detach())
         outcome = optimizer_step(t.accelerator, t.optimizer, loss, t.params, cfg.optim.grad_clip)
         if outcome is not None:
             logs["grad_norm"] = outcome[1]
+        if adversarial and weights.train_discriminator and decoded is not None:
+            d_loss, d_logs = L.discriminator_loss(t.discriminator, x, decoded, weights.gan_loss)
+            optimizer_step(t.accelerator, t.d_optimizer, d_loss, list(t.discriminator.parameters()))
+            logs.update(d_logs)
     grid_step = (cfg.train.image_every and (step + 1) % cfg.train.image_every == 0
                  and micro == cfg.train.grad_accum_steps - 1 and t.accelerator.is_main_process)
     if grid_step:

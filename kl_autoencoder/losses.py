@@ -598,20 +598,32 @@ def autoencoder_loss(
     if logvar is not None:
         logs["logvar"] = logvar.detach().float()
     if discriminator is not None and weights.gan_weight > 0:
-        # fp32 whatever the autocast dtype: the generator's gradient comes back through the discriminator, and in
-        # fp16 it can underflow before it reaches the decoder (and the adaptive weight with it).
-        with frozen(discriminator), torch.autocast(device_type=reconstruction.device.type, enabled=False):
-            g_loss = generator_loss(discriminator(reconstruction).float(), kind=weights.gan_loss)
-        if weights.adaptive_gan_weight:
-            if last_layer is None:
-                raise ValueError("autoencoder_loss: the adaptive GAN weight needs last_layer=model.last_decoder_layer")
-            d_weight = adaptive_gan_weight(rec, g_loss, last_layer, output=reconstruction)
-        else:
-            d_weight = torch.ones((), device=loss.device)
-        loss = loss + weights.gan_weight * d_weight * g_loss
-        logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
+        term, gan_logs = adversarial_term(reconstruction, rec, weights, discriminator, last_layer)
+        loss = loss + term
+        logs.update(gan_logs)
     logs["loss"] = loss.detach()
     return loss, logs, reconstruction
+
+
+def adversarial_term(reconstruction: torch.Tensor, rec: torch.Tensor, weights: LossWeights, discriminator: nn.Module,
+                     last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generator's adversarial term, gan_weight x d_weight x generator_loss(D(reconstruction)), and its logs.
+
+    `rec` is the reconstruction loss the adaptive weight balances against (at `last_layer`, the decoder's output
+    weight); `discriminator` the bare module, frozen for this pass so the term leaves no gradient in it.
+    """
+    # fp32 whatever the autocast dtype: the generator's gradient comes back through the discriminator, and in
+    # fp16 it can underflow before it reaches the decoder (and the adaptive weight with it).
+    with frozen(discriminator), torch.autocast(device_type=reconstruction.device.type, enabled=False):
+        g_loss = generator_loss(discriminator(reconstruction).float(), kind=weights.gan_loss)
+    if weights.adaptive_gan_weight:
+        if last_layer is None:
+            raise ValueError("the adaptive GAN weight needs last_layer, the decoder's output weight "
+                             "(model.last_decoder_layer)")
+        d_weight = adaptive_gan_weight(rec, g_loss, last_layer, output=reconstruction)
+    else:
+        d_weight = torch.ones((), device=reconstruction.device)
+    return weights.gan_weight * d_weight * g_loss, {"g_loss": g_loss.detach(), "d_weight": d_weight.detach()}
 
 
 def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge"

@@ -306,11 +306,7 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
     called = compile_with_fallback(model, device) if cfg.model.compile else model
     discriminator = d_optimizer = None
     if cfg.loss.gan.enabled:
-        gan = cfg.loss.gan
-        discriminator = L.PatchDiscriminator(3, gan.disc_channels, gan.disc_layers, gan.disc_norm).to(device)
-        # The loop sets both optimizers' rates every step (set_learning_rates); these are step 0's.
-        d_optimizer = make_adamw(discriminator.parameters(), learning_rates(cfg, accelerator.num_processes, 0)[1],
-                                 **adamw)
+        discriminator, d_optimizer = make_discriminator(cfg, device, accelerator.num_processes, **adamw)
         called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
                                                                             d_optimizer)
     else:
@@ -318,6 +314,14 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
     ema = EMA(model, cfg.train.ema.decay).to(device) if cfg.train.ema.enabled else None
     return Training(cfg, accelerator, called, model, optimizer, params, perceptual, logvar, discriminator, d_optimizer,
                     ema, channels_last)
+
+
+def make_discriminator(cfg: TrainConfig, device: torch.device, world: int, **adamw: Any) -> tuple[nn.Module, Any]:
+    """loss.gan's PatchGAN on `device` and its AdamW (`adamw`: betas, weight_decay, fused) at step 0's rate; the loop
+    sets both optimizers' rates every step (set_learning_rates)."""
+    gan = cfg.loss.gan
+    discriminator = L.PatchDiscriminator(3, gan.disc_channels, gan.disc_layers, gan.disc_norm).to(device)
+    return discriminator, make_adamw(discriminator.parameters(), learning_rates(cfg, world, 0)[1], **adamw)
 
 
 # ----------------------------------------------------------------------------------------------- the step

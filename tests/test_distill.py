@@ -4,6 +4,7 @@ holds), the export in diffusers' AutoencoderTiny and as single files, and `evalu
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +168,15 @@ def test_bad_distill_settings_fail_before_any_work(tmp_path, capsys):
     assert cli(["distill", "--teacher", str(tmp_path / "missing"), "--data", "sample", "--out", str(out)]) == 2
     assert "distill.teacher" in capsys.readouterr().err
     assert cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out),
-                "loss.gan.enabled=true"]) == 2
+                "loss.learned_logvar=true"]) == 2
     err = capsys.readouterr().err
-    assert "loss.gan.enabled" in err and "does not apply to distillation" in err
+    assert "loss.learned_logvar" in err and "does not apply to distillation" in err
+    assert cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out), "loss.gan.enabled=true",
+                "loss.pixel_weight=0"]) == 2  # an adversarial decoder keeps a reconstruction term
+    assert "loss.pixel_weight" in capsys.readouterr().err
+    assert cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out), "--resolution", "16",
+                "loss.gan.enabled=true"]) == 2  # below the PatchGAN's 24 px
+    assert "data.resolution" in capsys.readouterr().err
     assert cli(["distill", "--teacher", str(TEACHER), "--data", "sample", "--out", str(out), "--resolution", "36"]) == 2
     assert "data.resolution" in capsys.readouterr().err
     assert not out.exists()
@@ -247,9 +254,9 @@ def test_teacher_targets_are_fp32_whatever_the_runs_mixed_precision(tmp_path, mo
     except ValueError as error:  # an accelerate / torch without CPU fp16 autocast
         pytest.skip(str(error))
     seen = []
-    real_loss = distill.distillation_loss
-    monkeypatch.setattr(distill, "distillation_loss", lambda model, targets, *a, **k: (
-        seen.append(targets), real_loss(model, targets, *a, **k))[1])
+    real_terms = distill.distillation_terms
+    monkeypatch.setattr(distill, "distillation_terms", lambda model, targets, *a, **k: (
+        seen.append(targets), real_terms(model, targets, *a, **k))[1])
     _, x = load_eval_images("sample:heldout", 32)
     distill.distill_step(t, x, step=0)
     expected = distillation_targets(t.teacher, x, sample=False)  # no autocast here: fp32
@@ -260,3 +267,47 @@ def test_teacher_targets_are_fp32_whatever_the_runs_mixed_precision(tmp_path, mo
         seen.clear()
         distill.distill_step(t, x, step=1)
         assert (seen[0].latents - expected.latents).abs().max() > 0
+
+
+def test_adversarial_decoder_trains_on_the_teachers_latents_as_taesd(tmp_path):
+    """loss.gan.enabled: TAESD's decoder, a GAN on the teacher's latents. The loss is the reconstruction term against
+    the real images plus disc_weight x the adaptive weight x the hinge generator loss of the PatchGAN (both written
+    here from their definitions); the discriminator learns real images against the student's decodes."""
+    import torch.nn.functional as F
+
+    from kl_autoencoder.distill import distill_step
+    from kl_autoencoder.fastpath import unwrap
+
+    gan = ["loss.gan.enabled=true", "loss.gan.disc_start=0", "loss.gan.disc_channels=8", "loss.gan.disc_layers=2"]
+    cfg = small_config(tmp_path / "run", "loss.perceptual_weight=0", "model.channels_last=false", *gan)
+    t = build_distillation(cfg)
+    disc, student = unwrap(t.discriminator), t.raw_model
+    _, x = load_eval_images("sample:heldout", 32)
+    teacher = KLAutoencoder.from_pretrained(TEACHER).eval()
+    with torch.no_grad():
+        mean = teacher.encode(x).mean
+        latents = (mean - (teacher.config.shift_factor or 0.0)) * teacher.config.scaling_factor
+    decoded = student.decode(latents)
+    rec = (decoded - x).abs().mean() + F.mse_loss(student.encode(x), latents)  # pixel_weight = latent_weight = 1
+    g_loss = -disc(decoded).mean()
+    last = student.decoder.layers[-1].weight
+    grad_rec, grad_g = (torch.autograd.grad(v, last, retain_graph=True)[0] for v in (rec, g_loss))
+    d_weight = (grad_rec.norm() / (grad_g.norm() + 1e-4)).clamp(0, 1e4)
+    disc_before = [p.detach().clone() for p in disc.parameters()]
+    logs = distill_step(t, x, step=0).logs
+    torch.testing.assert_close(logs["pixel"], (decoded - x).abs().mean().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["g_loss"], g_loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logs["d_weight"], d_weight.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logs["loss"], (rec + 0.5 * d_weight * g_loss).detach(), rtol=1e-5, atol=1e-6)
+    assert math.isfinite(logs["d_loss"]) and logs["d_weight"] > 0
+    # every discriminator weight learned (the last bias gets none from the hinge while all logits are in (-1, 1))
+    assert all((a != p).any() for a, (n, p) in zip(disc_before, disc.named_parameters()) if n.endswith("weight"))
+
+    out = tmp_path / "train"  # end to end: finite, the discriminator checkpointed, the export a loadable student
+    train(small_config(out, "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2", *gan),
+          build=build_distillation)
+    logged = metrics(out)
+    assert all(all(math.isfinite(m[k]) for k in ("loss", "pixel", "latent", "g_loss", "d_loss", "d_weight"))
+               for m in logged) and len(logged) == 4
+    assert (out / "checkpoints" / "step_0000004" / "discriminator.safetensors").is_file()
+    assert TinyAutoencoder.from_pretrained(out / "vae").config.latent_channels == student.config.latent_channels
