@@ -183,8 +183,10 @@ class TrainSection:
 class DistillSection:
     """Distilling a tiny autoencoder (diffusers' AutoencoderTiny) from a KL VAE: `kl-autoencoder distill`.
 
-    The targets are TAESD's: the encoder learns the teacher's scaled posterior mean (latent_weight x MSE), the decoder
-    the teacher's decode of that mean (loss.pixel / loss.pixel_weight / loss.perceptual_*). model.* and the KL / GAN
+    The encoder learns the teacher's scaled posterior mean (latent_weight x MSE), as TAESD's does. The decoder, on the
+    teacher's latents of that mean, either regresses onto the teacher's decode (loss.pixel / loss.pixel_weight /
+    loss.perceptual_*; the default) or, with loss.gan.enabled, trains as TAESD's does: a GAN (loss.gan.*'s PatchGAN,
+    real images against its decodes) plus the reconstruction terms against the real images. model.* and the KL
     terms do not apply (the student is built from the teacher's config)."""
 
     teacher: str | None = None  # diffusers folder / pipeline folder / LDM file / hub id of the KL VAE to distil
@@ -346,8 +348,8 @@ REMOVED_KEYS = {
                                 "key (probability 0 = off)",
     "loss.equivariance.scales": "the downscale is now EQ-VAE's random s in [loss.equivariance.min_scale, 1), not "
                                 "fixed integer factors; drop the key",
-    "distill.sample_posterior": "the student learns the teacher's posterior mean (encoder: its scaled mean; decoder: "
-                                "the teacher's decode of it), as TAESD; drop the key",
+    "distill.sample_posterior": "the student learns from the teacher's posterior mean (encoder: its scaled mean; "
+                                "decoder: that latent), as TAESD; drop the key",
 }
 
 

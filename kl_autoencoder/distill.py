@@ -7,19 +7,28 @@
     export_dir = train(cfg, build=build_distillation)   # `kl-autoencoder distill` does exactly this
 
 `build_distillation` gives the loop a `Training` whose model is the student (checkpointed, EMA'd, resumed like any
-model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout, run in fp32 whatever the run's mixed
-precision: `teacher_precision`; never checkpointed: resume loads it again from `distill.teacher`). Each micro-batch, `distill_step` takes TAESD's targets for the batch
-(`tiny.distillation_targets` with the posterior mean): the teacher's scaled posterior mean (z_mean - shift) * scale
-and the teacher's decode of z_mean, and trains both halves of the student at once (`tiny.distillation_loss`: pixel +
-LPIPS of the student's decode of those latents against the teacher's decode, latent MSE of the student's encode)
-through the trainer's one `optimizer_step`. The mean, not a posterior sample: a sample's noise is no function of the
-image, so an encoder regressing onto it keeps an error floor of the posterior's variance. The export is the student
-(EMA weights when EMA is on) as a diffusers `AutoencoderTiny` folder in the run's export folder, with TAESD's two
-single files (`tiny_encoder.safetensors`, `tiny_decoder.safetensors`) in the same folder.
+model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout, fp32 whatever the run's mixed
+precision: `teacher_precision`; never checkpointed: resume loads it again from `distill.teacher`). Each micro-batch,
+`distill_step` takes the targets for the batch (`tiny.distillation_targets` with the posterior mean): the teacher's
+scaled posterior mean (z_mean - shift) * scale and the teacher's decode of z_mean, and trains both halves of the
+student at once through the trainer's one `optimizer_step`. The encoder regresses onto the latents (MSE, as TAESD's
+encoder). The decoder, given those latents, learns one of two ways:
+  - regression (the default): pixel + LPIPS of its decode against the teacher's decode (`tiny.distillation_loss`).
+    It learns from the first step, with nothing to balance: what configs/distill.yaml's CPU budget uses.
+  - adversarial (loss.gan.enabled), TAESD's: a GAN conditioned on the teacher's latents. loss.gan's PatchGAN learns
+    the real images against the student's decodes (hinge by default); the decoder gets gan weight x the adaptive
+    weight x the generator loss plus the pixel / LPIPS terms against the real images, the small reconstruction term
+    TAESD keeps. A regression's decode is the average of what the latents allow (blurred where they are ambiguous);
+    the GAN's makes up plausible detail instead, as TAESD's decoder does, at the price of a discriminator to train.
+The mean, not a posterior sample: a sample's noise is no function of the image, so an encoder regressing onto it
+keeps an error floor of the posterior's variance. The export is the student (EMA weights when EMA is on) as a
+diffusers `AutoencoderTiny` folder in the run's export folder, with TAESD's two single files
+(`tiny_encoder.safetensors`, `tiny_decoder.safetensors`) in the same folder.
 
-Which config keys mean what here: loss.pixel / loss.pixel_weight / loss.perceptual_* weigh the decoder's terms,
-distill.latent_weight the encoder's, distill.width / encoder_blocks / decoder_blocks size the student; optim.*,
-train.* and data.* as for any run. model.* and the KL / GAN terms do not apply (config validation says so).
+Which config keys mean what here: loss.pixel / loss.pixel_weight / loss.perceptual_* weigh the decoder's
+reconstruction terms, loss.gan.* its adversarial term (disc_start, disc_warmup_steps, disc_weight, adaptive_weight
+as in training), distill.latent_weight the encoder's, distill.width / encoder_blocks / decoder_blocks size the
+student; optim.*, train.* and data.* as for any run. model.* and the KL terms do not apply (config validation says so).
 """
 
 from __future__ import annotations
