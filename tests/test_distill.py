@@ -331,3 +331,23 @@ def test_docs_say_which_decoder_objective_the_recipe_uses():
         text = " ".join(text.split())
         assert "targets are TAESD's" not in text
         assert "loss.gan.enabled" in text
+
+
+def test_adversarial_distillation_resumes_exactly(tmp_path):
+    """4 steps straight == 2 steps, stop, resume, 2 steps with the adversarial decoder: the discriminator and its
+    optimizer come back from the checkpoint (a fresh one would change every later step)."""
+    common = ["loss.gan.enabled=true", "loss.gan.disc_start=0", "loss.gan.disc_warmup_steps=2",
+              "loss.gan.disc_channels=8", "loss.gan.disc_layers=2", "train.checkpoint_every=2", "train.log_every=1",
+              "optim.schedule=constant"]  # the same rates whatever max_steps says
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(small_config(straight, "train.max_steps=4", *common), build=build_distillation)
+    train(small_config(split, "train.max_steps=2", *common), build=build_distillation)
+    train(small_config(split, "train.max_steps=4", "train.resume=latest", *common), build=build_distillation)
+    for name in ("model.safetensors", "discriminator.safetensors"):
+        a, b = (load_file(run / "checkpoints" / "step_0000004" / name) for run in (straight, split))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+    la, lb = ({m["step"]: m for m in metrics(run)} for run in (straight, split))
+    for step in (3, 4):
+        for key in ("loss", "g_loss", "d_loss"):
+            assert lb[step][key] == pytest.approx(la[step][key], rel=1e-5), (step, key)
+    assert "g_loss" not in la[1] and "g_loss" in la[2]  # the warm-up's first step trains only the discriminator
