@@ -8,12 +8,14 @@ asset (a quickstart-size f8 VAE trained on the sample photos). Two fine-tunes th
 `train(load_config("configs/eq-finetune.yaml", overrides))`, identical but for EQ-VAE's objective: same steps, seed,
 data (the built-in sample photos, training split, random 64-px crops at random scales as the quickstart trained),
 optimizer, learning rate and EMA;
-  plain: loss.equivariance.probability=0
+  plain: loss.equivariance.probability=0 and low_res_probability=0
   EQ:    loss.equivariance as shipped (on a share --eq-probability of the steps, the pair is the decode of the latent
-         downscaled by s in [0.25, 1) and turned 1-3 quarter turns, against the same transform of the image).
+         downscaled by s in [0.25, 1) and turned 1-3 quarter turns, against the same transform of the image; on a
+         quarter of the other steps, EQ-VAE's p_prior_s, the plain pair at a resolution lowered by such an s).
 CPU settings on both sides: mixed_precision=no, perceptual_weight=0 (no VGG weights offline; the start model was
 trained without LPIPS too), the GAN off (the start model was trained without one; a fresh discriminator would be a
-third difference), and --lr in place of the shipped 1e-5 (which barely moves a model in a few hundred steps).
+third difference), no gradient accumulation, and --lr as the per-step rate (optim.scale_lr=false) in place of the
+shipped 4.5e-6 x total batch (EQ-VAE's 7.2e-4 at 160 images a step; --batch-size images a step here).
 
 Measured for the start model, plain and EQ, all on held-out data (the two photos the training split leaves out):
   - high-frequency share of the latent (posterior mean) and of the image, and equivariance PSNR of decode(T(mu))
@@ -71,16 +73,17 @@ def default_model() -> tuple[Path, str]:
 
 
 def finetune_overrides(args: argparse.Namespace, model: Path, output_dir: Path, eq: bool) -> list[str]:
-    """configs/eq-finetune.yaml overrides for one run; the two runs differ only in loss.equivariance.probability."""
+    """configs/eq-finetune.yaml overrides for one run; the two runs differ only in EQ-VAE's objective
+    (loss.equivariance.probability, and the low-resolution branch, which plain turns off)."""
     return [
         f"model.pretrained={model}", f"train.output_dir={output_dir}", "train.overwrite=true",
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.seed={args.seed}",
         "train.mixed_precision=no", "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.image_every=0",
         f"train.log_every={max(1, args.steps // 10)}", f"train.scaling_images={args.scaling_images}",
         "data.source=sample", "data.split=train", f"data.resolution={args.resolution}", "data.num_workers=0",
-        "loss.perceptual_weight=0", "loss.gan.enabled=false", f"optim.lr={args.lr}",
-        f"loss.equivariance.probability={args.eq_probability if eq else 0}",
-    ]
+        "loss.perceptual_weight=0", "loss.gan.enabled=false", f"optim.lr={args.lr}", "optim.scale_lr=false",
+        "train.grad_accum_steps=1", f"loss.equivariance.probability={args.eq_probability if eq else 0}",
+    ] + ([] if eq else ["loss.equivariance.low_res_probability=0"])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -197,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of each fine-tune")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64, help="training crop size (the quickstart's)")
-    p.add_argument("--lr", type=float, default=2e-4, help="both runs (the recipe ships 1e-5 for long runs)")
+    p.add_argument("--lr", type=float, default=2e-4, help="both runs, per step (the recipe: 4.5e-6 x total batch)")
     p.add_argument("--eq-probability", type=float, default=0.5, help="the EQ run's loss.equivariance.probability")
     p.add_argument("--seed", type=int, default=0, help="train.seed of both runs")
     p.add_argument("--scaling-images", type=int, default=256, help="crops that set each export's scaling_factor")

@@ -95,6 +95,10 @@ class DataConfig:
 class GanConfig:
     enabled: bool = False
     disc_start: int = 50001  # first step with the adversarial term and discriminator updates
+    # The generator's adversarial weight ramps linearly from 0 at disc_start to disc_weight at disc_start +
+    # disc_warmup_steps while the discriminator trains from disc_start: a fresh discriminator learns before its
+    # gradients reach a (pretrained) decoder at full weight. 0 = LDM's switch, full weight at disc_start.
+    disc_warmup_steps: int = 0
     disc_weight: float = 0.5
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_lr: float | None = None  # None = optim.lr
@@ -116,6 +120,10 @@ class EquivarianceConfig:
     transforms: list[str] = field(default_factory=lambda: ["scale", "rotate"])  # of: scale, rotate
     # s = m / h, m uniform over the integer latent sizes with min_scale <= s < 1 (EQ-VAE: s in {8..31}/32 at 32x32)
     min_scale: float = 0.25
+    # EQ-VAE's p_prior_s: on this share of the steps that draw no transform, the plain pair is the image downscaled
+    # by the same kind of s (prior preservation at low resolution), so the VAE keeps reconstructing the small
+    # images it must now decode from downscaled latents. 0 = off (EQ-VAE: 0.25).
+    low_res_probability: float = 0.0
 
 
 @dataclass
@@ -183,8 +191,10 @@ class TrainSection:
 class DistillSection:
     """Distilling a tiny autoencoder (diffusers' AutoencoderTiny) from a KL VAE: `kl-autoencoder distill`.
 
-    The targets are TAESD's: the encoder learns the teacher's scaled posterior mean (latent_weight x MSE), the decoder
-    the teacher's decode of that mean (loss.pixel / loss.pixel_weight / loss.perceptual_*). model.* and the KL / GAN
+    The encoder learns the teacher's scaled posterior mean (latent_weight x MSE), as TAESD's does. The decoder, on the
+    teacher's latents of that mean, either regresses onto the teacher's decode (loss.pixel / loss.pixel_weight /
+    loss.perceptual_*; the default) or, with loss.gan.enabled, trains as TAESD's does: a GAN (loss.gan.*'s PatchGAN,
+    real images against its decodes) plus the reconstruction terms against the real images. model.* and the KL
     terms do not apply (the student is built from the teacher's config)."""
 
     teacher: str | None = None  # diffusers folder / pipeline folder / LDM file / hub id of the KL VAE to distil
@@ -346,8 +356,8 @@ REMOVED_KEYS = {
                                 "key (probability 0 = off)",
     "loss.equivariance.scales": "the downscale is now EQ-VAE's random s in [loss.equivariance.min_scale, 1), not "
                                 "fixed integer factors; drop the key",
-    "distill.sample_posterior": "the student learns the teacher's posterior mean (encoder: its scaled mean; decoder: "
-                                "the teacher's decode of it), as TAESD; drop the key",
+    "distill.sample_posterior": "the student learns from the teacher's posterior mean (encoder: its scaled mean; "
+                                "decoder: that latent), as TAESD; drop the key",
 }
 
 
@@ -628,6 +638,8 @@ def validate_loss(loss: LossConfig) -> None:
     _require(bool(eq.transforms) and set(eq.transforms) <= {"scale", "rotate"},
              "loss.equivariance.transforms", eq.transforms, "must be a non-empty list of: scale, rotate")
     _require(0 < eq.min_scale < 1, "loss.equivariance.min_scale", eq.min_scale, "must be in (0, 1) (EQ-VAE: 0.25)")
+    _require(0 <= eq.low_res_probability <= 1, "loss.equivariance.low_res_probability", eq.low_res_probability,
+             "must be in [0, 1] (EQ-VAE's p_prior_s: 0.25)")
     _require(loss.kl_warmup_steps >= 0, "loss.kl_warmup_steps", loss.kl_warmup_steps, "must be >= 0")
     if loss.kl_schedule == "cyclical":
         _require(loss.kl_cycle_steps is not None and loss.kl_cycle_steps >= 2, "loss.kl_cycle_steps",
@@ -636,6 +648,7 @@ def validate_loss(loss: LossConfig) -> None:
              loss.kl_warmup_steps, "loss.kl_schedule=constant has no warm-up; use kl_schedule=linear")
     gan = loss.gan
     _require(gan.disc_start >= 0, "loss.gan.disc_start", gan.disc_start, "must be >= 0")
+    _require(gan.disc_warmup_steps >= 0, "loss.gan.disc_warmup_steps", gan.disc_warmup_steps, "must be >= 0")
     _require(gan.disc_weight >= 0, "loss.gan.disc_weight", gan.disc_weight, "must be >= 0")
     _require(gan.disc_lr is None or gan.disc_lr > 0, "loss.gan.disc_lr", gan.disc_lr, "must be > 0")
     _require(gan.disc_channels >= 1, "loss.gan.disc_channels", gan.disc_channels, "must be >= 1")
@@ -685,10 +698,18 @@ def validate_distill(cfg: TrainConfig) -> None:
     for key, value, default in (("model.pretrained", cfg.model.pretrained, None),
                                 ("model.architecture", cfg.model.architecture, {}),
                                 ("model.freeze_encoder", cfg.model.freeze_encoder, False),
-                                ("loss.learned_logvar", cfg.loss.learned_logvar, False),
-                                ("loss.gan.enabled", cfg.loss.gan.enabled, False)):
+                                ("loss.learned_logvar", cfg.loss.learned_logvar, False)):
         _require(value == default, key, value, "does not apply to distillation (the student is built from "
-                 "distill.teacher and distill.width / *_blocks; its losses are pixel, LPIPS and latent MSE)")
+                 "distill.teacher and distill.width / *_blocks; its losses are pixel, LPIPS, latent MSE and "
+                 "optionally loss.gan)")
+    if cfg.loss.gan.enabled:  # TAESD's adversarial decoder: its small reconstruction term is what D's weight balances
+        _require(cfg.loss.pixel_weight > 0 or cfg.loss.perceptual_weight > 0, "loss.pixel_weight",
+                 cfg.loss.pixel_weight, "with loss.gan.enabled the decoder needs a reconstruction term too "
+                 "(loss.pixel_weight or loss.perceptual_weight > 0; TAESD keeps a small one)")
+        smallest = 3 * 2 ** cfg.loss.gan.disc_layers
+        _require(cfg.data.resolution >= smallest, "data.resolution", cfg.data.resolution,
+                 f"is below the discriminator's smallest input, {smallest} px at loss.gan.disc_layers="
+                 f"{cfg.loss.gan.disc_layers}: use fewer layers or a larger resolution")
 
 
 def validate_fp16_fix(cfg: TrainConfig) -> None:

@@ -7,23 +7,33 @@
     export_dir = train(cfg, build=build_distillation)   # `kl-autoencoder distill` does exactly this
 
 `build_distillation` gives the loop a `Training` whose model is the student (checkpointed, EMA'd, resumed like any
-model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout; never checkpointed: resume
-loads it again from `distill.teacher`). Each micro-batch, `distill_step` takes TAESD's targets for the batch
-(`tiny.distillation_targets` with the posterior mean): the teacher's scaled posterior mean (z_mean - shift) * scale
-and the teacher's decode of z_mean, and trains both halves of the student at once (`tiny.distillation_loss`: pixel +
-LPIPS of the student's decode of those latents against the teacher's decode, latent MSE of the student's encode)
-through the trainer's one `optimizer_step`. The mean, not a posterior sample: a sample's noise is no function of the
-image, so an encoder regressing onto it keeps an error floor of the posterior's variance. The export is the student
-(EMA weights when EMA is on) as a diffusers `AutoencoderTiny` folder in the run's export folder, with TAESD's two
-single files (`tiny_encoder.safetensors`, `tiny_decoder.safetensors`) in the same folder.
+model) and whose `teacher` is the frozen KL VAE (on the device, eval, inference layout, fp32 whatever the run's mixed
+precision: `teacher_precision`; never checkpointed: resume loads it again from `distill.teacher`). Each micro-batch,
+`distill_step` takes the targets for the batch (`tiny.distillation_targets` with the posterior mean): the teacher's
+scaled posterior mean (z_mean - shift) * scale and the teacher's decode of z_mean, and trains both halves of the
+student at once through the trainer's one `optimizer_step`. The encoder regresses onto the latents (MSE, as TAESD's
+encoder). The decoder, given those latents, learns one of two ways:
+  - regression (the default): pixel + LPIPS of its decode against the teacher's decode (`tiny.distillation_loss`).
+    It learns from the first step, with nothing to balance: what configs/distill.yaml's CPU budget uses.
+  - adversarial (loss.gan.enabled), TAESD's: a GAN conditioned on the teacher's latents. loss.gan's PatchGAN learns
+    the real images against the student's decodes (hinge by default); the decoder gets gan weight x the adaptive
+    weight x the generator loss plus the pixel / LPIPS terms against the real images, the small reconstruction term
+    TAESD keeps. A regression's decode is the average of what the latents allow (blurred where they are ambiguous);
+    the GAN's makes up plausible detail instead, as TAESD's decoder does, at the price of a discriminator to train.
+The mean, not a posterior sample: a sample's noise is no function of the image, so an encoder regressing onto it
+keeps an error floor of the posterior's variance. The export is the student (EMA weights when EMA is on) as a
+diffusers `AutoencoderTiny` folder in the run's export folder, with TAESD's two single files
+(`tiny_encoder.safetensors`, `tiny_decoder.safetensors`) in the same folder.
 
-Which config keys mean what here: loss.pixel / loss.pixel_weight / loss.perceptual_* weigh the decoder's terms,
-distill.latent_weight the encoder's, distill.width / encoder_blocks / decoder_blocks size the student; optim.*,
-train.* and data.* as for any run. model.* and the KL / GAN terms do not apply (config validation says so).
+Which config keys mean what here: loss.pixel / loss.pixel_weight / loss.perceptual_* weigh the decoder's
+reconstruction terms, loss.gan.* its adversarial term (disc_start, disc_warmup_steps, disc_weight, adaptive_weight
+as in training), distill.latent_weight the encoder's, distill.width / encoder_blocks / decoder_blocks size the
+student; optim.*, train.* and data.* as for any run. model.* and the KL terms do not apply (config validation says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -31,10 +41,10 @@ import torch
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, TrainConfig
 from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, prepare_for_inference,
-                                     prepare_loss_network)
+                                     prepare_loss_network, unwrap)
 from kl_autoencoder.model import KLAutoencoder
-from kl_autoencoder.tiny import TinyAutoencoder, build_student, distillation_loss, distillation_targets
-from kl_autoencoder.trainer import EMA, StepResult, Training, make_accelerator, optimizer_step
+from kl_autoencoder.tiny import TinyAutoencoder, build_student, distillation_targets, distillation_terms
+from kl_autoencoder.trainer import EMA, StepResult, Training, make_accelerator, make_discriminator, optimizer_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "distill.yaml"  # the CLI's default (in a checkout)
 SINGLE_FILE_NAME = "tiny"  # -> tiny_encoder.safetensors / tiny_decoder.safetensors (rename for a preview tool)
@@ -77,14 +87,33 @@ def build_distillation(cfg: TrainConfig, fast: FastPath | None = None) -> Traini
         perceptual = L.PerceptualLoss(cfg.loss.perceptual_net, cfg.loss.perceptual_pretrained).to(device)
         prepare_loss_network(perceptual, fast)
     params = list(student.parameters())
-    optimizer = make_adamw(params, cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
-                           fused=fused)
+    adamw = dict(betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=fused)
+    optimizer = make_adamw(params, cfg.optim.lr, **adamw)
     called = compile_with_fallback(student, device) if cfg.model.compile else student
-    called, optimizer = accelerator.prepare(called, optimizer)
+    discriminator = d_optimizer = None
+    if cfg.loss.gan.enabled:  # TAESD's decoder: adversarial, the real images against its decodes of the latents
+        discriminator, d_optimizer = make_discriminator(cfg, device, accelerator.num_processes, **adamw)
+        called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
+                                                                            d_optimizer)
+    else:
+        called, optimizer = accelerator.prepare(called, optimizer)
     ema = EMA(student, cfg.train.ema.decay).to(device) if cfg.train.ema.enabled else None
-    return Training(cfg, accelerator, called, student, optimizer, params, perceptual, logvar=None, discriminator=None,
-                    d_optimizer=None, ema=ema, channels_last=channels_last, step_fn=distill_step,
-                    export_fn=export_student, teacher=teacher)
+    return Training(cfg, accelerator, called, student, optimizer, params, perceptual, logvar=None,
+                    discriminator=discriminator, d_optimizer=d_optimizer, ema=ema, channels_last=channels_last,
+                    step_fn=distill_step, export_fn=export_student, teacher=teacher)
+
+
+def teacher_precision(teacher: KLAutoencoder, mixed_precision: str, device_type: str
+                      ) -> contextlib.AbstractContextManager:
+    """The precision the frozen teacher runs in: fp32 whatever the run's, except fp16 for an fp16 run when the
+    teacher's `force_upcast` is false (diffusers' word that this VAE is safe in fp16, as an fp16-fixed SDXL VAE is).
+
+    The teacher has no gradient, so fp32 costs one forward pass; under the run's autocast an SDXL-class teacher
+    overflows in fp16 (every target NaN, every step skipped) and bf16 rounds the targets to ~0.4 %.
+    """
+    if mixed_precision == "fp16" and not teacher.config.force_upcast:
+        return torch.autocast(device_type, dtype=torch.float16)
+    return torch.autocast(device_type, enabled=False)
 
 
 def distill_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepResult:
@@ -97,15 +126,28 @@ def distill_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> Ste
     cfg = t.cfg
     if t.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with t.accelerator.autocast():  # the teacher under the run's mixed precision (a no-op for "no")
+    with teacher_precision(t.teacher, cfg.train.mixed_precision, x.device.type):
         targets = distillation_targets(t.teacher, x, sample=False)  # TAESD's: the posterior mean
-    with t.accelerator.accumulate(t.model):
-        loss, logs = distillation_loss(t.model, targets, x, pixel_weight=cfg.loss.pixel_weight, perceptual=t.perceptual,
-                                       perceptual_weight=cfg.loss.perceptual_weight,
-                                       latent_weight=cfg.distill.latent_weight, pixel=cfg.loss.pixel)
+    adversarial = t.discriminator is not None
+    weights = L.loss_weights_at(cfg.loss, step)
+    if adversarial:  # TAESD: the decoder's reconstruction terms compare with the real images, as its GAN does
+        targets = targets._replace(decoded=x.float())
+    with t.accelerator.accumulate(*((t.model, t.discriminator) if adversarial else (t.model,))):
+        loss, logs, decoded = distillation_terms(
+            t.model, targets, x, pixel_weight=cfg.loss.pixel_weight, perceptual=t.perceptual,
+            perceptual_weight=cfg.loss.perceptual_weight, latent_weight=cfg.distill.latent_weight, pixel=cfg.loss.pixel)
+        if adversarial and weights.gan_weight > 0 and decoded is not None:
+            term, gan_logs = L.adversarial_term(decoded, loss, weights, unwrap(t.discriminator),
+                                                t.raw_model.last_decoder_layer)
+            loss = loss + term
+            logs.update(gan_logs, loss=loss.detach())
         outcome = optimizer_step(t.accelerator, t.optimizer, loss, t.params, cfg.optim.grad_clip)
         if outcome is not None:
             logs["grad_norm"] = outcome[1]
+        if adversarial and weights.train_discriminator and decoded is not None:
+            d_loss, d_logs = L.discriminator_loss(t.discriminator, x, decoded, weights.gan_loss)
+            optimizer_step(t.accelerator, t.d_optimizer, d_loss, list(t.discriminator.parameters()))
+            logs.update(d_logs)
     grid_step = (cfg.train.image_every and (step + 1) % cfg.train.image_every == 0
                  and micro == cfg.train.grad_accum_steps - 1 and t.accelerator.is_main_process)
     if grid_step:

@@ -480,13 +480,18 @@ class LossWeights:
     chroma_weight: float = 0.0
     chroma_scale: int = 8
     gan_weight: float = 0.0  # 0 = no adversarial term at this step
+    train_discriminator: bool = False  # the discriminator learns at this step (from disc_start, warm-up included)
     gan_loss: str = "hinge"
     adaptive_gan_weight: bool = True
 
 
 def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
-    """The loss mix of a `LossConfig` at optimizer step `step` (0-based): KL schedule and the GAN switch-on."""
-    gan_on = loss_cfg.gan.enabled and step >= loss_cfg.gan.disc_start
+    """The loss mix of a `LossConfig` at optimizer step `step` (0-based): KL schedule, the GAN switch-on at
+    disc_start and its warm-up (the generator's weight linear from 0 at disc_start to disc_weight
+    disc_warmup_steps later; the discriminator trains throughout)."""
+    gan = loss_cfg.gan
+    gan_on = gan.enabled and step >= gan.disc_start
+    ramp = min(1.0, (step - gan.disc_start) / gan.disc_warmup_steps) if gan.disc_warmup_steps else 1.0
     cycle = loss_cfg.kl_cycle_steps if loss_cfg.kl_schedule == "cyclical" else None
     return LossWeights(
         pixel=loss_cfg.pixel,
@@ -496,7 +501,8 @@ def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
         free_bits=loss_cfg.free_bits,
         chroma_weight=loss_cfg.chroma_weight,
         chroma_scale=loss_cfg.chroma_scale,
-        gan_weight=loss_cfg.gan.disc_weight if gan_on else 0.0,
+        gan_weight=gan.disc_weight * ramp if gan_on else 0.0,
+        train_discriminator=gan_on,
         gan_loss=loss_cfg.gan.disc_loss,
         adaptive_gan_weight=loss_cfg.gan.adaptive_weight,
     )
@@ -506,11 +512,15 @@ def loss_weights_at(loss_cfg: Any, step: int) -> LossWeights:
 class EquivarianceTransform:
     """EQ-VAE's tau for one step, the same map for the latent and the image: resize to `latent_size` (the image to
     `latent_size` x `factor`, the downsampling factor; bilinear, align_corners=False, as EQ-VAE's code), then turn
-    by `quarter_turns` x 90 degrees. So decode(tau(z)) and tau(x) have the same shape."""
+    by `quarter_turns` x 90 degrees. So decode(tau(z)) and tau(x) have the same shape.
+
+    `on_input` (EQ-VAE's low-resolution prior preservation, p_prior_s): the model encodes and decodes tau(x) itself,
+    the plain pair at a lower resolution; no latent is transformed."""
 
     latent_size: tuple[int, int] | None  # (h, w) after the downscale; None = no downscale
     quarter_turns: int = 0  # 0-3
     factor: int = 8
+    on_input: bool = False
 
     def latent(self, z: torch.Tensor) -> torch.Tensor:
         return self._apply(z, self.latent_size)
@@ -560,7 +570,10 @@ def autoencoder_loss(
     `transform` (EQ-VAE): the training pair (x, decode(z)) is replaced by (tau(x), decode(tau(z))), z the plain
     image's posterior sample, and the whole loss (pixel, perceptual, GAN; KL of the plain posterior) applies to it.
     The reconstruction returned is then decode(tau(z)); its target, for the discriminator, is transform.image(x).
+    A transform `on_input` replaces x by tau(x) and the pair is the plain one: (tau(x), decode(encode(tau(x)))).
     """
+    if transform is not None and transform.on_input:
+        pixel_values, transform = transform.image(pixel_values), None
     extra = {} if transform is None else {"latent_transform": transform.latent}
     reconstruction, posterior = model(pixel_values, sample=True, generator=generator, **extra)
     reconstruction = reconstruction.float()
@@ -585,20 +598,32 @@ def autoencoder_loss(
     if logvar is not None:
         logs["logvar"] = logvar.detach().float()
     if discriminator is not None and weights.gan_weight > 0:
-        # fp32 whatever the autocast dtype: the generator's gradient comes back through the discriminator, and in
-        # fp16 it can underflow before it reaches the decoder (and the adaptive weight with it).
-        with frozen(discriminator), torch.autocast(device_type=reconstruction.device.type, enabled=False):
-            g_loss = generator_loss(discriminator(reconstruction).float(), kind=weights.gan_loss)
-        if weights.adaptive_gan_weight:
-            if last_layer is None:
-                raise ValueError("autoencoder_loss: the adaptive GAN weight needs last_layer=model.last_decoder_layer")
-            d_weight = adaptive_gan_weight(rec, g_loss, last_layer, output=reconstruction)
-        else:
-            d_weight = torch.ones((), device=loss.device)
-        loss = loss + weights.gan_weight * d_weight * g_loss
-        logs.update(g_loss=g_loss.detach(), d_weight=d_weight.detach())
+        term, gan_logs = adversarial_term(reconstruction, rec, weights, discriminator, last_layer)
+        loss = loss + term
+        logs.update(gan_logs)
     logs["loss"] = loss.detach()
     return loss, logs, reconstruction
+
+
+def adversarial_term(reconstruction: torch.Tensor, rec: torch.Tensor, weights: LossWeights, discriminator: nn.Module,
+                     last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generator's adversarial term, gan_weight x d_weight x generator_loss(D(reconstruction)), and its logs.
+
+    `rec` is the reconstruction loss the adaptive weight balances against (at `last_layer`, the decoder's output
+    weight); `discriminator` the bare module, frozen for this pass so the term leaves no gradient in it.
+    """
+    # fp32 whatever the autocast dtype: the generator's gradient comes back through the discriminator, and in
+    # fp16 it can underflow before it reaches the decoder (and the adaptive weight with it).
+    with frozen(discriminator), torch.autocast(device_type=reconstruction.device.type, enabled=False):
+        g_loss = generator_loss(discriminator(reconstruction).float(), kind=weights.gan_loss)
+    if weights.adaptive_gan_weight:
+        if last_layer is None:
+            raise ValueError("the adaptive GAN weight needs last_layer, the decoder's output weight "
+                             "(model.last_decoder_layer)")
+        d_weight = adaptive_gan_weight(rec, g_loss, last_layer, output=reconstruction)
+    else:
+        d_weight = torch.ones((), device=reconstruction.device)
+    return weights.gan_weight * d_weight * g_loss, {"g_loss": g_loss.detach(), "d_weight": d_weight.detach()}
 
 
 def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge"

@@ -294,6 +294,11 @@ class TinyAutoencoder(nn.Module):
     def downsampling_factor(self) -> int:
         return self.config.downsampling_factor
 
+    @property
+    def last_decoder_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight (where the adaptive GAN weight balances the decoder's losses)."""
+        return self.decoder.layers[-1].weight
+
     def num_parameters(self, part: str | None = None) -> int:
         module = self if part is None else getattr(self, part)
         return sum(p.numel() for p in module.parameters())
@@ -372,13 +377,23 @@ def distillation_targets(teacher: KLAutoencoder, x: torch.Tensor, generator: tor
 def distillation_loss(student: nn.Module, targets: DistillationTargets, x: torch.Tensor, pixel_weight: float = 1.0,
                       perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, latent_weight: float = 1.0,
                       pixel: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Decoder: pixel (+ LPIPS) of student.decode(teacher latents) vs the teacher's decode; encoder: latent MSE.
+    """Decoder: pixel (+ LPIPS) of student.decode(teacher latents) vs targets.decoded; encoder: latent MSE.
 
     loss = pixel_weight * pixel_loss + perceptual_weight * LPIPS + latent_weight * MSE(student.encode(x), latents)
     `student` is called once, `student(x, latents)`, so it may be a DDP / Accelerate wrapper. A half whose weights
     are all 0 is not run (decoder-only or encoder-only distillation; under DDP freeze the idle half or set
     find_unused_parameters). Logs are detached fp32 scalars; nothing here syncs with the host.
     """
+    loss, logs, _ = distillation_terms(student, targets, x, pixel_weight, perceptual, perceptual_weight,
+                                       latent_weight, pixel)
+    return loss, logs
+
+
+def distillation_terms(student: nn.Module, targets: DistillationTargets, x: torch.Tensor, pixel_weight: float = 1.0,
+                       perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, latent_weight: float = 1.0,
+                       pixel: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """`distillation_loss` and the student's decode of the teacher's latents (fp32, with its graph; None when the
+    decoder did not run), for a term on that decode (the adversarial one)."""
     run_decoder = pixel_weight > 0 or (perceptual is not None and perceptual_weight > 0)
     encoded, decoded = student(x if latent_weight > 0 else None, targets.latents if run_decoder else None)
     loss = torch.zeros((), device=x.device)
@@ -397,7 +412,7 @@ def distillation_loss(student: nn.Module, targets: DistillationTargets, x: torch
         loss = loss + latent_weight * latent_term
         logs["latent"] = latent_term.detach()
     logs["loss"] = loss.detach()
-    return loss, logs
+    return loss, logs, decoded
 
 
 # --------------------------------------------------------------------------------------------------------------------

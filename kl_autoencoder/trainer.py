@@ -306,11 +306,7 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
     called = compile_with_fallback(model, device) if cfg.model.compile else model
     discriminator = d_optimizer = None
     if cfg.loss.gan.enabled:
-        gan = cfg.loss.gan
-        discriminator = L.PatchDiscriminator(3, gan.disc_channels, gan.disc_layers, gan.disc_norm).to(device)
-        # The loop sets both optimizers' rates every step (set_learning_rates); these are step 0's.
-        d_optimizer = make_adamw(discriminator.parameters(), learning_rates(cfg, accelerator.num_processes, 0)[1],
-                                 **adamw)
+        discriminator, d_optimizer = make_discriminator(cfg, device, accelerator.num_processes, **adamw)
         called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
                                                                             d_optimizer)
     else:
@@ -318,6 +314,14 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
     ema = EMA(model, cfg.train.ema.decay).to(device) if cfg.train.ema.enabled else None
     return Training(cfg, accelerator, called, model, optimizer, params, perceptual, logvar, discriminator, d_optimizer,
                     ema, channels_last)
+
+
+def make_discriminator(cfg: TrainConfig, device: torch.device, world: int, **adamw: Any) -> tuple[nn.Module, Any]:
+    """loss.gan's PatchGAN on `device` and its AdamW (`adamw`: betas, weight_decay, fused) at step 0's rate; the loop
+    sets both optimizers' rates every step (set_learning_rates)."""
+    gan = cfg.loss.gan
+    discriminator = L.PatchDiscriminator(3, gan.disc_channels, gan.disc_layers, gan.disc_norm).to(device)
+    return discriminator, make_adamw(discriminator.parameters(), learning_rates(cfg, world, 0)[1], **adamw)
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -367,7 +371,7 @@ def train_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepR
     """One micro-batch of optimizer step `step` (0-based): the autoencoder's loss and update, then the
     discriminator's when the adversarial term is on. Updates happen at the end of an accumulation window."""
     weights = L.loss_weights_at(t.cfg.loss, step)
-    gan_on = t.discriminator is not None and weights.gan_weight > 0
+    gan_on = t.discriminator is not None and weights.train_discriminator
     if t.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     seed = (t.cfg.train.seed * 1_000_003 + step * 1009 + micro) * 131 + t.accelerator.process_index
@@ -382,7 +386,9 @@ def train_step(t: Training, x: torch.Tensor, step: int, micro: int = 0) -> StepR
             t.model, x, weights, t.perceptual, unwrap(t.discriminator) if gan_on else None, logvar,
             t.raw_model.last_decoder_layer, generator, transform)
         if t.cfg.loss.equivariance.probability > 0:  # every rank logs the same keys (the log reduce is collective)
-            logs["eq_pair"] = torch.tensor(float(transform is not None), device=x.device)
+            logs["eq_pair"] = torch.tensor(float(transform is not None and not transform.on_input), device=x.device)
+        if t.cfg.loss.equivariance.low_res_probability > 0:
+            logs["eq_low_res"] = torch.tensor(float(transform is not None and transform.on_input), device=x.device)
         outcome = optimizer_step(t.accelerator, t.optimizer, loss, t.params, t.cfg.optim.grad_clip,
                                  outside_ddp=(logvar,) if logvar is not None else ())
         if outcome is not None:
@@ -404,24 +410,37 @@ def equivariance_transform(eq: Any, seed: int, latent_size: tuple[int, int], fac
     With `eq.probability`: a downscale of the latent to m x round(w m / h), m uniform over the integers with
     eq.min_scale <= m / h < 1 (EQ-VAE draws s from {8..31}/32 for its 32x32 latents: the same set), and 1-3 quarter
     turns, each as eq.transforms lists. The transformed image (m x factor) is kept at least `min_image` pixels.
+    Otherwise, with `eq.low_res_probability` (EQ-VAE's p_prior_s, drawn second as EQ-VAE does): the same kind of
+    downscale of the input image alone (`on_input`), the plain pair at that resolution.
     """
-    if eq.probability <= 0:
+    if eq.probability <= 0 and eq.low_res_probability <= 0:
         return None
     # Not the posterior noise's seed: the two draws stay independent.
     generator = torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2 ** 63)
     if torch.rand((), generator=generator).item() >= eq.probability:
-        return None
-    h, w = latent_size
+        if eq.low_res_probability <= 0 or torch.rand((), generator=generator).item() >= eq.low_res_probability:
+            return None
+        size = _downscaled_latent_size(eq.min_scale, generator, latent_size, factor, min_image)
+        return None if size is None else L.EquivarianceTransform(size, 0, factor, on_input=True)
     size = None
     if "scale" in eq.transforms:
-        low = max(math.ceil(h * eq.min_scale - 1e-9), -(-min_image // factor), 1)
-        if low < h:
-            m = int(torch.randint(low, h, (), generator=generator))
-            size = (m, max(1, round(w * m / h)))
+        size = _downscaled_latent_size(eq.min_scale, generator, latent_size, factor, min_image)
     turns = int(torch.randint(1, 4, (), generator=generator)) if "rotate" in eq.transforms else 0
     if size is None and turns == 0:
         return None
     return L.EquivarianceTransform(size, turns, factor)
+
+
+def _downscaled_latent_size(min_scale: float, generator: torch.Generator, latent_size: tuple[int, int], factor: int,
+                            min_image: int) -> tuple[int, int] | None:
+    """m x round(w m / h), m uniform over the integers with min_scale <= m / h < 1 and m x factor >= min_image;
+    None when no such m exists."""
+    h, w = latent_size
+    low = max(math.ceil(h * min_scale - 1e-9), -(-min_image // factor), 1)
+    if low >= h:
+        return None
+    m = int(torch.randint(low, h, (), generator=generator))
+    return (m, max(1, round(w * m / h)))
 
 
 class NonFiniteCounter:

@@ -359,7 +359,8 @@ def test_eq_finetune_benchmark_bookkeeping(tmp_path, tiny_model, monkeypatch):
                                "--probe-seeds", "0", "1", "--eq-probability", "0.7"])
     assert json.loads((out / "eq_finetune.json").read_text()) == json.loads(json.dumps(report))
     plain, eq = report["runs"]["plain"]["overrides"], report["runs"]["EQ"]["overrides"]
-    assert set(plain) - set(eq) == {"loss.equivariance.probability=0", f"train.output_dir={out / 'plain'}"}
+    assert set(plain) - set(eq) == {"loss.equivariance.probability=0", "loss.equivariance.low_res_probability=0",
+                                    f"train.output_dir={out / 'plain'}"}
     assert set(eq) - set(plain) == {"loss.equivariance.probability=0.7", f"train.output_dir={out / 'eq'}"}
     assert report["runs"]["plain"]["steps"] == report["runs"]["EQ"]["steps"] == 2
     assert report["start_model"] == str(tmp_path / "start")

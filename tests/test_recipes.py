@@ -187,7 +187,7 @@ def test_eq_transform_draw_is_eq_vaes():
 
     from kl_autoencoder.trainer import equivariance_transform
 
-    eq = SimpleNamespace(probability=1.0, transforms=["scale", "rotate"], min_scale=0.25)
+    eq = SimpleNamespace(probability=1.0, transforms=["scale", "rotate"], min_scale=0.25, low_res_probability=0.0)
     draws = [equivariance_transform(eq, seed, (32, 32), 8) for seed in range(2000)]
     assert all(d is not None for d in draws)
     assert {d.latent_size[0] for d in draws} == set(range(8, 32))
@@ -198,10 +198,10 @@ def test_eq_transform_draw_is_eq_vaes():
     assert draws[0].image(x).shape[-1] == draws[0].latent(torch.randn(1, 4, 32, 32)).shape[-1] * 8
     # the PatchGAN's smallest input bounds the downscale; p = 0.5 transforms about half of the steps
     assert min(equivariance_transform(eq, s, (4, 4), 8, min_image=24).latent_size[0] for s in range(200)) == 3
-    half = SimpleNamespace(probability=0.5, transforms=["rotate"], min_scale=0.25)
+    half = SimpleNamespace(probability=0.5, transforms=["rotate"], min_scale=0.25, low_res_probability=0.0)
     share = sum(equivariance_transform(half, s, (4, 4), 8) is not None for s in range(2000)) / 2000
     assert 0.45 < share < 0.55
-    assert equivariance_transform(SimpleNamespace(probability=0.0), 0, (4, 4), 8) is None
+    assert equivariance_transform(SimpleNamespace(probability=0.0, low_res_probability=0.0), 0, (4, 4), 8) is None
     for old in ("loss.equivariance.weight=1", "loss.equivariance.scales=[2, 4]"):  # the old term's keys, explained
         with pytest.raises(ConfigError, match="was removed: .*(probability|min_scale)"):
             load_config(None, [old])
@@ -215,7 +215,81 @@ def test_eq_finetune_recipe_trains_with_the_term(tmp_path):
         "loss.equivariance.probability=1.0", "train.mixed_precision=no", "train.ema.enabled=false",
         "loss.gan.disc_channels=8", "loss.gan.disc_layers=2", "train.image_every=2"]))  # grid of T(x) vs its decode
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["eq_pair"] == 1.0 for m in logged)  # p = 1: every step trained on the transformed pair
-    assert all(all(math.isfinite(m[k]) for k in ("loss", "g_loss", "d_loss", "d_weight")) for m in logged)
+    assert all(m["eq_pair"] == 1.0 and m["eq_low_res"] == 0.0 for m in logged)  # p = 1: every step transformed
+    # the discriminator warms up from step 0; the generator's term starts at weight 0 and is on from the next step
+    assert "g_loss" not in logged[0] and math.isfinite(logged[0]["d_loss"])
+    assert all(all(math.isfinite(m[k]) for k in ("loss", "g_loss", "d_loss", "d_weight")) for m in logged[1:])
     config = json.loads((out / "vae" / "config.json").read_text())
     assert config["scaling_factor"] != json.loads((pretrained / "config.json").read_text())["scaling_factor"]
+
+
+def test_eq_finetune_recipe_is_eq_vaes_published_run():
+    """EQ-VAE's train_eqvae config on 8 processes: Adam(0.5, 0.9) at 4.5e-6 x (10 x 2 x 8) = 7.2e-4, L1 + LPIPS 1.0,
+    KL 1e-6, hinge GAN 0.5 x adaptive from step 0 (warmed up: ours is fresh, EQ-VAE's resumed LDM's), p_prior 0.5,
+    p_prior_s 0.25, s in {8..31}/32; and the comment's image count is the config's."""
+    from kl_autoencoder.trainer import base_learning_rate
+
+    cfg = load_config(ROOT / "configs" / "eq-finetune.yaml")
+    assert base_learning_rate(cfg, world=8) == pytest.approx(7.2e-4)
+    assert tuple(cfg.optim.betas) == (0.5, 0.9) and cfg.optim.schedule == "constant" and cfg.optim.weight_decay == 0
+    loss = cfg.loss
+    assert (loss.pixel, loss.perceptual_weight, loss.kl_weight) == ("l1", 1.0, 1e-6)
+    assert loss.gan.enabled and loss.gan.disc_start == 0 and loss.gan.disc_weight == 0.5 and loss.gan.adaptive_weight
+    assert 0 < loss.gan.disc_warmup_steps <= cfg.train.max_steps // 10
+    eq = loss.equivariance
+    assert (eq.probability, eq.low_res_probability, eq.min_scale) == (0.5, 0.25, 0.25)
+    images = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum_steps * 8
+    assert images == 6_400_000 and round(images / 1_281_167) == 5  # "6.4 M images: 5 epochs of ImageNet-1k"
+    text = (ROOT / "configs" / "eq-finetune.yaml").read_text()
+    assert "6.4 M images" in text and "7.2e-4" in text
+
+
+def test_discriminator_warms_up_before_the_generator_feels_it():
+    """loss.gan.disc_warmup_steps: from disc_start the discriminator trains; the generator's adversarial weight rises
+    linearly from 0 at disc_start to disc_weight disc_warmup_steps later (0: LDM's switch, full weight at once)."""
+    from kl_autoencoder.losses import loss_weights_at
+
+    cfg = load_config(None, ["loss.gan.enabled=true", "loss.gan.disc_start=10", "loss.gan.disc_warmup_steps=4",
+                             "loss.gan.disc_weight=0.5"])
+    weights = {step: loss_weights_at(cfg.loss, step) for step in (9, 10, 11, 13, 14, 100)}
+    assert [weights[s].gan_weight for s in weights] == [0.0, 0.0, 0.125, 0.375, 0.5, 0.5]
+    assert [weights[s].train_discriminator for s in weights] == [False, True, True, True, True, True]
+    ldm = load_config(None, ["loss.gan.enabled=true", "loss.gan.disc_start=10"])
+    assert loss_weights_at(ldm.loss, 10).gan_weight == 0.5 and not loss_weights_at(ldm.loss, 9).train_discriminator
+    with pytest.raises(ConfigError, match="loss.gan.disc_warmup_steps"):
+        load_config(None, ["loss.gan.disc_warmup_steps=-1"])
+
+
+def test_low_resolution_branch_is_eq_vaes_p_prior_s():
+    """loss.equivariance.low_res_probability (EQ-VAE's p_prior_s): drawn only on the steps that draw no transform, it
+    downscales the input image by s in {8..31}/32 (no turn) and the plain pair at that size takes the whole loss."""
+    import torch.nn.functional as F
+
+    from kl_autoencoder.trainer import equivariance_transform
+
+    eq = load_config(None, ["loss.equivariance.probability=0.5", "loss.equivariance.low_res_probability=0.25"]
+                     ).loss.equivariance
+    draws = [equivariance_transform(eq, seed, (32, 32), 8) for seed in range(4000)]
+    low = [d for d in draws if d is not None and d.on_input]
+    turned = [d for d in draws if d is not None and not d.on_input]
+    assert 0.47 < len(turned) / 4000 < 0.53 and 0.10 < len(low) / 4000 < 0.15  # 0.5 and 0.5 x 0.25
+    assert {d.latent_size[0] for d in low} == set(range(8, 32)) and all(d.quarter_turns == 0 for d in low)
+    only_low = load_config(None, ["loss.equivariance.low_res_probability=1"]).loss.equivariance
+    assert all(equivariance_transform(only_low, s, (32, 32), 8).on_input for s in range(20))
+    with pytest.raises(ConfigError, match="loss.equivariance.low_res_probability"):
+        load_config(None, ["loss.equivariance.low_res_probability=1.5"])
+
+    torch.manual_seed(0)
+    model = KLAutoencoder(tiny_config(mid_block_add_attention=False))  # f2
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    transform = low[0].__class__((20, 20), 0, 2, on_input=True)
+    weights = LossWeights(pixel="l1", perceptual_weight=0.0, kl_weight=1e-3)
+    loss, logs, reconstruction = autoencoder_loss(model, x, weights, generator=torch.Generator().manual_seed(3),
+                                                  transform=transform)
+    small = F.interpolate(x, size=(40, 40), mode="bilinear", align_corners=False)
+    expected, expected_logs, expected_reconstruction = autoencoder_loss(
+        model, small, weights, generator=torch.Generator().manual_seed(3))
+    assert reconstruction.shape == (2, 3, 40, 40)
+    torch.testing.assert_close(reconstruction, expected_reconstruction)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logs["kl"], expected_logs["kl"])
