@@ -16,8 +16,7 @@ where an fp16 kernel would write it, and every layer's output carries fp16's rou
 stays fp32, as fp16 kernels accumulate in fp32 anyway. Why emulate: this CPU build of torch does run fp16
 convolutions (`native=True`), but about 13x slower than fp32; tests/test_fp16.py checks the two agree.
 
-`ActivationPenalty` is the training-side hook: while active, it sums, over the same submodules, the mean squared
-excess of |activation| over a limit (in units of the limit); `fp16_fix.py` adds it to the fine-tuning loss.
+`fp16_rescale.py` shrinks what overflows without changing the fp32 function; `fp16_fix.py` is the recipe around it.
 """
 
 from __future__ import annotations
@@ -179,63 +178,6 @@ def fp16_check(model: nn.Module, images: torch.Tensor, native: bool | None = Non
             "decode_finite": bool(torch.isfinite(decode).all()),
             "latent_psnr": latent_psnr(latents, ref_latents.to(latents.device)),
             "decode_psnr": image_psnr(decode, ref_decode.to(decode.device))}
-
-
-def stream_writers(module: nn.Module) -> list[nn.Module]:
-    """The layers whose outputs make up `module`'s output: itself when it has weights of its own; for a ResNet block
-    its conv2 and 1x1 shortcut, for an attention block its output projection (what they add into the residual
-    stream); nothing else."""
-    if any(True for _ in module.parameters(recurse=False)):
-        return [module]
-    writers = [getattr(module, "conv2", None), getattr(module, "conv_shortcut", None)]
-    to_out = getattr(module, "to_out", None)
-    writers.append(to_out[0] if isinstance(to_out, nn.ModuleList) else None)
-    return [w for w in writers if isinstance(w, nn.Module)]
-
-
-class ActivationPenalty:
-    """Sum over every submodule of mean(relu(|output| / limit - 1) ** 2): zero while all activations stay within
-    `limit`, growing with how far past it they go. Use as a context manager around the forward pass; `value()`
-    then holds the differentiable penalty, `peak` the largest |activation| seen (for logging) and `over` the layers
-    writing an output that came within `near` of the limit (`stream_writers`: what fp16_fix rescales, every layer
-    writing into an overflowing residual stream, also those whose own share of it is smaller), `hot_parts` the halves
-    ("encoder" / "decoder") with any activation past it. `bool(peak > limit)` reads one
-    scalar back per layer: a host sync, cheap beside a VAE layer."""
-
-    def __init__(self, model: nn.Module, limit: float, near: float = 1 / 8):
-        self.model, self.limit, self.near = model, float(limit), near
-        self.terms: list[torch.Tensor] = []
-        self.peak = torch.zeros(())
-        self.handles: list[Any] = []
-        self.over: list[nn.Module] = []  # layers with their own weights whose output passed limit x near
-        self.hot_parts: set[str] = set()  # "encoder" / "decoder": the halves with an activation past the limit
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            for t in _tensors(output):
-                if t.numel():
-                    magnitude = t.float().abs()
-                    self.terms.append(torch.relu(magnitude / self.limit - 1.0).square().mean())
-                    peak = magnitude.detach().amax()
-                    self.peak = torch.maximum(self.peak.to(t.device), peak)
-                    if bool(peak > self.limit):
-                        self.hot_parts.add(part_of(name) or "")
-                    if bool(peak > self.limit * self.near):
-                        self.over += stream_writers(module)
-        return hook
-
-    def __enter__(self) -> "ActivationPenalty":
-        self.terms, self.peak, self.over, self.hot_parts = [], torch.zeros(()), [], set()
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.model.named_modules() if name]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def value(self) -> torch.Tensor:
-        return torch.stack(self.terms).sum() if self.terms else self.peak.new_zeros(())
 
 
 FP16_CHECK_IMAGES = 4  # evaluation checks fp16 on this many images: enough to see an overflow, cheap when emulated
