@@ -192,7 +192,8 @@ class Fp16FixSection:
     is rescaled, calibrated on train.max_steps batches; nothing is trained."""
 
     enabled: bool = False
-    activation_limit: float = 16384.0  # every unit's |activation| is brought under this (2^14: 4x inside 65504)
+    activation_limit: float = 16384.0  # a rescalable set whose |activation| passes this is shrunk (2^14: 65504 / 4)
+    shrink_to: float = 2048.0  # ... to this peak (2^11): far enough that its direct readers' weights stay normal fp16
 
 
 @dataclass
@@ -683,6 +684,8 @@ def validate_fp16_fix(cfg: TrainConfig) -> None:
     fix = cfg.fp16_fix
     _require(0 < fix.activation_limit <= 65504, "fp16_fix.activation_limit", fix.activation_limit,
              "must be in (0, 65504] (fp16's largest finite value)")
+    _require(0 < fix.shrink_to <= fix.activation_limit, "fp16_fix.shrink_to", fix.shrink_to,
+             f"must be in (0, fp16_fix.activation_limit={fix.activation_limit:g}]")
     if not fix.enabled:
         return
     _require(cfg.model.pretrained is not None, "model.pretrained", cfg.model.pretrained,

@@ -22,7 +22,7 @@ final conv_out of either half) no rescale can shrink without changing the functi
 
     units = rescale_units(model)
     with module_peaks(model) as peaks: model.decode(model.encode(x).mode())
-    factors = shrink_factors(units, peaks, limit=16384); apply_factors_(model, units, factors)
+    factors = shrink_factors(units, peaks, limit=16384, target=2048); apply_factors_(model, units, factors)
 """
 
 from __future__ import annotations
@@ -133,9 +133,12 @@ def unit_peaks(units: list[Unit], peaks: dict[str, float]) -> list[float]:
     return [max((peaks.get(m, 0.0) for m in u.members), default=0.0) for u in units]
 
 
-def shrink_factors(units: list[Unit], peaks: dict[str, float], limit: float) -> list[float]:
-    """The factor bringing each unit's peak down to `limit` (1.0 where it is already inside: nothing grows)."""
-    return [limit / p if p > limit else 1.0 for p in unit_peaks(units, peaks)]
+def shrink_factors(units: list[Unit], peaks: dict[str, float], limit: float, target: float | None = None
+                   ) -> list[float]:
+    """The factor bringing each unit whose peak passed `limit` down to `target` (default: the limit itself); 1.0
+    for the others (nothing grows)."""
+    target = limit if target is None else target
+    return [target / p if p > limit else 1.0 for p in unit_peaks(units, peaks)]
 
 
 def layer_scales(units: list[Unit], factors: list[float]) -> dict[str, tuple[float, float]]:
