@@ -229,5 +229,5 @@ def report_lines(models: dict[str, dict[str, Any]]) -> list[str]:
     for name, e in unsafe:
         worst = "decoder" if e["decoder"] >= e["encoder"] else "encoder"
         lines += ["", f"> `{name}` overflows fp16 (peak {e[worst]:.4g} at `{e[f'{worst}_module']}`): run it in fp32 "
-                  "or bf16, or fine-tune it with configs/fp16-fix.yaml."]
+                  "or bf16, or rescale it with configs/fp16-fix.yaml."]
     return lines + [""]
