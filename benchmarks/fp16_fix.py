@@ -116,16 +116,16 @@ def run_recipe(driven: Path, out: Path, args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
-def table(before: dict, after: dict) -> str:
+def table(original: dict, before: dict, after: dict) -> str:
     rows = [("encoder peak |activation|", "encoder_peak", "{:.4g}"), ("decoder peak |activation|", "decoder_peak", "{:.4g}"),
             ("fp32 latents vs original (dB)", "fp32_latent_psnr", "{:.1f}"),
             ("fp32 decode vs original (dB)", "fp32_decode_psnr", "{:.1f}"),
             ("fp16 encode finite", "fp16_encode_finite", "{}"), ("fp16 decode finite", "fp16_decode_finite", "{}"),
             ("fp16 latents vs original fp32 (dB)", "fp16_latent_psnr", "{:.1f}"),
             ("fp16 decode vs original fp32 (dB)", "fp16_decode_psnr", "{:.1f}")]
-    lines = ["| | driven (before) | fixed (after) |", "|---|---|---|"]
+    lines = ["| | original | driven (before) | fixed (after) |", "|---|---|---|---|"]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
+        lines.append(f"| {label} | {fmt.format(original[key])} | {fmt.format(before[key])} | {fmt.format(after[key])} |")
     return "\n".join(lines)
 
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     result["export_keeps"] = {k: [getattr(fixed.config, k), getattr(original.config, k)]
                               for k in ("scaling_factor", "shift_factor", "sample_size", "force_upcast")}
     (args.out / "fp16_fix.json").write_text(json.dumps(result, indent=1, default=str))
-    print(table(result["before"], result["after"]))
+    print(table(result["original"], result["before"], result["after"]))
     print(f"recipe: {args.steps} calibration batches x {args.batch_size} images at {args.resolution} px in "
           f"{result['train_seconds']:.0f} s; export keeps {result['export_keeps']}")
     return 0

@@ -36,7 +36,8 @@ def main(overrides: list[str]) -> None:
     train(cfg, build=build)
     t = built["t"]
     rank, out = t.accelerator.process_index, Path(cfg.train.output_dir)
-    save_file({k: v.detach().contiguous() for k, v in t.raw_model.state_dict().items()}, out / f"rank{rank}.safetensors")
+    weights = {k: v.detach().contiguous() for k, v in t.raw_model.state_dict().items()}
+    save_file(weights, out / f"rank{rank}.safetensors")
     calibration = getattr(built["t"].export_fn, "calibration", None)
     decision = calibration.force_upcast() if calibration is not None else None
     (out / f"rank{rank}.json").write_text(json.dumps({"world": t.accelerator.num_processes, "force_upcast": decision}))
