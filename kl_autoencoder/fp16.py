@@ -50,29 +50,36 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 @contextmanager
-def recorded_peaks(model: nn.Module) -> Iterator[dict[str, float]]:
-    """While active, the largest |output| each named submodule produced (module name -> float, non-finite kept)."""
-    peaks: dict[str, float] = {}
-    handles = []
+def module_peaks(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the largest |output| of each named submodule (a device scalar, no host sync; NaN kept)."""
+    peaks: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             for t in _tensors(output):
-                peak = t.detach().abs().amax().float().item() if t.numel() else 0.0
-                old = peaks.get(name, 0.0)
-                if old == old and (peak != peak or peak > old):  # a NaN, once seen, stays (it compares False)
-                    peaks[name] = peak
-                peaks.setdefault(name, old)
+                if t.numel():
+                    peak = t.detach().abs().amax().float()
+                    old = peaks.get(name)
+                    peaks[name] = peak if old is None else torch.maximum(old, peak)  # maximum keeps NaN
         return record
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(hook(name)))
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
     try:
         yield peaks
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def recorded_peaks(model: nn.Module) -> Iterator[dict[str, float]]:
+    """`module_peaks` as host floats, filled in when the block ends (one sync per module, then)."""
+    floats: dict[str, float] = {}
+    with module_peaks(model) as found:
+        try:
+            yield floats
+        finally:
+            floats.update({name: peak.item() for name, peak in found.items()})
 
 
 @torch.no_grad()

@@ -40,7 +40,8 @@ from torch import nn
 
 from kl_autoencoder.config import ConfigError, TrainConfig
 from kl_autoencoder.fastpath import FastPath, prepare_for_inference
-from kl_autoencoder.fp16_rescale import Unit, apply_factors_, module_peaks, rescale_units, shrink_factors, units_of
+from kl_autoencoder.fp16 import module_peaks
+from kl_autoencoder.fp16_rescale import Unit, apply_factors_, rescale_units, shrink_factors, units_of
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder.trainer import StepResult, Training, build_model, make_accelerator
 

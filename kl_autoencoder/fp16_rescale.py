@@ -21,21 +21,18 @@ gets f_new / f_old, its bias f_new. What no unit covers (a GroupNorm's or activa
 final conv_out of either half) no rescale can shrink without changing the function; `uncovered` names it.
 
     units = rescale_units(model)
-    with module_peaks(model) as peaks: model.decode(model.encode(x).mode())
+    with module_peaks(model) as peaks: model.decode(model.encode(x).mode())   # kl_autoencoder.fp16
     factors = shrink_factors(units, peaks, limit=16384, target=2048); apply_factors_(model, units, factors)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from kl_autoencoder.fp16 import _tensors, part_of
+from kl_autoencoder.fp16 import part_of
 
 
 @dataclass
@@ -104,28 +101,6 @@ def rescale_units(model: nn.Module) -> list[Unit]:
         if block.upsamplers is not None:
             walk.sampler(f"decoder.up_blocks.{i}.upsamplers.0")
     return walk.units
-
-
-@contextmanager
-def module_peaks(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """While active, the largest |output| of each named submodule (a device scalar, no host sync; NaN kept)."""
-    peaks: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs: Any, output: Any) -> None:
-            for t in _tensors(output):
-                if t.numel():
-                    peak = t.detach().abs().amax().float()
-                    old = peaks.get(name)
-                    peaks[name] = peak if old is None else torch.maximum(old, peak)  # maximum keeps NaN
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
-    try:
-        yield peaks
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def unit_peaks(units: list[Unit], peaks: dict[str, float]) -> list[float]:

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from kl_autoencoder.config import ConfigError, load_config
 from kl_autoencoder.fp16 import (FP16_MAX, activation_peaks, emulated_fp16, encode_decode, fp16_check, fp16_entry,
-                                 image_psnr, latent_psnr, report_lines)
+                                 image_psnr, latent_psnr, module_peaks, report_lines)
 from kl_autoencoder.evaluation import load_split_images
 from kl_autoencoder.fp16_fix import build_fp16_fix
-from kl_autoencoder.fp16_rescale import apply_factors_, module_peaks, rescale_units, shrink_factors
+from kl_autoencoder.fp16_rescale import apply_factors_, rescale_units, shrink_factors
 from kl_autoencoder.model import KLAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
