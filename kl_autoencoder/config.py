@@ -206,15 +206,12 @@ class DistillSection:
 
 @dataclass
 class Fp16FixSection:
-    """Fine-tuning a VAE to be safe in fp16 (kl_autoencoder/fp16_fix.py, configs/fp16-fix.yaml): model.pretrained is
-    both the student and, frozen in fp32, the teacher whose latents and decodes the student keeps."""
+    """Making a VAE fp16-safe by an exact rescale (kl_autoencoder/fp16_fix.py, configs/fp16-fix.yaml): model.pretrained
+    is rescaled, calibrated on train.max_steps batches; nothing is trained."""
 
     enabled: bool = False
-    activation_limit: float = 16384.0  # |activation| above this is penalised (2^14: 4x inside fp16's 65504)
-    penalty_weight: float = 1.0  # x mean squared excess over the limit, in units of the limit, summed over layers
-    latent_weight: float = 1.0  # x MSE(student posterior mean, teacher posterior mean)
-    decode_weight: float = 1.0  # x MSE(student decode, teacher decode) of the teacher's latents
-    scale_lr: float = 0.1  # log-scale step of each layer past the limit (weight and bias rescaled together); 0 = off
+    activation_limit: float = 16384.0  # a rescalable set whose |activation| passes this is shrunk (2^14: 65504 / 4)
+    shrink_to: float = 2048.0  # ... to this peak (2^11): far enough that its direct readers' weights stay normal fp16
 
 
 @dataclass
@@ -713,19 +710,20 @@ def validate_distill(cfg: TrainConfig) -> None:
 
 
 def validate_fp16_fix(cfg: TrainConfig) -> None:
-    """fp16_fix's ranges; enabled, it needs a pretrained model and refuses what its objective does not have."""
+    """fp16_fix's range; enabled, it needs a pretrained model and refuses what a rescale without training lacks."""
     fix = cfg.fp16_fix
     _require(0 < fix.activation_limit <= 65504, "fp16_fix.activation_limit", fix.activation_limit,
              "must be in (0, 65504] (fp16's largest finite value)")
-    for key in ("penalty_weight", "latent_weight", "decode_weight", "scale_lr"):
-        _require(getattr(fix, key) >= 0, f"fp16_fix.{key}", getattr(fix, key), "must be >= 0")
+    _require(0 < fix.shrink_to <= fix.activation_limit, "fp16_fix.shrink_to", fix.shrink_to,
+             f"must be in (0, fp16_fix.activation_limit={fix.activation_limit:g}]")
     if not fix.enabled:
         return
     _require(cfg.model.pretrained is not None, "model.pretrained", cfg.model.pretrained,
-             "fp16_fix.enabled fine-tunes an existing VAE: set model.pretrained=PATH")
+             "fp16_fix.enabled rescales an existing VAE: set model.pretrained=PATH")
     for key, value, default in (("distill.teacher", cfg.distill.teacher, None),
                                 ("loss.gan.enabled", cfg.loss.gan.enabled, False),
                                 ("loss.learned_logvar", cfg.loss.learned_logvar, False),
+                                ("train.ema.enabled", cfg.train.ema.enabled, False),
                                 ("train.mixed_precision", cfg.train.mixed_precision, "no")):
-        _require(value == default, key, value, "does not apply to fp16_fix (an fp32 fine-tune against the frozen "
-                 "original: latent MSE, decode MSE and the activation penalty)")
+        _require(value == default, key, value, "does not apply to fp16_fix (an exact rescale calibrated on the "
+                 "fp32 model's activations: nothing is trained)")

@@ -16,8 +16,7 @@ where an fp16 kernel would write it, and every layer's output carries fp16's rou
 stays fp32, as fp16 kernels accumulate in fp32 anyway. Why emulate: this CPU build of torch does run fp16
 convolutions (`native=True`), but about 13x slower than fp32; tests/test_fp16.py checks the two agree.
 
-`ActivationPenalty` is the training-side hook: while active, it sums, over the same submodules, the mean squared
-excess of |activation| over a limit (in units of the limit); `fp16_fix.py` adds it to the fine-tuning loss.
+`fp16_rescale.py` shrinks what overflows without changing the fp32 function; `fp16_fix.py` is the recipe around it.
 """
 
 from __future__ import annotations
@@ -51,29 +50,36 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 @contextmanager
-def recorded_peaks(model: nn.Module) -> Iterator[dict[str, float]]:
-    """While active, the largest |output| each named submodule produced (module name -> float, non-finite kept)."""
-    peaks: dict[str, float] = {}
-    handles = []
+def module_peaks(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, the largest |output| of each named submodule (a device scalar, no host sync; NaN kept)."""
+    peaks: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             for t in _tensors(output):
-                peak = t.detach().abs().amax().float().item() if t.numel() else 0.0
-                old = peaks.get(name, 0.0)
-                if old == old and (peak != peak or peak > old):  # a NaN, once seen, stays (it compares False)
-                    peaks[name] = peak
-                peaks.setdefault(name, old)
+                if t.numel():
+                    peak = t.detach().abs().amax().float()
+                    old = peaks.get(name)
+                    peaks[name] = peak if old is None else torch.maximum(old, peak)  # maximum keeps NaN
         return record
 
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(hook(name)))
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
     try:
         yield peaks
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def recorded_peaks(model: nn.Module) -> Iterator[dict[str, float]]:
+    """`module_peaks` as host floats, filled in when the block ends (one sync per module, then)."""
+    floats: dict[str, float] = {}
+    with module_peaks(model) as found:
+        try:
+            yield floats
+        finally:
+            floats.update({name: peak.item() for name, peak in found.items()})
 
 
 @torch.no_grad()
@@ -181,63 +187,6 @@ def fp16_check(model: nn.Module, images: torch.Tensor, native: bool | None = Non
             "decode_psnr": image_psnr(decode, ref_decode.to(decode.device))}
 
 
-def stream_writers(module: nn.Module) -> list[nn.Module]:
-    """The layers whose outputs make up `module`'s output: itself when it has weights of its own; for a ResNet block
-    its conv2 and 1x1 shortcut, for an attention block its output projection (what they add into the residual
-    stream); nothing else."""
-    if any(True for _ in module.parameters(recurse=False)):
-        return [module]
-    writers = [getattr(module, "conv2", None), getattr(module, "conv_shortcut", None)]
-    to_out = getattr(module, "to_out", None)
-    writers.append(to_out[0] if isinstance(to_out, nn.ModuleList) else None)
-    return [w for w in writers if isinstance(w, nn.Module)]
-
-
-class ActivationPenalty:
-    """Sum over every submodule of mean(relu(|output| / limit - 1) ** 2): zero while all activations stay within
-    `limit`, growing with how far past it they go. Use as a context manager around the forward pass; `value()`
-    then holds the differentiable penalty, `peak` the largest |activation| seen (for logging) and `over` the layers
-    writing an output that came within `near` of the limit (`stream_writers`: what fp16_fix rescales, every layer
-    writing into an overflowing residual stream, also those whose own share of it is smaller), `hot_parts` the halves
-    ("encoder" / "decoder") with any activation past it. `bool(peak > limit)` reads one
-    scalar back per layer: a host sync, cheap beside a VAE layer."""
-
-    def __init__(self, model: nn.Module, limit: float, near: float = 1 / 8):
-        self.model, self.limit, self.near = model, float(limit), near
-        self.terms: list[torch.Tensor] = []
-        self.peak = torch.zeros(())
-        self.handles: list[Any] = []
-        self.over: list[nn.Module] = []  # layers with their own weights whose output passed limit x near
-        self.hot_parts: set[str] = set()  # "encoder" / "decoder": the halves with an activation past the limit
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            for t in _tensors(output):
-                if t.numel():
-                    magnitude = t.float().abs()
-                    self.terms.append(torch.relu(magnitude / self.limit - 1.0).square().mean())
-                    peak = magnitude.detach().amax()
-                    self.peak = torch.maximum(self.peak.to(t.device), peak)
-                    if bool(peak > self.limit):
-                        self.hot_parts.add(part_of(name) or "")
-                    if bool(peak > self.limit * self.near):
-                        self.over += stream_writers(module)
-        return hook
-
-    def __enter__(self) -> "ActivationPenalty":
-        self.terms, self.peak, self.over, self.hot_parts = [], torch.zeros(()), [], set()
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.model.named_modules() if name]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def value(self) -> torch.Tensor:
-        return torch.stack(self.terms).sum() if self.terms else self.peak.new_zeros(())
-
-
 FP16_CHECK_IMAGES = 4  # evaluation checks fp16 on this many images: enough to see an overflow, cheap when emulated
 
 
@@ -287,5 +236,5 @@ def report_lines(models: dict[str, dict[str, Any]]) -> list[str]:
     for name, e in unsafe:
         worst = "decoder" if e["decoder"] >= e["encoder"] else "encoder"
         lines += ["", f"> `{name}` overflows fp16 (peak {e[worst]:.4g} at `{e[f'{worst}_module']}`): run it in fp32 "
-                  "or bf16, or fine-tune it with configs/fp16-fix.yaml."]
+                  "or bf16, or rescale it with configs/fp16-fix.yaml."]
     return lines + [""]

@@ -627,7 +627,9 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
                 values = {k: acc.reduce(v.to(device).float().reshape(()), "mean").item() for k, v in result.logs.items()}
                 now = time.perf_counter()
                 values.update(images_per_second=images_since_log / max(now - last_log_time, 1e-9),
-                              lr=t.optimizer.param_groups[0]["lr"], nonfinite_steps=state.nonfinite_total)
+                              nonfinite_steps=state.nonfinite_total)
+                if t.optimizer is not None:  # fp16_fix's rescale has none
+                    values["lr"] = t.optimizer.param_groups[0]["lr"]
                 if t.d_optimizer is not None:
                     values["d_lr"] = t.d_optimizer.param_groups[0]["lr"]
                 if skip_log is not None:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         # a config naming a distillation teacher trains a tiny autoencoder in the same loop; fp16_fix.enabled
-        # fine-tunes model.pretrained against its frozen fp32 self (kl_autoencoder/fp16_fix.py)
+        # rescales model.pretrained to run in fp16, calibrated on the data (kl_autoencoder/fp16_fix.py)
         build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
         train(cfg, build=build)  # prints "exported <folder>" once
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError, ShardError) as e:  # nothing written
