@@ -220,15 +220,14 @@ def test_a_kill_during_validation_resumes_exactly(tmp_path):
 # ----------------------------------------------------------------------------------------------- two processes
 
 
-def test_two_processes_validate_each_image_once_and_report_to_the_trackers(tmp_path):
+def test_two_processes_validate_each_image_once_and_report_to_the_trackers(tmp_path, offline_trackers):
     """2 ranks, 3 images in batches of 1 (rank 0 takes two, rank 1 one): one line per pass, the figures of all three
     images (evaluate's on the export), and each tracker written once, by the main process."""
     from tests.test_gan_ddp import free_port
 
-    out, mlruns = tmp_path / "ddp", tmp_path / "mlruns"
-    env = {**ENV, "ACCELERATE_USE_CPU": "true", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "MLFLOW_TRACKING_URI": f"file:{mlruns}", "MLFLOW_ALLOW_FILE_STORE": "true"}
-    env.pop("WANDB_DIR", None)
+    out, mlruns = tmp_path / "ddp", offline_trackers
+    env = {**os.environ, **{k: ENV[k] for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE", "PYTHONPATH")},
+           "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(ROOT / "training" / "train.py"),
