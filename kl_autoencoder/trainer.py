@@ -535,11 +535,12 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
         run.check_disk_space(t.checkpoint_bytes())
     finished = resume_from is not None and read_training_state(resume_from).step >= cfg.train.max_steps
     dataset = None if finished else build_dataset(cfg.data, split=cfg.data.split)
+    validation = None if finished else Validation.start(t, run)  # its images too (inert when validation.every is 0)
     # train.resume without a checkpoint to resume: the fresh run's rules (no training over a non-empty folder)
     run.claim(resuming=resume_from is not None, overwrite=cfg.train.overwrite,
               asked_to_resume=cfg.train.resume is not None)
     try:
-        return _train_in(t, run, resume_from, dataset)
+        return _train_in(t, run, resume_from, dataset, validation)
     finally:
         run.release()
 
@@ -559,7 +560,8 @@ def bar_figures(values: dict[str, float], image_shape: Sequence[int], model: Any
     return {k: f"{v:.4g}" for k, v in shown.items()}
 
 
-def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: Any = None) -> Path:
+def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: Any = None,
+              validation: Validation | None = None) -> Path:
     cfg, acc, device = t.cfg, t.accelerator, t.device
     rank, world = acc.process_index, acc.num_processes
     modules, optimizers = t.checkpoint_parts()
@@ -580,7 +582,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     skip_log = getattr(dataset, "skipped", None)
     init_trackers(acc, cfg)
     log_text(acc, "perceptual_weights", perceptual_weights(t))
-    validation = Validation.start(t, run)  # inert when validation.every is 0
+    validation = validation or Validation.start(t, run)
     nonfinite = NonFiniteCounter(state, device)
     progress = None
     if acc.is_main_process:
@@ -619,7 +621,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
                     run.log_metrics(state.step, values)
                 if progress is not None:
                     progress.set_postfix({**bar_figures(values, x.shape[-3:], t.raw_model), **validation.bar})
-            if cfg.train.image_every and state.step % cfg.train.image_every == 0:
+            if cfg.train.image_every and state.step % cfg.train.image_every == 0 and acc.is_main_process:
                 shown = x if result.target is None else result.target
                 grid = image_grid(shown.detach(), result.reconstruction.detach())
                 log_images(acc, "reconstruction", grid, state.step)

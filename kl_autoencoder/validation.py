@@ -78,7 +78,10 @@ def validation_batches(cfg: TrainConfig, rank: int, world: int) -> tuple[list[tu
     data = dataclasses.replace(cfg.data, source=validation_source(cfg), data_files=val.data_files, split=val.split,
                                image_column=val.image_column, resolution=val.resolution or cfg.data.resolution,
                                max_images=None, random_crop=False, random_flip=False, random_hue=0.0)
-    dataset = build_dataset(data, split=val.split, train=False)
+    try:
+        dataset = build_dataset(data, split=val.split, train=False)
+    except (OSError, ValueError) as err:  # an empty folder, an unreadable save_to_disk folder, ...
+        raise ConfigError(f"validation.source={data.source!r}: {err}") from None
     mine: dict[int, list[torch.Tensor]] = {}
     count = 0
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):  # map-style: read only this process's share
@@ -110,7 +113,8 @@ class Validation:
 
     @classmethod
     def start(cls, t: Any, run: RunFolder) -> "Validation":
-        """Load this process's validation images and a model copy to measure; read a resumed run's best."""
+        """Load this process's validation images and a model copy to measure (before the run folder is claimed: a
+        source that fails to open leaves nothing behind)."""
         validation = cls(t, run)
         if not validation.every:
             return validation
@@ -127,9 +131,6 @@ class Validation:
         validation.model.__dict__.pop("forward", None)  # a wrapper accelerate may have set on the trained model
         prepare_for_inference(validation.model, t.device)
         validation.policy = FastPath.for_device(t.device)  # evaluate's inference policy
-        found = run.best_checkpoints()
-        if found and found[-1][1]["metric"] == cfg.validation.keep_best:
-            validation.best = found[-1][1]
         return validation
 
     def due(self, step: int) -> bool:
@@ -221,6 +222,9 @@ class Validation:
         if value is None:
             return
         mode = BEST_DIRECTIONS[metric]
+        if self.best is None:  # a resumed run's best so far: the newest complete best checkpoint (read after claim)
+            found = self.run_folder.best_checkpoints()
+            self.best = found[-1][1] if found and found[-1][1]["metric"] == metric else None
         if self.best is not None and not (value > self.best["value"] if mode == "max" else value < self.best["value"]):
             return
         self.best = {"metric": metric, "mode": mode, "value": float(value), "step": state.step}

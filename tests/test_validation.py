@@ -272,3 +272,12 @@ def test_report_to_none_trains_without_trackers(tmp_path):
     out = tmp_path / "run"
     train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=2", "train.report_to=none"]))
     assert not (out / "tensorboard").exists() and [m["step"] for m in val_lines(out)] == [2]
+
+
+def test_a_validation_source_without_images_fails_before_anything_is_written(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="validation.source=.*no image files"):
+        train(load_config(None, TINY + VAL + [f"train.output_dir={out}", f"validation.source={empty}"]))
+    assert not out.exists()
