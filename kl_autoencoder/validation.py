@@ -138,7 +138,7 @@ class Validation:
 
     def run(self, state: TrainingState, progress: Any = None) -> dict[str, float]:
         """One pass at `state.step` (every process): measure, log, keep the best. Returns the figures."""
-        t, acc = self.t, self.t.accelerator
+        acc = self.t.accelerator
         started = time.perf_counter()
         with preserved_rng():
             figures, grid = self.measure()
@@ -165,9 +165,9 @@ class Validation:
         """The pass's figures (identical on every process) and, on the process holding batch 0, the image grid."""
         from kl_autoencoder.trainer import image_grid, keeps_pretrained_latent_scale
 
-        t, cfg, device = self.t, self.t.cfg, self.t.device
+        cfg, device = self.t.cfg, self.t.device
         self.model.load_state_dict(self.weights())
-        scores, latents, grid = ImageScores(self.lpips), [], None
+        scores, grid = ImageScores(self.lpips), None
         shift = M.uses_shift(getattr(self.model.config, "latent_channels", 0), cfg.train.export_shift_factor)
         estimator = M.LatentScaleEstimator(shift)
         indices = []

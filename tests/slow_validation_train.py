@@ -5,15 +5,14 @@ Arguments are train.py's."""
 from __future__ import annotations
 
 import os
-import runpy
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kl_autoencoder import validation  # noqa: E402
+from tests.slow_checkpoint_train import run_train_py  # noqa: E402
 
 PAUSE_MARK = "PAUSING-IN-VALIDATION"
 PAUSE_SECONDS = 120
@@ -32,9 +31,7 @@ def main() -> None:
         return result
 
     validation.Validation.measure = slow_measure
-    train_py = str(ROOT / "training" / "train.py")
-    sys.argv = [train_py, *sys.argv[1:]]
-    runpy.run_path(train_py, run_name="__main__")
+    run_train_py(sys.argv[1:])
 
 
 if __name__ == "__main__":
