@@ -710,12 +710,12 @@ def validate_validation(cfg: TrainConfig, arch: dict[str, Any]) -> None:
                  "needs validation passes: set validation.every=N (steps)")
     _require(val.export_best is False or val.keep_best is not None, "validation.export_best", val.export_best,
              "exports the best checkpoint: set validation.keep_best=METRIC (e.g. psnr)")
-    if val.every == 0:
-        return
     source = validation_source(cfg)
-    _require(source is not None, "validation.source", val.source,
-             f"validation.every={val.every} needs held-out images: set validation.source to a folder, hub dataset "
-             "or shards (as data.source); only the built-in sample photos have a held-out split of their own")
+    _require(source is not None or val.keep_best is None, "validation.source", val.source,
+             f"validation.keep_best={val.keep_best} needs held-out images: set validation.source to a folder, hub "
+             "dataset or shards (as data.source); only the built-in sample photos have a held-out split of their own")
+    if val.every == 0 or source is None:  # no held-out images: no passes (the trainer says so)
+        return
     data = dataclasses.replace(cfg.data, source=source, data_files=val.data_files, max_images=None,
                                resolution=val.resolution or cfg.data.resolution)
     try:

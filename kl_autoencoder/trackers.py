@@ -64,13 +64,13 @@ def check_report_to(report_to: str | list[str]) -> None:
                                "(or leave it out of train.report_to)")
 
 
-def log_with(cfg: Any) -> list[Any]:
+def log_with(cfg: Any) -> list[Any] | None:
     """What `Accelerator(log_with=...)` gets: TensorBoard as a tracker writing to output_dir/tensorboard (its place
-    before trackers were configurable), every other tracker by name."""
+    before trackers were configurable), every other tracker by name; None for no tracker."""
     from accelerate.tracking import TensorBoardTracker
 
     return [TensorBoardTracker(TENSORBOARD_DIR, cfg.train.output_dir) if name == "tensorboard" else name
-            for name in tracker_names(cfg.train.report_to)]
+            for name in tracker_names(cfg.train.report_to)] or None
 
 
 def init_trackers(accelerator: Any, cfg: Any) -> None:

@@ -103,7 +103,8 @@ def validation_batches(cfg: TrainConfig, rank: int, world: int) -> tuple[list[tu
 
 
 class Validation:
-    """The validation passes of one run; inert (`due` is never true) when validation.every is 0."""
+    """The validation passes of one run; inert (`due` is never true) when validation.every is 0 or there is no
+    held-out source (validation.source unset and data.source without a held-out split of its own)."""
 
     def __init__(self, t: Any = None, run: RunFolder | None = None):
         self.t, self.run_folder = t, run
@@ -116,9 +117,13 @@ class Validation:
         """Load this process's validation images and a model copy to measure (before the run folder is claimed: a
         source that fails to open leaves nothing behind)."""
         validation = cls(t, run)
+        cfg, acc = t.cfg, t.accelerator
+        if validation.every and validation_source(cfg) is None:
+            acc.print(f"validation.every={validation.every} but no held-out images: no validation passes (set "
+                      f"validation.source to a folder, hub dataset or shards of images kept out of training)")
+            validation.every = 0
         if not validation.every:
             return validation
-        cfg, acc = t.cfg, t.accelerator
         validation.batches, validation.num_images = validation_batches(cfg, acc.process_index, acc.num_processes)
         validation.size = cfg.validation.batch_size or cfg.train.batch_size
         # the most rows a process holds: the first process's batches, each full

@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from kl_autoencoder.config import ConfigError, load_config
@@ -246,7 +248,8 @@ def test_two_processes_validate_each_image_once_and_report_to_the_trackers(tmp_p
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["data.source={folder}", "validation.every=100"], "'validation.source' = None: validation.every=100 needs"),
+    (["data.source={folder}", "validation.every=10", "validation.keep_best=psnr"],
+     "'validation.source' = None: validation.keep_best=psnr needs held-out images"),
     (["validation.every=10", "validation.keep_best=fid"], "'validation.keep_best' = 'fid': names the validation"),
     (["validation.keep_best=psnr"], "'validation.keep_best' = 'psnr': needs validation passes"),
     (["validation.every=10", "validation.export_best=true"], "'validation.export_best' = True: exports the best"),
@@ -272,6 +275,17 @@ def test_report_to_none_trains_without_trackers(tmp_path):
     out = tmp_path / "run"
     train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=2", "train.report_to=none"]))
     assert not (out / "tensorboard").exists() and [m["step"] for m in val_lines(out)] == [2]
+
+
+def test_a_folder_without_a_validation_source_trains_without_passes_and_says_so(tmp_path, capsys):
+    """The quickstart (validation every 300 steps) pointed at your own folder: no held-out images, so no passes."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=2", f"data.source={folder}"]))
+    assert val_lines(out) == [] and "no held-out images: no validation passes" in capsys.readouterr().out
 
 
 def test_a_validation_source_without_images_fails_before_anything_is_written(tmp_path):
