@@ -144,6 +144,30 @@ def test_validation_measures_what_evaluate_does_and_reaches_every_tracker(tmp_pa
     assert_trackers_got_it(out, offline_trackers, [2, 4])
 
 
+def test_lpips_is_measured_when_its_weights_are_there(tmp_path, monkeypatch):
+    """With an LPIPS network available (here lpips' own, on a random backbone seeded alike: the pretrained one is
+    not cached on the test machine) the pass reports val/lpips, evaluate's figure on the export; without, none."""
+    import lpips
+
+    from kl_autoencoder import metrics as M
+
+    def network() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+
+    real = M.LPIPSMetric
+    monkeypatch.setattr(M, "LPIPSMetric", lambda net, device: real(net, device, network=network()))
+    out = tmp_path / "run"
+    export = train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=2",
+                                                   "validation.keep_best=lpips"]))
+    (figures,) = val_lines(out)
+    _, images = load_eval_images("sample:heldout", 32)
+    reference = evaluate_model(KLAutoencoder.from_pretrained(export), "m", images, progress=False,
+                               lpips_metric=real("alex", "cpu", network=network()))
+    assert figures["val/lpips"] == pytest.approx(reference.metrics["lpips"]["mean"], rel=1e-5)
+    assert json.loads((out / "summary.json").read_text())["best"]["metric"] == "lpips"
+
+
 def test_validating_leaves_the_training_bitwise_unchanged(tmp_path):
     """Weights, EMA, optimizer moments and every logged loss after 4 steps: identical with a pass at every step
     (and a best checkpoint written at most of them) and without any."""
