@@ -725,9 +725,10 @@ def validate_validation(cfg: TrainConfig, arch: dict[str, Any]) -> None:
 
 
 def validation_source(cfg: TrainConfig) -> str | None:
-    """validation.source, or for training on the built-in sample photos their held-out split."""
+    """validation.source ("sample": the sample photos' held-out split), or for training on the built-in sample photos
+    their held-out split."""
     if cfg.validation.source is not None:
-        return cfg.validation.source
+        return "sample:heldout" if cfg.validation.source == "sample" else cfg.validation.source
     return "sample:heldout" if str(cfg.data.source) in ("sample", "sample:train") else None
 
 
