@@ -31,6 +31,7 @@ from kl_autoencoder.formats import WeightsError, capped_repr, find_config_json, 
 from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError, check_config_size
 from kl_autoencoder.presets import FACTOR_FIELDS, PRESETS, PresetError, check_fits, describe_choices, get_preset
 from kl_autoencoder.spelling import BUILT_IN_SOURCES, source_suggestion
+from kl_autoencoder.trackers import TrackerError, check_report_to
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,35 @@ class TrainSection:
     # None = re-measure scaling/shift at export unless the encoder is frozen (then the pretrained model's
     # scaling_factor, shift_factor, latents_mean/std and sample_size are kept: its latent space did not change)
     remeasure_latent_scale: bool | None = None
+    # experiment trackers (through Accelerate): tensorboard, wandb, mlflow, comet_ml, aim, trackio, a list of them,
+    # "all" (every one installed) or "none"; the config is logged as their hyper-parameters
+    report_to: str | list[str] = "tensorboard"
+    tracker_project: str = "kl-autoencoder"  # the project / experiment name the trackers file the run under
+
+
+# The validation metrics keep_best may name, and whether higher is better.
+BEST_DIRECTIONS = {"psnr": "max", "ssim": "max", "ms_ssim": "max", "lpips": "min", "colour_error": "min",
+                   "delta_e": "min", "hue_error": "min"}
+
+
+@dataclass
+class ValidationConfig:
+    """Validation while training (kl_autoencoder/validation.py): every `every` steps and at the last step, the
+    figures `evaluate` measures on a fixed set of held-out images, with the EMA weights when EMA is on."""
+
+    every: int = 0  # steps between validation passes; 0 = no validation
+    # anything data.source takes; None = the built-in sample photos' held-out split when training on them
+    source: str | None = None
+    data_files: str | list[str] | None = None  # shards of webdataset/parquet (as data.data_files)
+    split: str = "validation"  # the hub dataset split
+    image_column: str | None = None
+    num_images: int = 16  # the first images of the source: a fixed set, the same at every pass
+    resolution: int | None = None  # centre crops of this size; None = data.resolution
+    batch_size: int | None = None  # None = train.batch_size
+    lpips_net: Literal["alex", "vgg"] = "alex"  # LPIPS when its backbone weights are cached (never downloaded)
+    log_images: int = 4  # the first validation images shown with their reconstructions in the trackers
+    keep_best: str | None = None  # a metric (psnr, ssim, lpips, colour_error, ...): keep its best checkpoint
+    export_best: bool = False  # also export the best checkpoint's weights to output_dir/vae-best
 
 
 @dataclass
@@ -223,6 +253,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     distill: DistillSection = field(default_factory=DistillSection)
     fp16_fix: Fp16FixSection = field(default_factory=Fp16FixSection)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -496,10 +527,12 @@ def validate(cfg: TrainConfig) -> None:
     validate_fp16_fix(cfg)
     # a distillation's crops are cut for the teacher's downsampling factor
     teacher = ModelSection(pretrained=cfg.distill.teacher, preset=cfg.model.preset) if cfg.distill.teacher else cfg.model
-    validate_data(cfg.data, resolved_architecture(teacher))
+    arch = resolved_architecture(teacher)
+    validate_data(cfg.data, arch)
     validate_loss(cfg.loss)
     validate_optim(cfg.optim)
     validate_train(cfg.train)
+    validate_validation(cfg, arch)
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -671,9 +704,51 @@ def validate_train(train: TrainSection) -> None:
         _require(value >= 0, f"train.{key}", value, "must be >= 0 (0 = off)")
     _require(0 < train.ema.decay < 1, "train.ema.decay", train.ema.decay, "must be in (0, 1)")
     _require(bool(train.output_dir), "train.output_dir", train.output_dir, "must not be empty")
+    try:
+        check_report_to(train.report_to)
+    except TrackerError as err:
+        raise ConfigError(f"'train.report_to' = {capped_repr(train.report_to)}: {err}") from None
     if train.resume not in (None, "latest"):
         _require(os.path.isdir(os.path.expanduser(train.resume)), "train.resume", train.resume,
                  "must be null, 'latest' or an existing checkpoint folder")
+
+
+def validate_validation(cfg: TrainConfig, arch: dict[str, Any]) -> None:
+    """validation.*'s ranges; when on, a source (the sample photos' held-out split by default) checked as data.source."""
+    val = cfg.validation
+    for key in ("every", "log_images"):
+        _require(getattr(val, key) >= 0, f"validation.{key}", getattr(val, key), "must be >= 0 (0 = off)")
+    for key in ("num_images", "batch_size"):
+        value = getattr(val, key)
+        _require(value is None or value >= 1, f"validation.{key}", value, "must be >= 1")
+    _require(val.keep_best is None or val.keep_best in BEST_DIRECTIONS, "validation.keep_best", val.keep_best,
+             "names the validation metric whose best checkpoint is kept: one of " + ", ".join(
+                 f"{k} ({'higher' if d == 'max' else 'lower'} is better)" for k, d in BEST_DIRECTIONS.items()))
+    for key in ("keep_best", "export_best"):
+        _require(val.every > 0 or not getattr(val, key), f"validation.{key}", getattr(val, key),
+                 "needs validation passes: set validation.every=N (steps)")
+    _require(val.export_best is False or val.keep_best is not None, "validation.export_best", val.export_best,
+             "exports the best checkpoint: set validation.keep_best=METRIC (e.g. psnr)")
+    source = validation_source(cfg)
+    _require(source is not None or val.keep_best is None, "validation.source", val.source,
+             f"validation.keep_best={val.keep_best} needs held-out images: set validation.source to a folder, hub "
+             "dataset or shards (as data.source); only the built-in sample photos have a held-out split of their own")
+    if val.every == 0 or source is None:  # no held-out images: no passes (the trainer says so)
+        return
+    data = dataclasses.replace(cfg.data, source=source, data_files=val.data_files, max_images=None,
+                               resolution=val.resolution or cfg.data.resolution)
+    try:
+        validate_data(data, arch)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("'data.", "'validation.", 1)) from None
+
+
+def validation_source(cfg: TrainConfig) -> str | None:
+    """validation.source ("sample": the sample photos' held-out split), or for training on the built-in sample photos
+    their held-out split."""
+    if cfg.validation.source is not None:
+        return "sample:heldout" if cfg.validation.source == "sample" else cfg.validation.source
+    return "sample:heldout" if str(cfg.data.source) in ("sample", "sample:train") else None
 
 
 def validate_distill(cfg: TrainConfig) -> None:

@@ -37,7 +37,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -371,19 +371,35 @@ class LatentScaleEstimator:
         if self.channels is not None and latents.shape[1] != self.channels:
             raise ValueError(f"latent channels changed during accumulation: {self.channels} then {latents.shape[1]}")
         z = latents.detach().double()
-        n = z.numel()
         batch_mean = z.mean()
         batch_m2 = float((z - batch_mean).pow(2).sum())
         batch_mean = float(batch_mean)
         if not (math.isfinite(batch_mean) and math.isfinite(batch_m2)):
             raise ValueError(f"latents contain NaN or infinite values (batch of {latents.shape[0]} images)")
+        self._add(z.numel(), batch_mean, batch_m2, latents.shape[0])
+        self.channels = latents.shape[1]
+
+    def _add(self, n: int, batch_mean: float, batch_m2: float, images: int) -> None:
+        if n == 0:
+            return
         total = self._count + n
         delta = batch_mean - self._mean
         self._mean += delta * n / total
         self._m2 += batch_m2 + delta * delta * self._count * n / total
         self._count = total
-        self.num_images += latents.shape[0]
-        self.channels = latents.shape[1]
+        self.num_images += images
+
+    def moments(self) -> list[float]:
+        """[count, mean, sum of squared deviations, images]: what `pooled` combines (e.g. across processes)."""
+        return [float(self._count), self._mean, self._m2, float(self.num_images)]
+
+    @classmethod
+    def pooled(cls, shift: bool, moments: Iterable[Sequence[float]]) -> "LatentScaleEstimator":
+        """One estimator from several estimators' `moments()`: the same figures as one stream of all their latents."""
+        estimator = cls(shift)
+        for count, mean, m2, images in moments:
+            estimator._add(int(count), float(mean), float(m2), int(images))
+        return estimator
 
     def result(self) -> LatentScale:
         if self._count == 0:

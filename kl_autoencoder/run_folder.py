@@ -8,8 +8,10 @@
       metrics.jsonl             one JSON line per logged step (TensorBoard events under tensorboard/)
       checkpoints/step_0000300/ a complete checkpoint (written as .tmp-step_0000300, renamed when complete)
       checkpoints/latest        the name of the newest complete checkpoint (moved only after the rename)
-      summary.json              steps, skipped images, non-finite steps, perceptual weights, export
-      vae/                      the diffusers export
+      checkpoints/best_step_0000200/  with validation.keep_best: the checkpoint with the best validation figure
+                                (its best.json says which), written as the others, never pruned with them
+      summary.json              steps, skipped images, non-finite steps, perceptual weights, export, best step
+      vae/                      the diffusers export (vae-best/: the best checkpoint's, on request)
 
 A checkpoint holds safetensors and JSON only, so resuming never unpickles anything: the model, EMA, learned
 log-variance and discriminator weights as safetensors, each optimizer as `<name>.safetensors` (its tensors) +
@@ -51,11 +53,14 @@ CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"  # a checkpoint being written, or an old one being deleted
 # What a fresh run may find in its folder without being told to overwrite: nothing of a previous run.
-RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "vae", "tensorboard")
+RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "vae", "vae-best", "tensorboard",
+                 "wandb")
 RUN_MARKER = ".kl-autoencoder-run"  # written at claim: this folder holds (or held) one of our runs
 LOCK_FILE = ".lock"
 OWN_FILES = (RUN_MARKER, LOCK_FILE)  # never count as "the folder is not empty"
 CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{1,12}}")
+BEST_PREFIX = "best_"  # checkpoints/best_step_NNNNNNN: the best validation checkpoint
+BEST_FILE = "best.json"  # inside it: {"metric", "mode", "value", "step"}
 # Files of the run that are replaced if they are symlinks (never written through); checkpoints/ is refused instead.
 REPLACED_LINKS = ("config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
 
@@ -398,6 +403,19 @@ class RunFolder:
         A kill at any point leaves the previous complete checkpoint and its pointer usable. Main process only.
         """
         final = self.checkpoints / f"{CHECKPOINT_PREFIX}{state.step:07d}"
+        self._write_checkpoint(final, state, modules, optimizers, needed_bytes)
+        atomic_write_text(self.checkpoints / "latest", final.name + "\n")
+        fsync_dir(self.checkpoints)
+        older = [path for path in self.list_checkpoints(warn=False) if path != final]
+        for old in older[:max(0, len(older) - (keep - 1))]:  # never the checkpoint just written
+            remove_folder(old)
+        return final
+
+    def _write_checkpoint(self, final: Path, state: TrainingState, modules: dict[str, torch.nn.Module | None],
+                          optimizers: dict[str, torch.optim.Optimizer | None], needed_bytes: int,
+                          extra: dict[str, Any] | None = None) -> None:
+        """Write a complete checkpoint into a temporary folder (`extra`: JSON files beside the state), flush it and
+        rename it to `final`."""
         tmp = self.checkpoints / f"{TMP_PREFIX}{final.name}"
         self.check_disk_space(needed_bytes)
         self._refuse_linked_checkpoints()  # again at write time: the folder may have been swapped since the claim
@@ -412,15 +430,39 @@ class RunFolder:
         for name, optimizer in optimizers.items():
             if optimizer is not None:
                 optimizer_to_files(optimizer, tmp, name)
+        for name, value in (extra or {}).items():
+            atomic_write_json(tmp / name, value)
         atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(state))
         fsync_tree(tmp)
         self._publish(tmp, final)
-        atomic_write_text(self.checkpoints / "latest", final.name + "\n")
-        fsync_dir(self.checkpoints)
-        older = [path for path in self.list_checkpoints(warn=False) if path != final]
-        for old in older[:max(0, len(older) - (keep - 1))]:  # never the checkpoint just written
-            remove_folder(old)
+
+    def save_best(self, state: TrainingState, modules: dict[str, torch.nn.Module | None],
+                  optimizers: dict[str, torch.optim.Optimizer | None], record: dict[str, Any],
+                  needed_bytes: int) -> Path:
+        """Write the best checkpoint (`record` as its best.json), then remove the earlier best: a kill at any point
+        leaves at least one complete best checkpoint. Main process only."""
+        final = self.checkpoints / f"{BEST_PREFIX}{CHECKPOINT_PREFIX}{state.step:07d}"
+        self._write_checkpoint(final, state, modules, optimizers, needed_bytes, {BEST_FILE: record})
+        for path, _ in self.best_checkpoints():
+            if path != final:
+                remove_folder(path)
         return final
+
+    def best_checkpoints(self) -> list[tuple[Path, dict[str, Any]]]:
+        """(folder, best.json) of the complete best checkpoints, oldest step first; unreadable records skipped."""
+        found = []
+        pattern = re.compile(rf"{BEST_PREFIX}{CHECKPOINT_PREFIX}(\d{{1,12}})")
+        for path in sorted(self.checkpoints.glob(f"{BEST_PREFIX}*")) if self.checkpoints.is_dir() else []:
+            if path.is_symlink() or not pattern.fullmatch(path.name) or not is_complete_checkpoint(path):
+                continue
+            try:
+                record = read_json(path / BEST_FILE)
+            except RunFolderError:
+                continue
+            if (isinstance(record, dict) and isinstance(record.get("metric"), str) and _is_int(record.get("step"))
+                    and isinstance(record.get("value"), float) and math.isfinite(record["value"])):
+                found.append((path, record))
+        return sorted(found, key=lambda item: item[1]["step"])
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the complete temporary folder into place (durable before `latest` names it)."""
@@ -435,7 +477,7 @@ class RunFolder:
         """Load a checkpoint into the given modules and optimizers; refuse folders holding anything unexpected."""
         allowed = allowed_checkpoint_files(modules, optimizers)
         present = {p.name for p in path.iterdir()}
-        unexpected = sorted(present - allowed)
+        unexpected = sorted(present - allowed - {BEST_FILE})
         if unexpected:
             raise RunFolderError(
                 f"checkpoint {path} holds files this trainer never writes ({', '.join(unexpected[:5])}); refusing to "

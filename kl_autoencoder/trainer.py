@@ -48,6 +48,8 @@ from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KE
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, RunFolderError, TrainingState,  # noqa: F401
                                        is_complete_checkpoint, list_checkpoints, read_training_state)
+from kl_autoencoder.trackers import init_trackers, log_images, log_text, log_with
+from kl_autoencoder.validation import Validation, finish_best
 
 
 class NonFiniteLossError(RuntimeError):
@@ -187,7 +189,7 @@ def make_accelerator(cfg: TrainConfig):
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        log_with="tensorboard",
+        log_with=log_with(cfg),
         project_config=ProjectConfiguration(project_dir=cfg.train.output_dir, logging_dir=cfg.train.output_dir,
                                             automatic_checkpoint_naming=False),
         cpu=use_cpu,
@@ -552,11 +554,12 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
         run.check_disk_space(t.checkpoint_bytes())
     finished = resume_from is not None and read_training_state(resume_from).step >= cfg.train.max_steps
     dataset = None if finished else build_dataset(cfg.data, split=cfg.data.split)
+    validation = None if finished else Validation.start(t, run)  # its images too (inert when validation.every is 0)
     # train.resume without a checkpoint to resume: the fresh run's rules (no training over a non-empty folder)
     run.claim(resuming=resume_from is not None, overwrite=cfg.train.overwrite,
               asked_to_resume=cfg.train.resume is not None)
     try:
-        return _train_in(t, run, resume_from, dataset)
+        return _train_in(t, run, resume_from, dataset, validation)
     finally:
         run.release()
 
@@ -576,7 +579,8 @@ def bar_figures(values: dict[str, float], image_shape: Sequence[int], model: Any
     return {k: f"{v:.4g}" for k, v in shown.items()}
 
 
-def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: Any = None) -> Path:
+def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: Any = None,
+              validation: Validation | None = None) -> Path:
     cfg, acc, device = t.cfg, t.accelerator, t.device
     rank, world = acc.process_index, acc.num_processes
     modules, optimizers = t.checkpoint_parts()
@@ -597,9 +601,9 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
     batches = training_batches(dataset, cfg.train.batch_size, cfg.train.seed, rank, world, state.batches_seen, workers)
     skip_log = getattr(dataset, "skipped", None)
-    acc.init_trackers("tensorboard")
-    if acc.is_main_process:
-        log_text(acc, "perceptual_weights", perceptual_weights(t))
+    init_trackers(acc, cfg)
+    log_text(acc, "perceptual_weights", perceptual_weights(t))
+    validation = validation or Validation.start(t, run)
     nonfinite = NonFiniteCounter(state, device)
     progress = None
     if acc.is_main_process:
@@ -639,10 +643,14 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
                 if acc.is_main_process:
                     run.log_metrics(state.step, values)
                 if progress is not None:
-                    progress.set_postfix(bar_figures(values, x.shape[-3:], t.raw_model))
+                    progress.set_postfix({**bar_figures(values, x.shape[-3:], t.raw_model), **validation.bar})
             if cfg.train.image_every and state.step % cfg.train.image_every == 0 and acc.is_main_process:
                 shown = x if result.target is None else result.target
-                log_image(acc, state.step, image_grid(shown.detach(), result.reconstruction.detach()))
+                grid = image_grid(shown.detach(), result.reconstruction.detach())
+                log_images(acc, "reconstruction", grid, state.step)
+            if validation.due(state.step):
+                nonfinite.read(state)  # the best checkpoint's counters
+                validation.run(state, progress)
 
             stop_requested = stop["signal"] is not None
             if world > 1:  # agree on stopping (a collective, so only at log steps)
@@ -722,20 +730,6 @@ def perceptual_weights(t: Training) -> str:
     return "pretrained" if t.perceptual.pretrained_loaded else "random"
 
 
-def log_text(accelerator: Any, tag: str, text: str) -> None:
-    try:
-        accelerator.get_tracker("tensorboard", unwrap=True).add_text(tag, text)
-    except Exception as e:  # a nicety; never stop training for it
-        print(f"warning: could not log {tag}: {e}")
-
-
-def log_image(accelerator: Any, step: int, grid: torch.Tensor) -> None:
-    try:
-        accelerator.get_tracker("tensorboard", unwrap=True).add_image("reconstruction", grid, global_step=step)
-    except Exception as e:  # images are a nicety; never stop training for them
-        print(f"warning: could not log the reconstruction grid: {e}")
-
-
 def _finish(t: Training, run: RunFolder, state: TrainingState, skip_log: Any, trained: bool) -> Path:
     """Export (unless a finished run is resumed and its export exists), write summary.json, say what was done."""
     acc = t.accelerator
@@ -752,14 +746,16 @@ def _finish(t: Training, run: RunFolder, state: TrainingState, skip_log: Any, tr
             acc.print(f"the run in {run.root} is already complete (step {state.step} of train.max_steps="
                       f"{t.cfg.train.max_steps}): nothing trained, {run.export_dir} left as it is. Raise "
                       "train.max_steps to train further.")
+            finish_best(t, run, t.export_fn or export_model, trained=False)
         else:
             if not trained:
                 acc.print(f"the run is complete at step {state.step}; nothing trained, exporting {run.export_dir}")
             (t.export_fn or export_model)(t, run.export_dir)
+            best = finish_best(t, run, t.export_fn or export_model, trained=True)  # the best checkpoint, on request
             run.write_summary({"steps": state.step, "skipped_images": skipped,
                                "skipped_files": skip_log.files if skip_log is not None else [],
                                "nonfinite_steps": state.nonfinite_total, "perceptual_weights": perceptual_weights(t),
-                               "export": str(run.export_dir)})
+                               "export": str(run.export_dir), **best})
             acc.print(f"exported {run.export_dir}")
     acc.wait_for_everyone()
     acc.end_training()

@@ -26,8 +26,13 @@ def main() -> None:
         publish(self, tmp, final)
 
     run_folder.RunFolder._publish = slow_publish
+    run_train_py(sys.argv[1:])
+
+
+def run_train_py(args: list[str]) -> None:
+    """training/train.py with `args`, in this process (after a wrapper has patched what it slows down)."""
     train_py = str(ROOT / "training" / "train.py")
-    sys.argv = [train_py, *sys.argv[1:]]
+    sys.argv = [train_py, *args]
     runpy.run_path(train_py, run_name="__main__")
 
 
