@@ -138,10 +138,28 @@ def cmd_convert(args) -> int:
         model.config.scaling_factor = args.scaling_factor
     if args.shift_factor is not None:
         model.config.shift_factor = args.shift_factor
+    card = our_card(args.src) if args.format == "diffusers" else None
     written = model.save_pretrained(args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
-                                    protect=_local_sources(args.src, args.config))
+                                    protect=_local_sources(args.src, args.config), card=card)
     print(f"wrote {written} ({args.format}, {args.dtype or 'fp32'})")
+    if args.format == "ldm":
+        from kl_autoencoder.presets import front_end_notes
+
+        for note in front_end_notes(model.config.to_dict()):
+            print(f"note: {note}")
     return 0
+
+
+def our_card(source: str) -> str | None:
+    """The model card of a source folder this toolkit exported (convert carries it along), else None."""
+    from kl_autoencoder.durable import is_toolkit_card
+    from kl_autoencoder.formats import CARD_NAME
+
+    path = Path(source) / CARD_NAME
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > 2**20:
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text if is_toolkit_card(text) else None
 
 
 def model_info(model, image_size: int) -> dict:
