@@ -4,7 +4,7 @@
 
 Images, each a set reported on its own: `colorwheel` (scikit-image's, one of the sample source's training photos),
 `hue_chart` (`hue_chart`: 12 saturated hue bars made here, never trained on), and every `--folder` (e.g. the 26
-validation crops of `python /work/shared/data/wallpaper_photos.py OUT`), centre-cropped to the resolution. Per image
+validation crops of `kl-autoencoder sample-photos OUT --set validation`), centre-cropped to the resolution. Per image
 and per set: the mean hue error (degrees) over the pixels of saturation above 0.3 in the original
 (`metrics.hue_error`), the mean CIEDE2000 ΔE (`metrics.delta_e`), PSNR and the mean-RGB colour error; the posterior
 mode is decoded, in float32 on the CPU. A latent that keeps one chroma axis of two turns the chart's bars orange or

@@ -1,4 +1,4 @@
-"""Diffusability of trained VAEs against a random-init VAE of the same architecture (issue 19's measures).
+"""Diffusability of trained VAEs against a random-init VAE of the same architecture.
 
     OMP_NUM_THREADS=1 python benchmarks/diffusability.py [MODEL_PATH ...] [--seeds 0 1] [--steps 150]
 

@@ -1,4 +1,4 @@
-"""An equivariance (EQ-VAE) fine-tune against an equally long plain fine-tune of a trained VAE (issue 19's "Show").
+"""An equivariance (EQ-VAE) fine-tune against an equally long plain fine-tune of a trained VAE.
 
     OMP_NUM_THREADS=1 python benchmarks/eq_finetune.py [--model PATH] [--steps 200] [--probe-seeds 0 1]
     python benchmarks/eq_finetune.py --tiny --out /tmp/eq     # seconds: bookkeeping only, the numbers mean nothing

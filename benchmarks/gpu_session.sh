@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Issue 28's measurements in one go, for a session lent the GPU (about 15 device-minutes in all, start included).
-#   OUT=$OUT bash benchmarks/gpu_session.sh            # on the GPU machine: every part logs and writes under $OUT
-#   SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu_session.sh  # on the CPU: every part at toy sizes, to check the plumbing
+# Every GPU measurement of BENCHMARKS.md in one go, for a CUDA machine (about 10 minutes in all).
+#   OUT=outputs/gpu bash benchmarks/gpu_session.sh         # on the GPU machine: every part logs and writes under $OUT
+#   SMOKE=1 OUT=outputs/gpu-smoke bash benchmarks/gpu_session.sh  # on a CPU: every part at toy sizes, to check the plumbing
 # Parts run in order of value and each has its own time limit, so a slow or failing one costs only itself; the summary
 # at the end gives each part's exit status and seconds. LPIPS uses a random VGG (no download on the machine): same cost.
-# The lent H200 (see the device tool's README and KINDS.md) has Python 3.12 with torch, accelerate, safetensors, but
-# not diffusers, lpips or datasets: fetch their wheels here first (`bash benchmarks/gpu_wheels.sh`), carry `.whl`, and
-# this script installs them with --no-deps into /tmp/site; its torch is older than our pin, which is fine here. So:
-#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# A machine with torch, accelerate and safetensors but without diffusers, lpips or datasets (and no internet): fetch
+# their wheels on a connected machine first (`bash benchmarks/gpu_wheels.sh` writes them into .whl/), copy the
+# checkout with .whl/, and this script installs them with --no-deps into /tmp/site before it starts.
 set -u
 OUT=${OUT:-outputs/gpu_session}
 mkdir -p "$OUT"

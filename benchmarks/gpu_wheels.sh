@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Wheels that gpu_session.sh needs on the lent H200 and its image lacks, fetched here before the lease starts.
-#   bash benchmarks/gpu_wheels.sh        # writes .whl/ (ignored by git, about 7 MiB); then pass carry: [".whl"]
-# The image (Python 3.12, see the device tool's KINDS.md) already holds torch, accelerate, safetensors, numpy,
-# pandas, pyarrow, xxhash, fsspec, huggingface-hub, regex, requests, scipy and tqdm; these are the rest. The versions
-# are the ones the test suite passes with here; gpu_session.sh installs them with --no-deps into /tmp/site.
+# Wheels that gpu_session.sh needs on an offline CUDA machine whose Python 3.12 environment lacks them.
+#   bash benchmarks/gpu_wheels.sh        # writes .whl/ (ignored by git, about 7 MiB); copy it with the checkout
+# Such a machine typically holds torch, accelerate, safetensors, numpy, pandas, pyarrow, xxhash, fsspec,
+# huggingface-hub, regex, requests, scipy and tqdm; these are the rest. The versions are the ones the test suite passes
+# with; gpu_session.sh installs them with --no-deps into /tmp/site.
 set -euo pipefail
 DEST=${DEST:-.whl}
 WHEELS="diffusers==0.42.1 lpips==0.1.4 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 importlib_metadata==8.7.0"

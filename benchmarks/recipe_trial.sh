@@ -3,12 +3,12 @@
 # then measure the export with benchmarks/colour_axes.py (colour wheel, hue chart, and the validation folder).
 #
 #   bash benchmarks/recipe_trial.sh VAL_DIR OUT_DIR NAME [overrides...]
-#   e.g. python ../shared/data/wallpaper_photos.py /tmp/val
-#        bash benchmarks/recipe_trial.sh /tmp/val /tmp/trials l16c1 model.architecture.latent_channels=16 loss.chroma_weight=1
+#   e.g. kl-autoencoder sample-photos outputs/val --set validation
+#        bash benchmarks/recipe_trial.sh outputs/val outputs/trials l16c1 model.architecture.latent_channels=16 loss.chroma_weight=1
 #
 # Writes OUT_DIR/NAME/ (the run), OUT_DIR/NAME.json (per-image results) and appends the summary to
 # OUT_DIR/summary.txt. Training is deterministic for a seed on one machine and thread count, so a trial reproduces
-# its numbers; BENCHMARKS.md ("The quickstart recipe chosen on validation photos", issue 29) lists the trials run.
+# its numbers; BENCHMARKS.md ("The quickstart recipe chosen on validation photos") lists the trials run.
 set -euo pipefail
 val=$1; out=$2; name=$3; shift 3
 root=$(cd "$(dirname "$0")/.." && pwd)

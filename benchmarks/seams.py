@@ -2,7 +2,7 @@
 
     python benchmarks/seams.py [SIZE] [TILE] [OVERLAP] [MODEL_PATH ...]     # no path: random-init models, attention on/off
 """
-import sys, time, torch, numpy as np
+import sys, tempfile, time, torch, numpy as np
 from skimage import data
 from diffusers import AutoencoderKL
 from kl_autoencoder.model import KLAutoencoder
@@ -18,8 +18,8 @@ for path in paths:
         if path == "random":
             m = KLAutoencoder(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16,
                               mid_block_add_attention=attn).eval()
-            m.save_pretrained("/tmp/seam_vae")
-            p = "/tmp/seam_vae"
+            p = tempfile.mkdtemp(prefix="seam_vae_")
+            m.save_pretrained(p, overwrite=True)
         else:
             if not attn: continue
             m = KLAutoencoder.from_pretrained(path).eval(); p = path

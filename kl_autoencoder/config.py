@@ -56,8 +56,8 @@ class ModelSection:
     # weights of a model trained from scratch: "default" (PyTorch's, as diffusers and LDM) or "zero_residual"
     # (model.zero_residual_init_: LeCun-normal convs, every residual branch starting at zero)
     init: Literal["default", "zero_residual"] = "default"
-    gradient_checkpointing: bool = False
-    compile: bool = False
+    gradient_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more time (BENCHMARKS.md)
+    compile: bool = False  # torch.compile the model (eager where compilation is not available)
     channels_last: bool | None = None  # None = FastPath.for_device: NHWC on CUDA, NCHW on CPU
 
 
@@ -67,12 +67,13 @@ class DataConfig:
     # "webdataset" / "parquet" with `data_files` (kl_autoencoder/shards.py)
     source: str = "sample"
     data_files: str | list[str] | None = None  # shards of webdataset/parquet: brace pattern, glob, or a list of them
-    split: str = "train"
+    split: str = "train"  # the dataset split to train on (hub datasets; "train" / "heldout" / "all" for "sample")
+    # the column holding images (hub, parquet, saved datasets); None = the first column of type Image, else one named image/img/pixel_values
     image_column: str | None = None
-    streaming: bool = False
-    resolution: int = 256
-    random_crop: bool = True
-    random_flip: bool = True
+    streaming: bool = False  # stream a hub dataset instead of downloading it whole (each process reads its share)
+    resolution: int = 256  # training crop size in pixels (a multiple of the downsampling factor)
+    random_crop: bool = True  # random crops (else centre crops)
+    random_flip: bool = True  # random horizontal flips
     # random crops: the shorter side is resized to resolution * s, s log-uniform in [1, max_crop_scale], never past the
     # native size (1 = whole-photo crops, as LDM); None = per source: native pixels for "sample", 1 elsewhere
     max_crop_scale: float | None = None
@@ -85,8 +86,8 @@ class DataConfig:
     # of the worker's shards, so shards written in class order need it several shards long. 0 or 1 = read order.
     # Shards' buffer is part of the exact resume.
     shuffle_buffer: int = 1000
-    max_images: int | None = None
-    cache_dir: str | None = None
+    max_images: int | None = None  # use only the first N images of the source; None = all
+    cache_dir: str | None = None  # where hub datasets are cached; None = the datasets library's default
     # parquet / save_to_disk cells that name a local file ({"bytes": null, "path": ...} or a plain path), and a hub
     # dataset's outside `datasets`' download folder, are read only when true: a dataset could name any file here
     allow_local_paths: bool = False
@@ -94,17 +95,18 @@ class DataConfig:
 
 @dataclass
 class GanConfig:
-    enabled: bool = False
+    enabled: bool = False  # add the PatchGAN discriminator (LDM's NLayerDiscriminator)
     disc_start: int = 50001  # first step with the adversarial term and discriminator updates
     # The generator's adversarial weight ramps linearly from 0 at disc_start to disc_weight at disc_start +
     # disc_warmup_steps while the discriminator trains from disc_start: a fresh discriminator learns before its
     # gradients reach a (pretrained) decoder at full weight. 0 = LDM's switch, full weight at disc_start.
     disc_warmup_steps: int = 0
-    disc_weight: float = 0.5
+    disc_weight: float = 0.5  # the adversarial term's weight (LDM: 0.5), times the adaptive weight when that is on
+    # discriminator loss: hinge (LDM) or non-saturating (vanilla)
     disc_loss: Literal["hinge", "non_saturating"] = "hinge"
     disc_lr: float | None = None  # None = optim.lr
-    disc_channels: int = 64
-    disc_layers: int = 3
+    disc_channels: int = 64  # the discriminator's first-layer channels (LDM: 64)
+    disc_layers: int = 3  # its number of strided layers (LDM: 3)
     # GroupNorm, not LDM's BatchNorm: batch-independent, so the same discriminator on any number of processes and for
     # the separate real and fake batches (BatchNorm normalises each per call and per device); "batch" is LDM's.
     disc_norm: Literal["group", "batch", "none"] = "group"
@@ -129,18 +131,20 @@ class EquivarianceConfig:
 
 @dataclass
 class LossConfig:
-    pixel: Literal["l1", "l2"] = "l1"
-    pixel_weight: float = 1.0
+    pixel: Literal["l1", "l2"] = "l1"  # the reconstruction distance: L1 (LDM) or L2 (sd-vae-ft-mse)
+    pixel_weight: float = 1.0  # its weight in the NLL (summed over pixels, LDM's convention)
     learned_logvar: bool = False  # LDM's NLL form rec / exp(logvar) + logvar with a learned scalar logvar
-    perceptual_weight: float = 1.0
-    perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    perceptual_weight: float = 1.0  # LPIPS weight in the NLL; 0 = no perceptual term (and no backbone loaded)
+    perceptual_net: Literal["vgg", "alex", "squeeze"] = "vgg"  # LPIPS backbone (the lpips package's nets; LDM uses vgg)
+    # true: the backbone's pretrained weights or stop at start naming the file; false: a random backbone, said at start; auto: pretrained if present, else random with a warning
     perceptual_pretrained: Literal["auto", True, False] = "auto"
     chroma_weight: float = 0.0  # the low-resolution colour term (losses.chroma_error_sum); 0 = off
     chroma_scale: int = 8  # its pooling: colour compared at 1 / chroma_scale of the resolution
-    kl_weight: float = 1e-6
-    kl_warmup_steps: int = 0
+    kl_weight: float = 1e-6  # weight of the KL term, summed over latent elements (LDM kl-f8: 1e-6)
+    kl_warmup_steps: int = 0  # steps over which the KL weight ramps from 0 (kl_schedule)
+    # the ramp: linear warm-up, cyclical (kl_cycle_steps), or constant
     kl_schedule: Literal["linear", "cyclical", "constant"] = "linear"
-    kl_cycle_steps: int | None = None
+    kl_cycle_steps: int | None = None  # cycle length of the cyclical schedule; None = kl_warmup_steps
     free_bits: float = 0.0  # nats per latent element (a channel's budget is free_bits x latent H x W)
     gan: GanConfig = field(default_factory=GanConfig)
     equivariance: EquivarianceConfig = field(default_factory=EquivarianceConfig)
@@ -148,10 +152,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr: float = 1e-4  # AdamW learning rate (the base rate when scale_lr is on)
+    betas: tuple[float, float] = (0.5, 0.9)  # AdamW betas (LDM: 0.5, 0.9)
+    weight_decay: float = 0.0  # AdamW weight decay (LDM: 0)
+    warmup_steps: int = 0  # linear warm-up of the learning rate from 0
     schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warm-up
     grad_clip: float | None = None  # max global grad norm; None = off (LDM does not clip)
     scale_lr: bool = False  # lr x batch_size x grad_accum_steps x processes (LDM's base_learning_rate convention)
@@ -160,26 +164,27 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    enabled: bool = False
-    decay: float = 0.999
+    enabled: bool = False  # keep an exponential moving average of the weights and export it
+    decay: float = 0.999  # its decay, with diffusers' warm-up ((1 + step) / (10 + step) until it reaches this)
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = "outputs/vae"
-    seed: int = 0
+    output_dir: str = "outputs/vae"  # the run folder: config.yaml, metrics.jsonl, checkpoints/, summary.json, vae/
+    seed: int = 0  # seeds the initial weights, the data order, the crops and the noise
     batch_size: int = 8  # per process
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps
+    # autocast dtype; weights stay fp32, the posterior and losses are computed in fp32
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics.jsonl / tracker entries
     image_every: int = 500  # reconstruction grid to TensorBoard; 0 = never
     checkpoint_every: int = 1000  # 0 = only the final checkpoint
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # most recent checkpoints kept (older ones pruned)
     resume: str | None = None  # None | "latest" | a checkpoint folder
     overwrite: bool = False  # a fresh run into a folder holding a previous run's files replaces those files
     ema: EMAConfig = field(default_factory=EMAConfig)
-    tf32: bool = True
+    tf32: bool = True  # allow TF32 matmuls and convolutions on CUDA
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/inf) steps before stopping
     export_shift_factor: bool | None = None  # None = only for models with >= 16 latent channels (SD3/Flux style)
     scaling_images: int = 256  # random training crops whose posterior samples set the exported latent scale
@@ -207,7 +212,7 @@ class ValidationConfig:
     source: str | None = None
     data_files: str | list[str] | None = None  # shards of webdataset/parquet (as data.data_files)
     split: str = "validation"  # the hub dataset split
-    image_column: str | None = None
+    image_column: str | None = None  # as data.image_column, for the validation source
     num_images: int = 16  # the first images of the source: a fixed set, the same at every pass
     resolution: int | None = None  # centre crops of this size; None = data.resolution
     batch_size: int | None = None  # None = train.batch_size
@@ -239,7 +244,7 @@ class Fp16FixSection:
     """Making a VAE fp16-safe by an exact rescale (kl_autoencoder/fp16_fix.py, configs/fp16-fix.yaml): model.pretrained
     is rescaled, calibrated on train.max_steps batches; nothing is trained."""
 
-    enabled: bool = False
+    enabled: bool = False  # make model.pretrained fp16-safe (this section's rescale)
     activation_limit: float = 16384.0  # a rescalable set whose |activation| passes this is shrunk (2^14: 65504 / 4)
     shrink_to: float = 2048.0  # ... to this peak (2^11): far enough that its direct readers' weights stay normal fp16
 

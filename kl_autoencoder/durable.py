@@ -194,6 +194,8 @@ def _remove_empty(created: list[Path]) -> None:
 EXPORT_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 EXPORT_CONFIG = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # diffusers' weights (and its sharded variants)
+EXPORT_CARD = "README.md"  # the model card an export carries (model_card.py)
+CARD_TAG = "tags: [kl-autoencoder,"  # in the front matter of every card the toolkit writes
 _CONFIG_LIMIT = 1 << 20  # an export's config.json is a few hundred bytes
 
 
@@ -227,9 +229,22 @@ def protected_reason(path: str | Path, protect: Sequence[str | Path] = ()) -> st
     return None
 
 
+def is_toolkit_card(text: str) -> bool:
+    """Whether a README.md's text is a model card this toolkit wrote (CARD_TAG in its YAML front matter)."""
+    return text.startswith("---\n") and CARD_TAG in text.split("\n---", 1)[0]
+
+
+def _is_toolkit_card_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return is_toolkit_card(f.read(4096).decode("utf-8", "replace"))
+    except OSError:
+        return False
+
+
 def is_previous_export(folder: str | Path) -> bool:
-    """True for what the toolkit's exports leave: a folder holding an autoencoder's `config.json` and weights files
-    (`*.safetensors`, `*.bin`) and nothing else: no subfolder, no link, no other file. An empty folder counts too."""
+    """True for what the toolkit's exports leave: a folder holding an autoencoder's `config.json`, weights files
+    (`*.safetensors`, `*.bin`) and the model card the toolkit wrote, and nothing else: no subfolder, no link, no other file. An empty folder counts too."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -239,6 +254,8 @@ def is_previous_export(folder: str | Path) -> bool:
     for entry in entries:
         if not entry.is_file(follow_symlinks=False):
             return False
+        if entry.name == EXPORT_CARD and _is_toolkit_card_file(Path(entry.path)):
+            continue
         if entry.name != EXPORT_CONFIG and not entry.name.endswith(WEIGHT_SUFFIXES):
             return False
     config = Path(folder) / EXPORT_CONFIG

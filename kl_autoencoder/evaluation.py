@@ -64,6 +64,7 @@ from kl_autoencoder.fp16 import fp16_entry
 from kl_autoencoder.data import SkipLog, load_eval_images
 from kl_autoencoder.spelling import check_source_spelling
 from kl_autoencoder.durable import atomic_write_text
+from kl_autoencoder.model_card import add_evaluation, evaluation_lines
 from kl_autoencoder.evaluation_pictures import (  # noqa: F401  (re-exported: their public home until now)
     ImageRecord, image_labels, plot_latent_channels, plot_latent_histograms, plot_reconstructions, save_figure,
     write_pictures,
@@ -764,6 +765,8 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
         entry["pictures"] = write_pictures(run_, labels, out / name)
         if write_config:
             entry["config_written"] = str(write_latent_config(path, entry["latents"], write_latent_stats))
+            counts = {split: len(names) for split, names in result["splits"].items()}
+            add_evaluation(path, evaluation_lines(entry, data, resolution, counts))  # the card, if the folder has ours
         if not isinstance(model, TinyAutoencoder):
             status(progress, f"{name}: diffusability (latent and image spectra, equivariance"
                              + (", training the probe)" if diffusability_probe else ")"))

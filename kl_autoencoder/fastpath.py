@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 
-LEAN_NORM_ACT_CPU_BYTES = 8 * 2**20  # measured crossover on CPU (BENCHMARKS.md, issue 30)
+LEAN_NORM_ACT_CPU_BYTES = 8 * 2**20  # measured crossover on CPU (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)

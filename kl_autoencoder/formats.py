@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from kl_autoencoder.durable import atomic_write, atomic_write_dir, check_replaceable_file
 
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"  # the model card (kl_autoencoder/model_card.py), as diffusers and the hub name it
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 WEIGHTS_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -488,8 +489,9 @@ def diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path,
                  format: str = "diffusers", dtype: torch.dtype | str | None = None, *, overwrite: bool = False,
-                 protect: Sequence[str | Path] = ()) -> Path:
-    """Export a diffusers-keyed state dict and its config; the previous export at `path` survives any failure.
+                 protect: Sequence[str | Path] = (), card: str | None = None) -> Path:
+    """Export a diffusers-keyed state dict and its config (and, for a folder, the model card `card` as README.md);
+    the previous export at `path` survives any failure.
 
     Refuses NaN/inf weights before writing; the written files are read back and compared in the temporary location,
     and only a verified export is renamed into place. An existing `path` is replaced only when it is a previous
@@ -513,6 +515,8 @@ def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: s
         def write(folder: Path) -> None:
             save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
             (folder / CONFIG_NAME).write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
+            if card is not None:
+                (folder / CARD_NAME).write_text(card, encoding="utf-8")
 
         def check(folder: Path) -> None:
             _verify_export(read_state_dict(folder / WEIGHTS_NAME), state, path)

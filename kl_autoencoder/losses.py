@@ -117,7 +117,7 @@ def chroma_error_sum(reconstruction: torch.Tensor, target: torch.Tensor, scale: 
     pixel it covers (x scale^2), so it adds to the pixel term's sum on the same footing.
 
     Why: under a plain pixel loss the colour that varies least in the training photos is the cheapest thing for a
-    small latent to drop (issue 29: the green-magenta axis went); colour at 1/8 of the resolution is nearly all a
+    small latent to drop (the green-magenta axis went first); colour at 1/8 of the resolution is nearly all a
     viewer sees of it, and costs the latent little. Block means are linear, so this is the chroma of the pooled error.
     """
     diff = reconstruction.float() - target.float()
@@ -295,7 +295,7 @@ def lpips_distances(model: nn.Module, reconstruction: torch.Tensor, target: torc
     computed without autograd when it needs no gradient, the unit-normalisation multiplies by one reciprocal per
     position, and each head is its bare 1x1 conv (dropout is off in eval). The conv head is kept on purpose: in NHWC
     its backward hands VGG a gradient in VGG's own layout; a spatial mean first, then a dot product with the head's
-    weights (fewer FLOPs) measured 1.2x slower on CPU for that reason (BENCHMARKS.md, issue 30).
+    weights (fewer FLOPs) measured 1.2x slower on CPU for that reason (BENCHMARKS.md).
     """
     if model.version != "0.1" or model.spatial or not model.lpips or model.training:
         raise ValueError("lpips_distances: needs an lpips.LPIPS of version 0.1 with lpips=True, spatial=False, in "

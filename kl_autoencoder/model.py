@@ -555,7 +555,7 @@ class KLAutoencoder(nn.Module):
 
     def save_pretrained(self, path: str | Path, format: str = "diffusers", dtype: torch.dtype | str | None = None,
                         *, overwrite: bool = False, protect: Sequence[str | Path] = (),
-                        private: dict[str, Any] | None = None) -> Path:
+                        private: dict[str, Any] | None = None, card: str | None = None) -> Path:
         """Write `config.json` + `diffusion_pytorch_model.safetensors` (or one LDM-named `.safetensors`), atomically.
 
         A config that no longer validates (e.g. a NaN `scaling_factor` set after construction) or NaN/inf weights are
@@ -563,6 +563,7 @@ class KLAutoencoder(nn.Module):
         `path` is replaced only when it is a previous export (or with `overwrite=True`); `/`, home, the current
         directory and folders holding one of `protect` never are (formats.save_weights). `private`: extra
         config.json keys starting with "_" (diffusers ignores those without a warning), e.g. presets.LATENT_SCALE_KEY.
+        `card`: the model card (model_card.py) written as README.md beside them (diffusers format only).
         """
         try:
             self.config.validate()
@@ -571,7 +572,7 @@ class KLAutoencoder(nn.Module):
         if any(not key.startswith("_") for key in private or {}):
             raise ValueError(f"private config keys start with '_': {sorted(private)}")
         return formats.save_weights(self.state_dict(), {**self.config.to_dict(), **(private or {})}, path,
-                                    format=format, dtype=dtype, overwrite=overwrite, protect=protect)
+                                    format=format, dtype=dtype, overwrite=overwrite, protect=protect, card=card)
 
 
 def check_size(model: nn.Module, where: str) -> None:

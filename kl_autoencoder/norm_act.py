@@ -7,7 +7,7 @@ and its output (SiLU's backward needs SiLU's input). `GroupNormSiLU` keeps only 
 statistics, and rebuilds the normalised tensor in backward with one multiply-add per element. That is a third of a
 ResNet block's saved activations. On CPU it is also faster for large activations: each image-sized tensor above
 glibc's mmap threshold is fresh zeroed pages from the kernel, and the pair then allocates one instead of two
-(BENCHMARKS.md, issue 30: +7-13 % per step at 128-256 px on kl-f8; neutral at 4 MiB activations, -3 % at the 2 MiB
+(BENCHMARKS.md: +7-13 % per step at 128-256 px on kl-f8; neutral at 4 MiB activations, -3 % at the 2 MiB
 of the quickstart, hence the size threshold). Without autograd the SiLU simply runs in place.
 
 The fused paths run only where they cannot change what a caller sees: the activation is exactly `nn.SiLU`, neither

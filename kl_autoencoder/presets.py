@@ -139,3 +139,28 @@ def assumed_scale_message(source: str) -> str:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def front_end_notes(config: dict[str, Any]) -> list[str]:
+    """What front-ends that load an LDM single file (ComfyUI, A1111, CompVis' ldm) will not take from this model's
+    config, one line each: they assume a released VAE's layout, and take the latent scale from the diffusion model's
+    family, never from the file."""
+    config = {k: _plain(v) for k, v in config.items()}
+    notes = []
+    layouts = [p for p in PRESETS.values() if all(config.get(k) == v for k, v in p.shape_fields().items())]
+    if not layouts or config.get("norm_num_groups") != 32 or config.get("act_fn", "silu") != "silu":
+        shape = ", ".join(f"{k} {config.get(k)!r}" for k in ("block_out_channels", "layers_per_block",
+                                                                "norm_num_groups", "mid_block_add_attention"))
+        notes.append(f"front-ends (ComfyUI, A1111) assume a released VAE's layout ([128, 256, 512, 512], 2 layers, 32 "
+                     f"groups, mid attention) and will not load this one ({shape}); diffusers loads either form")
+    shift = config.get("shift_factor") or 0.0
+    families = [p for p in PRESETS.values() if p.latent_channels == config.get("latent_channels")
+                and abs(p.scaling_factor - config.get("scaling_factor", 0)) <= 1e-4 * p.scaling_factor
+                and abs((p.shift_factor or 0.0) - shift) <= 1e-4]
+    if not families:
+        known = ", ".join(f"{p.name} {p.scaling_factor}" + (f" + shift {p.shift_factor}" if p.shift_factor else "")
+                          for p in PRESETS.values())
+        notes.append(f"front-ends take the latent scale from the diffusion model's family ({known}), not from the "
+                     f"file: this VAE's scaling_factor {config.get('scaling_factor'):.5g} and shift_factor "
+                     f"{shift:.5g} match none, so they will scale its latents differently than diffusers does")
+    return notes

@@ -45,6 +45,7 @@ from kl_autoencoder.data import build_dataset, default_num_workers, order_worker
 from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
+from kl_autoencoder.model_card import model_card, run_description
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, RunFolderError, TrainingState,  # noqa: F401
                                        is_complete_checkpoint, list_checkpoints, read_training_state)
@@ -501,7 +502,9 @@ def export_model(t: Training, path: Path) -> Path:
         record = {"latent_scale": "kept", "source": cfg.model.pretrained or "model.architecture"}
     else:
         record = remeasure_latent_scale(export, cfg, t.device)
-    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record})
+    card = model_card(export.config.to_dict(), record=record, parameters=export.num_parameters(),
+                      training=run_description(cfg, t.accelerator.num_processes))
+    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record}, card=card)
     return path
 
 

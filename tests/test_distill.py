@@ -315,14 +315,14 @@ def test_adversarial_decoder_trains_on_the_teachers_latents_as_taesd(tmp_path):
 
 
 def test_docs_say_which_decoder_objective_the_recipe_uses():
-    """The recipe regresses (L1 onto the teacher's decodes); README, the recipe and the config reference say so, and
+    """The recipe regresses (L1 onto the teacher's decodes); its guide, the recipe and the config reference say so, and
     that loss.gan.enabled is TAESD's adversarial decoder; nothing claims the regression targets are TAESD's."""
     from kl_autoencoder import distill
     from kl_autoencoder.config import DistillSection
 
     cfg = load_config(ROOT / "configs" / "distill.yaml")
     assert not cfg.loss.gan.enabled and cfg.loss.pixel == "l1" and cfg.loss.pixel_weight > 0
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "docs" / "preview-decoders.md").read_text().split())
     recipe = " ".join((ROOT / "configs" / "distill.yaml").read_text().split())
     assert "recipe's decoder regresses (L1) onto the teacher's decodes" in readme
     assert "`loss.gan.enabled=true loss.gan.disc_start=0` trains it as TAESD's is instead" in readme
