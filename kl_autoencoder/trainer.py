@@ -46,8 +46,8 @@ from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw,
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
-from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, is_complete_checkpoint,  # noqa: F401
-                                       list_checkpoints, read_training_state)
+from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, check_run_inputs,  # noqa: F401
+                                       is_complete_checkpoint, list_checkpoints, read_training_state)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -480,7 +480,9 @@ def export_model(t: Training, path: Path) -> Path:
         record = {"latent_scale": "kept", "source": cfg.model.pretrained or "model.architecture"}
     else:
         record = remeasure_latent_scale(export, cfg, t.device)
-    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record})
+    # train.overwrite=true kept the previous run's vae/ until now: replaced only by this complete export
+    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record}, overwrite=cfg.train.overwrite,
+                                 protect=[p for p in (cfg.model.pretrained,) if p])
     return path
 
 
@@ -522,6 +524,10 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
     Raises TrainingInterrupted (after writing a checkpoint) on SIGINT/SIGTERM and NonFiniteLossError after
     `train.max_nonfinite_steps` consecutive skipped steps.
     """
+    data_source = None if str(cfg.data.source).split(":")[0] in ("sample", "webdataset", "parquet") else cfg.data.source
+    check_run_inputs(cfg.train.output_dir, {"model.pretrained": cfg.model.pretrained, "distill.teacher":
+                                            cfg.distill.teacher, "data.source": data_source,
+                                            "data.data_files": cfg.data.data_files})
     set_seed(cfg.train.seed)  # same initial weights on every rank
     t = (build or build_training)(cfg)
     acc = t.accelerator
@@ -694,7 +700,9 @@ def _finish(t: Training, run: RunFolder, state: TrainingState, skip_log: Any, tr
         acc.print(f"skipped {skipped} unreadable image(s): {', '.join(files[:10])}" + (" ..." if skipped > 10 else ""))
     if state.nonfinite_total:
         acc.print(f"{state.nonfinite_total} optimizer step(s) skipped for non-finite loss/gradients")
-    export_exists = (run.export_dir / "config.json").is_file()
+    # summary.json is written after the export and removed by train.overwrite=true, whose run keeps the old vae/
+    # until its own export: without it the export there is not this run's
+    export_exists = (run.export_dir / "config.json").is_file() and run.summary_file.is_file()
     if acc.is_main_process:
         if not trained and export_exists:
             acc.print(f"the run in {run.root} is already complete (step {state.step} of train.max_steps="
