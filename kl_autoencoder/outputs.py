@@ -50,9 +50,6 @@ def _refuse_inputs(out: Path, target: Path, inputs: Sequence[str | Path], file_o
         if not (source.exists() or source.is_symlink()):
             continue  # a hub id, "sample": nothing on disk to protect
         where = resolve(source, kind)
-        if not file_output and where != target and where.is_relative_to(target):
-            raise OutputLocationError(f"{shown} holds the {kind} {source}: the outputs would replace or mix with its "
-                                      f"files; choose a folder that does not hold the {kind}s")
         if source.is_dir():
             inside = not file_output and target.is_relative_to(where)
             if target == where or inside:
@@ -64,6 +61,9 @@ def _refuse_inputs(out: Path, target: Path, inputs: Sequence[str | Path], file_o
         elif not file_output and target == where.parent:
             raise OutputLocationError(f"{shown} is the folder holding the {kind} {source}: the outputs would be "
                                       f"mixed with the {kind}s; choose another folder")
+        if not file_output and where != target and where.is_relative_to(target):
+            raise OutputLocationError(f"{shown} holds the {kind} {source}: the outputs would replace or mix with its "
+                                      f"files; choose a folder that does not hold the {kind}s")
 
 
 def check_output(out: str | Path, command: str, inputs: Sequence[str | Path] = (), earlier: Iterable[str] = (),
