@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kl_autoencoder.durable import (atomic_write_json, atomic_write_text, fsync_dir, fsync_tree, holds, path_candidates,
-                                    try_lock)
+from kl_autoencoder.durable import (atomic_write_json, atomic_write_text, check_regular_file, fsync_dir, fsync_tree,
+                                    holds, path_candidates, try_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -471,6 +471,8 @@ class RunFolder:
                 f"checkpoint {path} holds files this trainer never writes ({', '.join(unexpected[:5])}); refusing to "
                 "resume from it (a checkpoint may contain only safetensors weights and JSON state, and resuming "
                 f"loads no pickle). Expected only: {', '.join(sorted(allowed))}")
+        for name in sorted(allowed & present):  # a FIFO would block the read below, beyond any signal
+            check_regular_file(path / name, "checkpoint file", RunFolderError)
         missing = sorted(allowed - present)
         if missing:
             raise RunFolderError(f"checkpoint {path} lacks {', '.join(missing)}: was it written with another "
