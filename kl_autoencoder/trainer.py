@@ -46,6 +46,7 @@ from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw,
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
+from kl_autoencoder.signals import acknowledge, watch_signals
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, check_run_inputs,  # noqa: F401
                                        is_complete_checkpoint, list_checkpoints, read_training_state)
 
@@ -146,18 +147,21 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 @contextmanager
 def stop_signals() -> Iterator[dict]:
-    """SIGINT/SIGTERM set a flag (the loop finishes the step, checkpoints, and stops); handlers restored after."""
+    """SIGINT/SIGTERM set a flag (the loop finishes the step, checkpoints, and stops); handlers restored after. A
+    second signal, or one no handler could run for (blocked in a library), stops at once (signals.watch_signals)."""
     flag: dict[str, str | None] = {"signal": None}
     previous = {}
 
     def handler(signum, frame):
+        acknowledge()
         flag["signal"] = signal.Signals(signum).name
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
     try:
-        yield flag
+        with watch_signals():
+            yield flag
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
