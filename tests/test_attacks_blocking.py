@@ -168,3 +168,33 @@ def test_a_command_blocked_inside_a_library_still_stops_on_a_signal(encoded, ima
         process.wait()
     # ended by the signal's default action: the shell's 128 + number, -number to Popen
     assert process.returncode in (status, -signum) and "while blocked" in err
+
+
+STUCK_LOOP = """
+import sys, time
+from kl_autoencoder.trainer import stop_signals
+with stop_signals() as stop:
+    print("ready", flush=True)
+    while True:  # a training step that never ends (a stalled data source): the flag is never looked at
+        time.sleep(0.05)
+"""
+
+
+def test_a_second_signal_stops_a_stuck_training_loop_at_once():
+    process = subprocess.Popen([sys.executable, "-c", STUCK_LOOP], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                               env=ENV)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        process.send_signal(signal.SIGTERM)  # the loop's handler: finish the step, checkpoint, stop
+        time.sleep(1)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second SIGTERM did not stop a training loop stuck in its step")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert process.returncode in (143, -signal.SIGTERM)

@@ -20,6 +20,7 @@ from kl_autoencoder.formats import WeightsError  # noqa: E402
 from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.data import DatasetUnavailableError  # noqa: E402
 from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E402
+from kl_autoencoder.signals import Terminated, sigterm_raises  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number: `train && evaluate` stops
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         # a config naming a distillation teacher trains a tiny autoencoder in the same loop; fp16_fix.enabled
         # fine-tunes model.pretrained against its frozen fp32 self (kl_autoencoder/fp16_fix.py)
         build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
-        train(cfg, build=build)  # prints "exported <folder>" once
+        with sigterm_raises():  # outside the loop (start-up, export) too: SIGTERM/Ctrl-C stop with 143/130
+            train(cfg, build=build)  # prints "exported <folder>" once
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError) as e:  # found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as stop:  # outside the loop: nothing trained since the last checkpoint
+        name = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+        print(f"error: stopped by {name} outside the training loop", file=sys.stderr)
+        return EXIT_INTERRUPTED[name]
     return 0
 
 
