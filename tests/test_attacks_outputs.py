@@ -75,6 +75,24 @@ def test_a_run_folder_holding_its_data_is_refused(tmp_path, images):
     assert sorted(p.name for p in images.iterdir()) == ["a.png", "b.png"]
 
 
+@pytest.mark.parametrize("key,value", [("data.data_files", "RUN/shards/{00000..00003}.tar"),
+                                       ("data.data_files", ["elsewhere.tar", "RUN/shards/*.tar"]),
+                                       ("model.pretrained", "RUN/vae.safetensors"), ("distill.teacher", "RUN"),
+                                       ("data.source", "RUN/..")])
+def test_no_run_input_may_be_inside_or_hold_the_run_folder(tmp_path, key, value):
+    from kl_autoencoder.run_folder import check_run_inputs
+
+    run = tmp_path / "RUN"
+    (run / "shards").mkdir(parents=True)
+    (run / "vae.safetensors").write_bytes(b"weights")
+    absolute = [str(tmp_path / v) for v in value] if isinstance(value, list) else str(tmp_path / value)
+    with pytest.raises(RunFolderError, match=key.replace(".", r"\.")):
+        check_run_inputs(run, {key: absolute})
+    if key != "data.source":  # a sibling run folder is fine (under data.source=tmp_path it would lie inside it)
+        check_run_inputs(tmp_path / "other-run", {key: absolute})
+    check_run_inputs(run, {"data.source": "someuser/hub-dataset"})  # names not on disk are not inputs there
+
+
 def test_an_overwrite_run_keeps_the_old_export_until_its_own_is_complete(tmp_path, monkeypatch, one_thread):
     from kl_autoencoder import trainer
 
