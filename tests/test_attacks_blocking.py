@@ -1,5 +1,5 @@
-"""Attacks that would block or wedge a run (issue 38 items 6 and 12): FIFOs where the toolkit reads, signals while
-blocked, damaged or dangling shards left in an encode folder.
+"""Attacks that would block or wedge a run: FIFOs where the toolkit reads, signals while blocked, damaged or dangling
+shards left in an encode folder.
 
 Anything that could block runs in a process of its own, under a timeout: a read blocked on a FIFO inside
 safetensors or pyarrow holds the GIL, no thread could time it out.

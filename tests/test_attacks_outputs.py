@@ -1,5 +1,4 @@
-"""Attacks on outputs that hold inputs, on what counts as a previous export, and on the export swap (issue 38 items
-1, 9, 12).
+"""Attacks on outputs that hold inputs, on what counts as a previous export, and on the export swap.
 
 Each test performs the attack as a user or a concurrent process would, and checks that no input and no file the
 toolkit did not write is deleted or replaced, and that each refusal is one clear line naming no flag that would.
