@@ -9,6 +9,7 @@ before any work; a bad one exits with status 2 and a one-line message, writing n
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -16,16 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from kl_autoencoder import evaluation  # noqa: E402
 from kl_autoencoder.untrusted import error_line  # noqa: E402
+from kl_autoencoder.signals import Terminated, sigterm_raises  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = evaluation.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
-        evaluation.run(args)
+        with sigterm_raises():  # SIGTERM / Ctrl-C stop it with 143 / 130, also while blocked
+            evaluation.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    except (Terminated, KeyboardInterrupt) as stop:
+        print(f"error: stopped by {'SIGTERM' if isinstance(stop, Terminated) else 'SIGINT'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     return 0
 
 

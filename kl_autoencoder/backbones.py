@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from kl_autoencoder.durable import check_regular_file
+
 # The torchvision ImageNet weights lpips builds its backbones from.
 TORCHVISION_WEIGHTS = {
     "vgg": "VGG16_Weights.IMAGENET1K_V1",
@@ -72,6 +74,7 @@ def load_pretrained_state(url: str, path: Path | None = None, download: bool = T
     (a pickle that would run code, a damaged download) is refused, never executed.
     """
     path = checkpoint_for(url) if path is None else Path(path)
+    check_regular_file(path, error=BackboneWeightsError)
     if not path.is_file():
         if not download:
             raise BackboneWeightsError(f"{path} is missing: download {url} on a machine with internet access and "

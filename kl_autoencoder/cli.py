@@ -10,7 +10,7 @@ Exit status: 0 done; 2 a user mistake (bad paths, bad flags, files that do not f
 would overwrite inputs); 1 the system failed us (disk full, I/O error, an unwritable safetensors file); 143 / 130
 stopped by SIGTERM / Ctrl-C. Each failure prints one `error: ...` line, no traceback. SIGTERM is turned into an
 exception so the atomic writes' clean-ups run: no hidden temporary file is left behind, and every file already
-written is complete.
+written is complete; a command blocked where no handler can run stops all the same (signals.py).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from kl_autoencoder.signals import Terminated, sigterm_raises
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 STRIP_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # Pillow formats that take an 8-bit RGB image
@@ -35,11 +36,6 @@ MODEL_HELP = ("a KL VAE (AutoencoderKL: diffusers folder, pipeline folder, LDM .
 
 class UsageError(ValueError):
     """A mistake in what the user asked for; printed as one line."""
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread. A BaseException (like KeyboardInterrupt), so no `except Exception` on the
-    way swallows it, while every `finally` (temporary-file clean-up) runs."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,24 +627,6 @@ def _system_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Within: SIGTERM raises `Terminated` in the main thread (a second SIGTERM during the clean-up is ignored)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
 def _image_pixel_limit(limit: int | None) -> Iterator[None]:
     """Pillow's decompression-bomb limit for the duration of one command (None: keep it; 0: no limit)."""
     from PIL import Image
@@ -670,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             args = build_parser(with_evaluate=command == "evaluate").parse_args(argv)
             with _image_pixel_limit(getattr(args, "max_image_pixels", None)):
                 return args.func(args)

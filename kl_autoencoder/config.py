@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kl_autoencoder.durable import atomic_write_text
+from kl_autoencoder.durable import atomic_write_text, check_regular_file
 from kl_autoencoder.formats import WeightsError, capped_repr, find_config_json, is_local_path, read_config
 from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError, check_config_size
 from kl_autoencoder.presets import FACTOR_FIELDS, PRESETS, PresetError, check_fits, describe_choices, get_preset
@@ -296,6 +296,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        check_regular_file(path, "config file", ConfigError)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         raw = parse_yaml(path.read_text(), f"config file '{path}'") or {}

@@ -164,6 +164,6 @@ def export_student(t: Training, path: Path) -> Path:
     student = TinyAutoencoder(t.raw_model.config)
     student.load_state_dict(t.ema.averaged_state_dict(t.raw_model) if t.ema is not None else t.raw_model.state_dict())
     student.eval()
-    student.save_pretrained(path)
+    student.save_pretrained(path, overwrite=t.cfg.train.overwrite)  # the previous run's vae/, kept until now
     student.save_single_files(path, name=SINGLE_FILE_NAME)
     return path

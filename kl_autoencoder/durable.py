@@ -5,17 +5,25 @@ destination (a rename replaces a symlink at the destination rather than writing 
 permissions a plain `open(path, "w")` would give them under the process umask, never the 0600 of a temporary file.
 
 Nothing is replaced that the toolkit did not write (`check_replaceable_dir` / `check_replaceable_file`): an existing
-model folder is replaced only when it is a previous export (`is_previous_export`: `config.json` of an autoencoder
-plus weights files, nothing else) or when the caller passes `overwrite=True`; `/`, the home folder, the current
-directory, a folder holding any of them and a folder holding the source of the write are refused even then.
+model folder is replaced only when it is a previous export (`is_previous_export`: an autoencoder's `config.json` and
+weights files named as diffusers names them, nothing else) or when the caller passes `overwrite=True`; `/`, the home
+folder, the current directory, a folder holding any of them and a folder holding the source of the write are refused
+even then. The swap removes only the entries it saw at its last check: a file created in the old folder after that
+is kept (in the old folder, moved aside and named in a warning), never deleted.
+
+Reading: `check_regular_file` refuses a FIFO, device or socket before anything opens it (an open would block, or
+read without end).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +43,26 @@ def plain_file_mode() -> int:
 def plain_dir_mode() -> int:
     """The mode `mkdir` creates folders with under the current umask (0755 with the usual 022)."""
     return 0o777 & ~_umask()
+
+
+class NotRegularFileError(ValueError):
+    """A path the toolkit would read is a FIFO, device, socket or folder, not a regular file."""
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "",
+                       error: type[Exception] = NotRegularFileError) -> None:
+    """Raise `error` (one line naming `path`) when `path`, followed through links, exists and is not a regular file.
+
+    Call before opening anything for reading: opening a FIFO blocks until a writer comes (inside safetensors or
+    pyarrow, where no signal can stop it), and a device reads without end. A missing path is left to the caller."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a folder"
+                if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+        raise error(f"{what + ' ' if what else ''}{path} is {kind}, not a regular file; refusing to read it")
 
 
 def fsync_dir(folder: Path) -> None:
@@ -138,7 +166,7 @@ def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None],
         if check_fn is not None:
             check_fn(tmp)
         check_replaceable_dir(path, overwrite, protect)  # again: the folder may have changed while we wrote
-        _swap_in(tmp, path)
+        _swap_in(tmp, path, _entries(path, overwrite))
     except BaseException:  # SIGTERM arrives as a BaseException in the CLI: clean up for it too
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -148,8 +176,21 @@ def atomic_write_dir(path: str | Path, write_fn: Callable[[Path], None],
     return path
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; a previous folder there is moved aside first and put back if the rename fails."""
+def _entries(path: Path, overwrite: bool) -> set[str]:
+    """What the swap may delete of the folder `path`: every entry with `overwrite`, else only an export's files (a
+    file the check did not see is never among them); none for a link, a file or nothing."""
+    if path.is_symlink() or not path.is_dir():
+        return set()
+    names = {entry.name for entry in os.scandir(path)}
+    return names if overwrite else {name for name in names if name == EXPORT_CONFIG or EXPORT_FILE.fullmatch(name)
+                                    or (name == EXPORT_CARD and _is_toolkit_card_file(path / name))}
+
+
+def _swap_in(tmp: Path, path: Path, checked: set[str]) -> None:
+    """Rename `tmp` to `path`; a previous folder there is moved aside first and put back if the rename fails.
+
+    Of the previous folder only the entries `checked` (seen at the last check) are deleted: anything another process
+    created there since is kept, in the moved-aside folder, which a warning names."""
     if path.is_symlink():
         path.unlink()  # the link itself, never what it points to
     if not path.exists():
@@ -166,7 +207,17 @@ def _swap_in(tmp: Path, path: Path) -> None:
     except BaseException:
         os.replace(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    for name in checked:
+        entry = old / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        warnings.warn(f"{path} was replaced, but files created in it during the replacement were kept in {old} "
+                      f"({', '.join(sorted(os.listdir(old))[:5])}); move them back yourself", stacklevel=3)
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -193,8 +244,11 @@ def _remove_empty(created: list[Path]) -> None:
 
 EXPORT_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 EXPORT_CONFIG = "config.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")  # diffusers' weights (and its sharded variants)
-EXPORT_CARD = "README.md"  # the model card an export carries (model_card.py)
+# The files of an export, by name: diffusers' weights (fp16 etc. variants, shards and their index) and the TAESD
+# single files a tiny export carries. Any other name, even `*.safetensors`, may be the user's.
+EXPORT_FILE = re.compile(r"diffusion_pytorch_model(\.[A-Za-z0-9_]{1,16})?(-\d{5}-of-\d{5})?\.(safetensors|bin)"
+                         r"(\.index\.json)?|(tiny|taesd)_(encoder|decoder)\.safetensors")
+EXPORT_CARD = "README.md"  # the model card an export carries (model_card.py): ours only when it is the toolkit's
 CARD_TAG = "tags: [kl-autoencoder,"  # in the front matter of every card the toolkit writes
 _CONFIG_LIMIT = 1 << 20  # an export's config.json is a few hundred bytes
 
@@ -203,7 +257,7 @@ class OutputRefused(ValueError):
     """An output path the toolkit will not replace; the message says why and what to pass instead."""
 
 
-def _candidates(path: str | Path) -> set[Path]:
+def path_candidates(path: str | Path) -> set[Path]:
     """`path` made absolute: with only its parent resolved (a link at `path` is replaced, not followed), and fully."""
     plain = Path(os.path.abspath(Path(path).expanduser()))
     candidates = {plain, plain.resolve()}
@@ -212,7 +266,7 @@ def _candidates(path: str | Path) -> set[Path]:
     return candidates
 
 
-def _holds(folder: Path, other: Path) -> bool:
+def holds(folder: Path, other: Path) -> bool:
     return folder == other or folder in other.parents
 
 
@@ -221,10 +275,10 @@ def protected_reason(path: str | Path, protect: Sequence[str | Path] = ()) -> st
     the current directory or one of `protect` (the sources of the write)."""
     guarded = [("the root folder", Path("/")), ("the home folder", Path.home()), ("the current directory", Path.cwd())]
     guarded += [("the source", Path(p)) for p in protect]
-    targets = _candidates(path)
+    targets = path_candidates(path)
     for label, guard in guarded:
-        for kept in _candidates(guard):
-            if any(_holds(target, kept) for target in targets):
+        for kept in path_candidates(guard):
+            if any(holds(target, kept) for target in targets):
                 return f"it is or holds {label} ({kept})"
     return None
 
@@ -244,7 +298,9 @@ def _is_toolkit_card_file(path: Path) -> bool:
 
 def is_previous_export(folder: str | Path) -> bool:
     """True for what the toolkit's exports leave: a folder holding an autoencoder's `config.json`, weights files
-    (`*.safetensors`, `*.bin`) and the model card the toolkit wrote, and nothing else: no subfolder, no link, no other file. An empty folder counts too."""
+    named as diffusers names them (`EXPORT_FILE`) and the model card the toolkit wrote, and nothing else: no subfolder,
+    no link, no other file (so not `thesis.bin`, `my-finetune-step50000.safetensors` or a user's README.md). An empty
+    folder counts too."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -256,7 +312,7 @@ def is_previous_export(folder: str | Path) -> bool:
             return False
         if entry.name == EXPORT_CARD and _is_toolkit_card_file(Path(entry.path)):
             continue
-        if entry.name != EXPORT_CONFIG and not entry.name.endswith(WEIGHT_SUFFIXES):
+        if entry.name != EXPORT_CONFIG and not EXPORT_FILE.fullmatch(entry.name):
             return False
     config = Path(folder) / EXPORT_CONFIG
     try:
@@ -305,8 +361,8 @@ def check_replaceable_file(path: str | Path, overwrite: bool = False, protect: S
     """Raise `OutputRefused` unless a single weights file may be written at `path`: never over a folder or a source
     (`protect`), and over an existing file only when it is a safetensors file or `overwrite` is given."""
     path = Path(path)
-    for kept in (k for p in protect for k in _candidates(p)):
-        if kept in _candidates(path):
+    for kept in (k for p in protect for k in path_candidates(p)):
+        if kept in path_candidates(path):
             raise OutputRefused(f"refusing to write {path}: it is the source of this conversion; choose another path")
     if path.is_symlink() or not path.exists():
         return

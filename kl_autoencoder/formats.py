@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kl_autoencoder.durable import atomic_write, atomic_write_dir, check_replaceable_file
+from kl_autoencoder.durable import atomic_write, atomic_write_dir, check_regular_file, check_replaceable_file
 
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"  # the model card (kl_autoencoder/model_card.py), as diffusers and the hub name it
@@ -108,6 +108,7 @@ def read_state_dict(path: str | Path, meta: bool = False, max_bytes: int | None 
     to (`max_bytes`: what the caller's config allows, when it knows one).
     """
     path = Path(path)
+    check_regular_file(path, "weights file", WeightsError)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -188,6 +189,7 @@ def embedded_config(path: Path) -> dict | None:
     """The config our LDM export stores in the safetensors header, if this file has one."""
     if path.suffix != ".safetensors":
         return None
+    check_regular_file(path, "weights file", WeightsError)
     try:
         with safe_open(path, framework="pt") as f:
             text = (f.metadata() or {}).get("kl_autoencoder_config")
@@ -209,6 +211,7 @@ def read_config(folder: Path, class_name: str = "AutoencoderKL") -> dict[str, An
     """A diffusers `config.json` as a dict, checked to describe a `class_name` (a missing `_class_name` is taken as
     that class)."""
     config_path = Path(folder) / CONFIG_NAME
+    check_regular_file(config_path, error=WeightsError)
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

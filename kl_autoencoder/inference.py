@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from kl_autoencoder.data import BadImageError, image_to_tensor, iter_image_folder, load_image, tensor_to_image
-from kl_autoencoder.durable import atomic_write
+from kl_autoencoder.durable import atomic_write, check_regular_file
 from kl_autoencoder.fastpath import FastPath, autocast
 from kl_autoencoder.outputs import OutputLocationError, check_output, resolve, safe_parent  # noqa: F401 (re-exported)
 from kl_autoencoder.tiling import check_tile_option, decode_tiled, encode_tiled, resolve_tile_size
@@ -440,6 +440,7 @@ def _shards_in(folder: Path) -> list[Path]:
     """The shard files in `folder`; one that is not a regular file (a FIFO would block the read forever) is refused."""
     shards = sorted(folder.glob(SHARD_GLOB)) if folder.is_dir() else []
     for path in shards:
+        check_regular_file(path, "latent shard", LatentFormatError)
         if not path.is_file():
             raise LatentFormatError(f"{path} is not a regular file (a FIFO, socket, folder or broken link?); "
                                     "refusing to read it")
@@ -554,6 +555,7 @@ def read_shard_header(path: str | Path, latent_channels: int | None = None,
     Any problem is a LatentFormatError naming the shard and the record."""
 
     path = Path(path)
+    check_regular_file(path, "latent shard", LatentFormatError)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -13,7 +13,9 @@ Resumable and safe to share:
   - a shard is written to a temporary file and published with a hard link that fails if the name exists: a shard is
     complete or absent (a kill leaves only a hidden `.latent-shard-*.tmp`, removed by the next run), and never
     replaces one another writer published;
-  - a rerun skips every unit whose shard exists: finished shards are not redone, whatever the process count;
+  - a rerun skips every unit whose shard exists: finished shards are not redone, whatever the process count; a
+    damaged shard (or a link, FIFO, ... named like one) is named with what to do, and `--overwrite` removes what an
+    earlier encode wrote (shards, manifest, by name) and starts again;
   - the main process holds a lock on `out` (flock on the folder itself) for the whole run, so a second encode into
     the same folder fails at once instead of racing; `encode.json` records what the folder's shards were made from
     (model, its factors and a fingerprint of its weights, input, resolution, mode) and a rerun that differs is
@@ -39,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
-from kl_autoencoder.durable import atomic_write, atomic_write_json, try_lock
+from kl_autoencoder.durable import atomic_write, atomic_write_json, check_regular_file, try_lock
 from kl_autoencoder.shards import (
     SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
     load_saved_dataset,
@@ -275,6 +277,7 @@ def check_posterior_keys(key: str, tensors: dict[str, Any], where: str) -> None:
 
 def read_latent_shard(path: str | Path) -> tuple[dict[str, str], list[str]]:
     """(metadata, keys) of a shard written by `encode_dataset`; ShardError when it is not one."""
+    check_regular_file(path, "latent shard", ShardError)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -293,6 +296,7 @@ def load_latent_shards(folder: str | Path, with_std: bool = False) -> tuple[dict
     """Every latent of an encoded folder (key -> [C, h, w]; with `with_std`, key -> (mean, std)) and its manifest."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST_FILE
+    check_regular_file(manifest_path, error=ShardError)
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} holds no {MANIFEST_FILE}: not a finished `kl-autoencoder encode` output")
     manifest = json.loads(manifest_path.read_text())
@@ -310,23 +314,54 @@ def load_latent_shards(folder: str | Path, with_std: bool = False) -> tuple[dict
 # --------------------------------------------------------------------------------------------- the run
 
 
+def _damage(path: Path) -> str | None:
+    """Why `path`, named like a shard, is not a complete shard of an encode (None: it is one)."""
+    if path.is_symlink():  # shards are published as hard links of regular files, never as symlinks
+        return f"it is a symlink (to {os.readlink(path)}), not a shard an encode wrote"
+    if not path.is_file():  # checked before any read: opening a FIFO blocks
+        return "not a regular file: a FIFO, device, socket or folder"
+    try:
+        read_latent_shard(path)
+    except ShardError as err:
+        return str(err).removeprefix(f"{path}: ")
+    return None
+
+
+def _clear(out: Path, ours: Sequence[Path]) -> None:
+    """--overwrite: remove what an earlier encode wrote here, by name (shards, manifest), links themselves."""
+    for path in ours:
+        if path.is_dir() and not path.is_symlink():
+            raise ShardError(f"{path} is a folder, not something an encode wrote; move it out of {out}")
+        path.unlink(missing_ok=True)
+
+
 def _claim(out: Path, identity: dict, overwrite: bool) -> None:
-    """Main process, lock held: check (or record) what the folder's shards are made from; clear temporaries."""
+    """Main process, lock held: check (or record) what the folder's shards are made from; clear temporaries.
+
+    `overwrite` removes the shards and manifest an earlier encode left (and nothing else) and starts again;
+    otherwise every shard there must be a complete one of this same encode (a damaged one is named, with what to
+    do, instead of blocking each rerun)."""
     recorded_path = out / IDENTITY_FILE
-    ours = sorted(out.glob(SHARD_GLOB)) + [p for p in (out / MANIFEST_FILE,) if p.exists()]
-    if recorded_path.is_file() or ours:
-        try:
-            recorded = json.loads(recorded_path.read_text())
+    shards = sorted(out.glob(SHARD_GLOB))
+    ours = shards + [p for p in (out / MANIFEST_FILE,) if p.exists() or p.is_symlink()]
+    if overwrite:
+        _clear(out, ours)
+    elif recorded_path.is_file() or ours:
+        try:  # is_file: never open a FIFO
+            recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else None
         except (OSError, ValueError):
             recorded = None
         if recorded != identity:
-            if not overwrite:
-                what = "an unknown encode" if recorded is None else \
-                    ", ".join(f"{k}" for k in identity if recorded.get(k) != identity.get(k)) + " differ"
-                raise ShardError(f"{out} holds latent shards of another encode ({what}); choose another --out, or "
-                                 "replace them (--overwrite)")
-            for path in ours:
-                path.unlink()
+            what = "an unknown encode" if recorded is None else \
+                ", ".join(f"{k}" for k in identity if recorded.get(k) != identity.get(k)) + " differ"
+            raise ShardError(f"{out} holds latent shards of another encode ({what}); choose another --out, or "
+                             "replace them (--overwrite)")
+        for path in shards:
+            reason = _damage(path)
+            if reason is not None:
+                raise ShardError(f"{path} is damaged or not a shard ({reason}); rerun with --overwrite to remove the "
+                                 f"shards and manifest an encode wrote in {out} (nothing else) and encode again, or "
+                                 f"delete {path.name} to redo only its part")
     for tmp in out.glob(TMP_GLOB):  # a killed run's half-written shard (the lock makes us the only writer)
         tmp.unlink(missing_ok=True)
     atomic_write_json(recorded_path, identity)

@@ -1,8 +1,9 @@
 """Where a command may write: one rule for every command that writes files (encode, decode, reconstruct, sample,
 interpolate, evaluate, distill), checked by `check_output` before any work.
 
-  - `--out` may not be an input, nor a folder the command reads, nor lie inside one (a folder output may also not
-    be the folder holding an input file: its outputs would land among the inputs);
+  - `--out` may not be an input, nor a folder the command reads, nor lie inside one, nor hold one (a folder output
+    may also not be the folder holding an input file: its outputs would land among the inputs, and `--overwrite`
+    could delete them);
   - `--out` must resolve (a symlink loop is a clear error), and be a folder, or absent, for a folder output;
   - a folder already holding earlier outputs of the same command (files named as that command names its outputs)
     is refused unless told to replace them (`--overwrite`): a second run never silently replaces some of them and
@@ -60,6 +61,9 @@ def _refuse_inputs(out: Path, target: Path, inputs: Sequence[str | Path], file_o
         elif not file_output and target == where.parent:
             raise OutputLocationError(f"{shown} is the folder holding the {kind} {source}: the outputs would be "
                                       f"mixed with the {kind}s; choose another folder")
+        if not file_output and where != target and where.is_relative_to(target):
+            raise OutputLocationError(f"{shown} holds the {kind} {source}: the outputs would replace or mix with its "
+                                      f"files; choose a folder that does not hold the {kind}s")
 
 
 def check_output(out: str | Path, command: str, inputs: Sequence[str | Path] = (), earlier: Iterable[str] = (),

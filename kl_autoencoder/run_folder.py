@@ -20,8 +20,10 @@ folder complete. The learning rate is a pure function of the step and every rand
 generator seeded by (seed, step, rank) or (seed, epoch, position), so no scheduler or RNG state needs saving.
 A folder holding any other file is refused.
 
-Nothing the toolkit did not write is deleted or written through: `train.overwrite=true` removes a previous run's
-files only where the run marker (or a complete checkpoint) shows the run was ours; a symlink in place of a log, the
+Nothing the toolkit did not write is deleted or written through, and no input is: the run folder may not be, hold or
+lie inside the model a run starts from, the teacher or the data (`check_run_inputs`, whatever train.overwrite says).
+`train.overwrite=true` removes a previous run's files only where the run marker (or a complete checkpoint) shows the
+run was ours, and keeps its `vae/` until the new export replaces it (so a run that fails leaves the old export); a symlink in place of a log, the
 lock or the pointer is replaced, never followed, and a symlinked `checkpoints/` (writes and pruning would land
 elsewhere) is refused; `checkpoints/latest` must name a checkpoint folder inside `checkpoints/`; and a checkpoint's
 JSON is checked for types and finiteness before use. Hyper-parameters come from the config, never the checkpoint:
@@ -45,7 +47,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kl_autoencoder.durable import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree, try_lock
+from kl_autoencoder.durable import (atomic_write_json, atomic_write_text, check_regular_file, fsync_dir, fsync_tree,
+                                    holds, path_candidates, try_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ OWN_FILES = (RUN_MARKER, LOCK_FILE)  # never count as "the folder is not empty"
 CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{1,12}}")
 BEST_PREFIX = "best_"  # checkpoints/best_step_NNNNNNN: the best validation checkpoint
 BEST_FILE = "best.json"  # inside it: {"metric", "mode", "value", "step"}
+KEPT_UNTIL_EXPORT = "vae"  # the old export stays until a complete new one is swapped in (durable.atomic_write_dir)
 # Files of the run that are replaced if they are symlinks (never written through); checkpoints/ is refused instead.
 REPLACED_LINKS = ("config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
 
@@ -197,6 +201,37 @@ def allowed_checkpoint_files(modules: dict[str, Any], optimizers: dict[str, Any]
 # ----------------------------------------------------------------------------------------------- the folder
 
 
+def _local_part(value: str) -> str:
+    """The part of a path or shard pattern that names a place on disk: up to its first brace or glob character."""
+    head = re.split(r"[{*?\[]", value, maxsplit=1)[0]
+    return head if head == value else os.path.dirname(head)
+
+
+def check_run_inputs(output_dir: str | os.PathLike, inputs: dict[str, Any]) -> None:
+    """Refuse (RunFolderError) a run folder that is, holds or lies inside one of `inputs` (config key -> path, paths
+    or shard patterns; hub ids, URLs and names not on disk are skipped): the export and train.overwrite=true replace
+    the run folder's files, so an input there would be destroyed. No flag changes this."""
+    root = str(output_dir)
+    for key, values in inputs.items():
+        for value in [values] if isinstance(values, (str, os.PathLike)) else list(values or []):
+            value = str(value)
+            local = os.path.expanduser(_local_part(value))
+            if "://" in value or value.startswith("pipe:") or not local or not os.path.lexists(local):
+                continue
+            try:
+                targets, sources = path_candidates(root), path_candidates(local)
+            except (RuntimeError, OSError):  # a symlink loop: the claim says so
+                continue
+            if any(holds(target, source) for target in targets for source in sources):
+                raise RunFolderError(
+                    f"{key}={value!r} is inside train.output_dir={root!r}: a run replaces that folder's files (its "
+                    "export, a previous run's files), which would destroy it. Choose another train.output_dir, or "
+                    "move the input out of it first")
+            if os.path.isdir(local) and any(holds(source, target) for target in targets for source in sources):
+                raise RunFolderError(f"train.output_dir={root!r} is inside {key}={value!r}: the run's files would be "
+                                     "mixed with it; choose a folder outside it")
+
+
 class RunFolder:
     """`train.output_dir`: claim it, checkpoint into it, resume from it, log into it, summarise it."""
 
@@ -290,6 +325,8 @@ class RunFolder:
                 "have written. Choose a new train.output_dir, or move those files away yourself")
         for name in ours:
             path = self.root / name
+            if name == KEPT_UNTIL_EXPORT:
+                continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:  # a file, or a link (removed itself, never what it points to)
@@ -483,6 +520,8 @@ class RunFolder:
                 f"checkpoint {path} holds files this trainer never writes ({', '.join(unexpected[:5])}); refusing to "
                 "resume from it (a checkpoint may contain only safetensors weights and JSON state, and resuming "
                 f"loads no pickle). Expected only: {', '.join(sorted(allowed))}")
+        for name in sorted(allowed & present):  # a FIFO would block the read below, beyond any signal
+            check_regular_file(path / name, "checkpoint file", RunFolderError)
         missing = sorted(allowed - present)
         if missing:
             raise RunFolderError(f"checkpoint {path} lacks {', '.join(missing)}: was it written with another "

@@ -55,6 +55,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from kl_autoencoder.data import (
     IMAGE_EXTENSIONS, BadImageError, ImageTransform, SkipLog, decode_hub_value, decode_image, find_image_column,
 )
+from kl_autoencoder.durable import check_regular_file
 from kl_autoencoder.untrusted import (
     MAX_PATTERN_NAMES, arrow_cell_problem, parquet_file_problem, parquet_row_group_problem, pattern_names, shown,
     too_many_bytes,
@@ -191,6 +192,7 @@ def _open_tar(url: str) -> tarfile.TarFile:
             import webdataset
 
             return tarfile.open(fileobj=webdataset.gopen(url, "rb"), mode="r|*")
+        check_regular_file(url, "shard", ShardError)
         return tarfile.open(url, mode="r:*")
     except (OSError, tarfile.TarError, EOFError) as err:
         reason = " ".join(str(err).split())  # tarfile's "r:*" lists every compression it tried, one per line
@@ -267,6 +269,8 @@ def _walk_tar(url: str, start: int, image_ext: str | None = None) -> Iterator[Sa
 def _parquet_file(url: str):
     import pyarrow.parquet as pq
 
+    if not is_url(url):
+        check_regular_file(url, "parquet shard", ShardError)
     try:
         if is_url(url):
             import fsspec
@@ -624,6 +628,9 @@ def load_saved_dataset(path: str, split: str | None = None) -> Any:
     """`datasets.load_from_disk` (a DatasetDict gives `split`), with an error naming the folder."""
     import datasets
 
+    for file in Path(path).expanduser().rglob("*"):  # its .arrow and JSON files: a FIFO would block arrow's read
+        if not file.is_dir():
+            check_regular_file(file, "saved dataset file", ShardError)
     try:
         hf = datasets.load_from_disk(os.path.expanduser(path))
     except Exception as err:

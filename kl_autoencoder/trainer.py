@@ -47,8 +47,10 @@ from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model_card import model_card, run_description
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
+from kl_autoencoder.signals import acknowledge, watch_signals
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, RunFolderError, TrainingState,  # noqa: F401
-                                       is_complete_checkpoint, list_checkpoints, read_training_state)
+                                       check_run_inputs, is_complete_checkpoint, list_checkpoints,
+                                       read_training_state)
 from kl_autoencoder.trackers import init_trackers, log_images, log_text, log_with
 from kl_autoencoder.validation import Validation, finish_best
 
@@ -149,18 +151,21 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 @contextmanager
 def stop_signals() -> Iterator[dict]:
-    """SIGINT/SIGTERM set a flag (the loop finishes the step, checkpoints, and stops); handlers restored after."""
+    """SIGINT/SIGTERM set a flag (the loop finishes the step, checkpoints, and stops); handlers restored after. A
+    second signal, or one no handler could run for (blocked in a library), stops at once (signals.watch_signals)."""
     flag: dict[str, str | None] = {"signal": None}
     previous = {}
 
     def handler(signum, frame):
+        acknowledge()
         flag["signal"] = signal.Signals(signum).name
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
     try:
-        yield flag
+        with watch_signals():
+            yield flag
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -504,7 +509,9 @@ def export_model(t: Training, path: Path) -> Path:
         record = remeasure_latent_scale(export, cfg, t.device)
     card = model_card(export.config.to_dict(), record=record, parameters=export.num_parameters(),
                       training=run_description(cfg, t.accelerator.num_processes))
-    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record}, card=card)
+    # train.overwrite=true kept the previous run's vae/ until now: replaced only by this complete export
+    export.cpu().save_pretrained(path, private={LATENT_SCALE_KEY: record}, overwrite=cfg.train.overwrite,
+                                 protect=[p for p in (cfg.model.pretrained,) if p], card=card)
     return path
 
 
@@ -546,6 +553,10 @@ def train(cfg: TrainConfig, build: Callable[[TrainConfig], Training] | None = No
     Raises TrainingInterrupted (after writing a checkpoint) on SIGINT/SIGTERM and NonFiniteLossError after
     `train.max_nonfinite_steps` consecutive skipped steps.
     """
+    data_source = None if str(cfg.data.source).split(":")[0] in ("sample", "webdataset", "parquet") else cfg.data.source
+    check_run_inputs(cfg.train.output_dir, {"model.pretrained": cfg.model.pretrained, "distill.teacher":
+                                            cfg.distill.teacher, "data.source": data_source,
+                                            "data.data_files": cfg.data.data_files})
     set_seed(cfg.train.seed)  # same initial weights on every rank
     t = (build or build_training)(cfg)
     acc = t.accelerator
@@ -743,7 +754,9 @@ def _finish(t: Training, run: RunFolder, state: TrainingState, skip_log: Any, tr
         acc.print(f"skipped {skipped} unreadable image(s): {', '.join(files[:10])}" + (" ..." if skipped > 10 else ""))
     if state.nonfinite_total:
         acc.print(f"{state.nonfinite_total} optimizer step(s) skipped for non-finite loss/gradients")
-    export_exists = (run.export_dir / "config.json").is_file()
+    # summary.json is written after the export and removed by train.overwrite=true, whose run keeps the old vae/
+    # until its own export: without it the export there is not this run's
+    export_exists = (run.export_dir / "config.json").is_file() and run.summary_file.is_file()
     if acc.is_main_process:
         if not trained and export_exists:
             acc.print(f"the run in {run.root} is already complete (step {state.step} of train.max_steps="

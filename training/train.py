@@ -21,6 +21,7 @@ from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.data import DatasetUnavailableError  # noqa: E402
 from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E402
 from kl_autoencoder.shards import ShardError  # noqa: E402
+from kl_autoencoder.signals import Terminated, sigterm_raises  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 from kl_autoencoder.untrusted import error_line  # noqa: E402
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         # a config naming a distillation teacher trains a tiny autoencoder in the same loop; fp16_fix.enabled
         # rescales model.pretrained to run in fp16, calibrated on the data (kl_autoencoder/fp16_fix.py)
         build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
-        train(cfg, build=build)  # prints "exported <folder>" once
+        with sigterm_raises():  # outside the loop (start-up, export) too: SIGTERM/Ctrl-C stop with 143/130
+            train(cfg, build=build)  # prints "exported <folder>" once
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError, ShardError) as e:  # nothing written
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as stop:  # outside the loop: nothing trained since the last checkpoint
+        name = "SIGTERM" if isinstance(stop, Terminated) else "SIGINT"
+        print(f"error: stopped by {name} outside the training loop", file=sys.stderr)
+        return EXIT_INTERRUPTED[name]
     return 0
 
 
