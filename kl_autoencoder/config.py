@@ -154,7 +154,7 @@ class TrainSection:
     batch_size: int = 8  # per process
     grad_accum_steps: int = 1
     max_steps: int = 1000  # optimizer steps
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"  # auto: bf16 on a GPU that has it, else fp32
     log_every: int = 10
     image_every: int = 500  # reconstruction grid to TensorBoard; 0 = never
     checkpoint_every: int = 1000  # 0 = only the final checkpoint

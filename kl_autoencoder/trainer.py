@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.data import build_dataset, default_num_workers, training_batches
-from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
+from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, mixed_precision_for,
+                                    prepare_loss_network, stays_on_cpu, unwrap)
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
@@ -146,7 +147,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 @contextmanager
 def stop_signals() -> Iterator[dict]:
-    """SIGINT/SIGTERM set a flag (the loop finishes the step, checkpoints, and stops); handlers restored after."""
+    """SIGINT/SIGTERM set a flag (the loop finishes or drops the step, checkpoints, and stops: StepGuard); handlers
+    restored after."""
     flag: dict[str, str | None] = {"signal": None}
     previous = {}
 
@@ -161,6 +163,59 @@ def stop_signals() -> Iterator[dict]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class StepAborted(Exception):
+    """A stop signal arrived inside a step before any weight changed: the step is dropped, not finished."""
+
+
+class StepGuard:
+    """Lets a stop signal end a long step early where that is safe: one process (the others would wait in a
+    collective), and no optimizer has stepped yet in this step (so the weights, the optimizers' moments and the EMA
+    are the previous step's). Between micro-batches on any device; on a CPU, where one step of a full-size VAE takes
+    minutes, also at every convolution of the trained model, forward or backward. The loop then rolls the data
+    position back and checkpoints the previous step, so a resume replays the dropped step exactly."""
+
+    def __init__(self, t: "Training", stop: dict, state: TrainingState):
+        self.stop, self.state, self.t = stop, state, t
+        self.enabled = t.accelerator.num_processes == 1
+        self.committed, self.batches_seen, self.handles = False, state.batches_seen, []
+        if self.enabled and t.device.type == "cpu" and not t.cfg.model.compile:  # hooks would break its graphs
+            for module in t.raw_model.modules():
+                if isinstance(module, nn.Conv2d):
+                    self.handles += [module.register_forward_pre_hook(self.check),
+                                     module.register_forward_hook(self._watch_backward)]
+            for optimizer in (t.optimizer, t.d_optimizer):
+                if optimizer is not None:
+                    self.handles.append(_inner(optimizer).register_step_pre_hook(self._commit))
+
+    def begin(self) -> None:
+        self.committed, self.batches_seen = False, self.state.batches_seen
+
+    def check(self, *_: Any) -> None:
+        if self.enabled and not self.committed and self.stop["signal"] is not None:
+            raise StepAborted
+
+    def _commit(self, *_: Any) -> None:
+        self.committed = True
+
+    def _watch_backward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self.check)
+
+    def roll_back(self) -> None:
+        """The dropped step's gradients and data position undone."""
+        self.state.batches_seen = self.batches_seen
+        for optimizer in (self.t.optimizer, self.t.d_optimizer):
+            if optimizer is not None:
+                _inner(optimizer).zero_grad(set_to_none=True)
+
+    def __enter__(self) -> "StepGuard":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, count: int = 8) -> torch.Tensor:
@@ -183,9 +238,9 @@ def make_accelerator(cfg: TrainConfig):
     # accumulation) so train() can be called again in one process. The process group (PartialState) stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    use_cpu = stays_on_cpu()
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=mixed_precision_for(cfg.train.mixed_precision, use_cpu)[0],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=cfg.train.output_dir, logging_dir=cfg.train.output_dir,
@@ -570,7 +625,8 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
         run.start_metrics(state.step)
     if state.step >= cfg.train.max_steps:
         return _finish(t, run, state, None, trained=False)
-    acc.print(f"training on {world} process(es), {device.type} (mixed precision: {cfg.train.mixed_precision})")
+    acc.print(f"training on {world} process(es), {device.type}; "
+              + mixed_precision_for(cfg.train.mixed_precision, device.type == "cpu")[1])
 
     dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
     workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
@@ -585,13 +641,19 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
         progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
     last_log_time, images_since_log = time.perf_counter(), 0
 
-    with stop_signals() as stop:
+    with stop_signals() as stop, StepGuard(t, stop, state) as guard:
         while state.step < cfg.train.max_steps:
             set_learning_rates(t, state.step)
-            for micro in range(cfg.train.grad_accum_steps):
-                x = next_readable_batch(batches, state, skip_log).to(device, non_blocking=True)
-                result = (t.step_fn or train_step)(t, x, state.step, micro)
-                images_since_log += x.shape[0] * world
+            guard.begin()
+            try:
+                for micro in range(cfg.train.grad_accum_steps):
+                    guard.check()
+                    x = next_readable_batch(batches, state, skip_log).to(device, non_blocking=True)
+                    result = (t.step_fn or train_step)(t, x, state.step, micro)
+                    images_since_log += x.shape[0] * world
+            except StepAborted:
+                guard.roll_back()
+                _stop(t, run, state, nonfinite, progress, stop["signal"])
             if t.ema is not None:
                 t.ema.update(t.raw_model)
             nonfinite.update(result.skipped)
@@ -628,18 +690,26 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
             if skip_log is not None:
                 state.skipped_images = skip_log.count
             checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
-            if checkpoint_due or stop_requested or state.step == cfg.train.max_steps:
+            if stop_requested:
+                _stop(t, run, state, nonfinite, progress, stop["signal"])
+            if checkpoint_due or state.step == cfg.train.max_steps:
                 nonfinite.read(state)
-                path = save_checkpoint(t, run, state)
-                if stop_requested:
-                    if progress is not None:
-                        progress.close()
-                    acc.end_training()
-                    raise TrainingInterrupted(path, state.step, stop["signal"])
+                save_checkpoint(t, run, state)
 
     if progress is not None:
         progress.close()
     return _finish(t, run, state, skip_log, trained=True)
+
+
+def _stop(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, progress: Any,
+          signal_name: str | None) -> None:
+    """Checkpoint `state` (the last finished step) and end training with TrainingInterrupted."""
+    nonfinite.read(state)
+    path = save_checkpoint(t, run, state)
+    if progress is not None:
+        progress.close()
+    t.accelerator.end_training()
+    raise TrainingInterrupted(path, state.step, signal_name)
 
 
 def next_readable_batch(batches: Iterator[dict], state: TrainingState, skip_log: Any) -> torch.Tensor:

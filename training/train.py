@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +25,15 @@ from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E4
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number: `train && evaluate` stops
+
+
+def resume_command(output_dir: str) -> str:
+    """The line that continues a stopped run: the run's own config.yaml holds every override it was started with."""
+    script = Path(__file__).resolve()
+    shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    launcher = "accelerate launch <the same launch options> " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
+    return (f"{launcher}{shlex.quote(str(shown))} --config {shlex.quote(str(Path(output_dir) / 'config.yaml'))} "
+            "train.resume=latest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingInterrupted as stop:
         print(f"\n{stop.signal_name or 'stop signal'}: stopped after step {stop.step}; checkpoint: {stop.checkpoint}\n"
-              f"resume with: python training/train.py --config {args.config or '<config>'} "
-              f"train.output_dir={cfg.train.output_dir} train.resume=latest", flush=True)
+              f"resume with: {resume_command(cfg.train.output_dir)}", flush=True)
         return EXIT_INTERRUPTED.get(stop.signal_name or "", 1)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
