@@ -115,3 +115,42 @@ def test_the_printed_resume_line_resumes_as_printed(tmp_path, monkeypatch, capsy
     done = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout and json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------- 3. two CPU processes, no flags
+
+
+def photo_folder(folder: Path, count: int, size: tuple[int, int] = (48, 40)) -> Path:
+    """`count` photos of the built-in set (each a different crop when more are asked for than there are photos)."""
+    from kl_autoencoder.data import sample_images
+
+    folder.mkdir(parents=True)
+    photos = sample_images("all")
+    for i in range(count):
+        name, image = photos[i % len(photos)]
+        image.crop((i, i, image.width - i, image.height - i)).resize(size).save(folder / f"{i:02d}-{name}.png")
+    return folder
+
+
+def launch_encode(model: Path, folder: Path, out: Path, resolution: int, *extra: str) -> subprocess.CompletedProcess:
+    """The README's two-process encode on a CPU machine, as a user types it: no --device, no --shard-size."""
+    from tests.test_trainer import free_port
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "kl_autoencoder.cli", "encode", "--model", str(model),
+           "--input", str(folder), "--out", str(out), "--resolution", str(resolution), *extra]
+    return subprocess.run(cmd, env={**env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def test_two_cpu_processes_encode_a_small_folder_each_its_share(tmp_path, tiny_model):
+    model = tiny_model.save_pretrained(tmp_path / "vae")
+    folder = photo_folder(tmp_path / "photos", 16)
+    out = tmp_path / "latents"
+    done = launch_encode(model, folder, out, 32)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):  # each process knows its rank and encoded a share: 16 images, 2 shards of 8
+        assert f"[process {rank}/2] 8 image(s) encoded into 1 new shard(s)" in done.stdout, done.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 16 and len(manifest["shards"]) == 2
