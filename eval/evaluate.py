@@ -2,7 +2,7 @@
 
     python eval/evaluate.py --model PATH [PATH ...] --data SOURCE --out DIR [--resolution 256] [--num-images N]
                             [--batch-size B] [--sample] [--write-config [--write-latent-stats]]
-                            [--shift-factor auto|on|off]
+                            [--shift-factor auto|on|off] [--skip diffusability,fp16] [--no-progress]
 
 The same as `kl-autoencoder evaluate`; everything lives in kl_autoencoder/evaluation.py. Every model is checked
 before any work; a bad one exits with status 2 and a one-line message, writing nothing.
@@ -15,13 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kl_autoencoder import evaluation  # noqa: E402
+from kl_autoencoder.cli import one_line_warnings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = evaluation.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
-        evaluation.run(args)
+        with one_line_warnings():
+            evaluation.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -635,6 +635,10 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     acc.init_trackers("tensorboard")
     if acc.is_main_process:
         log_text(acc, "perceptual_weights", perceptual_weights(t))
+    if perceptual_weights(t) == "random":
+        why = "false" if cfg.loss.perceptual_pretrained is False else "auto, and the pretrained weights did not load"
+        acc.print(f"perceptual loss: a RANDOM {t.perceptual.net} (loss.perceptual_pretrained={why}): the term is not "
+                  "perceptual; loss.perceptual_weight=0 leaves it out")
     nonfinite = NonFiniteCounter(state, device)
     progress = None
     if acc.is_main_process:

@@ -154,3 +154,152 @@ def test_two_cpu_processes_encode_a_small_folder_each_its_share(tmp_path, tiny_m
         assert f"[process {rank}/2] 8 image(s) encoded into 1 new shard(s)" in done.stdout, done.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == 16 and len(manifest["shards"]) == 2
+
+
+def test_shard_size_shrinks_only_across_processes_and_only_when_asked_for_by_nobody():
+    from kl_autoencoder.latent_shards import shard_size_for
+
+    assert shard_size_for(16, world=2) == 8 and shard_size_for(15, world=2) == 8 and shard_size_for(1, world=4) == 1
+    assert shard_size_for(16, world=1) == 256 == shard_size_for(10_000, world=2)  # reruns keep their shard layout
+    assert shard_size_for(16, world=2, asked=256) == 256  # --shard-size is the user's
+
+
+# ------------------------------------------------------------------------------------- 4, 5, 7, 8. evaluate
+
+
+def evaluate_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from kl_autoencoder.cli import main
+
+    code = main(["evaluate", "--resolution", "32", "--batch-size", "4", "--lpips-net", "alex", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_evaluate_on_a_folder_says_what_it_evaluates_skips_sections_and_is_never_quiet(tmp_path, tiny_model,
+                                                                                        capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))  # LPIPS / rFID: null with a reason, fast
+    tiny_model.config.scaling_factor = 0.37
+    model = tiny_model.save_pretrained(tmp_path / "vae")
+    folder = photo_folder(tmp_path / "mine", 16, size=(40, 40))
+    out = tmp_path / "eval"
+    code, stdout, stderr = evaluate_cli(capsys, "--model", str(model), "--data", str(folder), "--out", str(out),
+                                        "--num-images", "6", "--skip", "diffusability,fp16", "--no-progress")
+    assert code == 0, stderr
+    # 4: what is evaluated, in words; a folder of yours is not called held-out
+    assert f"the first 6 of 16 images of {folder} (one split, all: none known to be held out)" in stderr
+    # 5: the sections asked away are not run, and a line per part still comes without the bar
+    result = json.loads((out / "metrics.json").read_text())
+    (entry,) = result["models"].values()
+    assert entry["diffusability"] is None and entry["fp16"] is None and result["skipped_sections"] == [
+        "diffusability", "fp16"]
+    report = (out / "report.md").read_text()
+    assert "## Diffusability" not in report and "## fp16" not in report and "left out (--skip)" in report
+    for part in ("reconstructing 6 images", "drawing pictures", "writing"):
+        assert part in stderr, stderr
+    # 7: the model's own factor beside the measured one, each named
+    assert "scaling_factor 0.37 (its config), measured 1/std of its latents" in stdout
+    assert "| scaling_factor (its config.json) | 0.37 |" in report and "scaling_factor measured (1 / std)" in report
+    # 8: six of a sixteen-image folder is not "6 of 6"
+    assert "the first 6 of the 16 in" in report.splitlines()[2] and "(--num-images 6)" in report.splitlines()[2]
+    assert "6 of 6" not in report
+
+
+def test_evaluate_counts_and_held_out_words_match_what_it_does(tmp_path, tiny_model, capsys, monkeypatch):
+    from kl_autoencoder.cli import build_parser
+    from kl_autoencoder.data import SAMPLE_HELDOUT, SAMPLE_TRAIN
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    help_text = " ".join(build_parser().parse_known_args  # noqa: E731 (the help as argparse prints it)
+                         and build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help().split())
+    assert f"{len(SAMPLE_HELDOUT)} held out" in help_text and f"{len(SAMPLE_TRAIN)} trained on" in help_text
+    run = tmp_path / "my-finetune"  # a training run's export, beside the config it was trained with
+    model = tiny_model.save_pretrained(run / "vae")
+    (run / "config.yaml").write_text(f"data:\n  source: {tmp_path / 'my-photos'}\n")
+    code, stdout, stderr = evaluate_cli(capsys, "--model", str(model), "--out", str(tmp_path / "eval"),
+                                        "--skip", "diffusability,fp16", "--no-progress")
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {k: len(v) for k, v in result["splits"].items()} == {"held-out": len(SAMPLE_HELDOUT),
+                                                                "training": len(SAMPLE_TRAIN)}
+    assert "--data not given: evaluating on the built-in sample photos" in stderr
+    assert any("was trained on" in w and "held out of the sample source's training only" in w
+               for w in result["models"]["my-finetune"]["warnings"])
+
+
+# ------------------------------------------------------------------------------------- 6. messages one can type
+
+
+def test_the_missing_vgg_message_offers_what_can_be_typed_and_a_random_vgg_is_said_at_start(tmp_path, monkeypatch,
+                                                                                             capsys):
+    import re
+    import urllib.error
+
+    from kl_autoencoder.losses import PerceptualLoss, PerceptualWeightsError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    with pytest.raises(PerceptualWeightsError) as missing:
+        PerceptualLoss("squeeze", pretrained=True)
+    offered = re.findall(r"\b(loss\.[a-z_]+=[a-z0-9]+)", str(missing.value))
+    assert {o.split("=")[0] for o in offered} == {"loss.perceptual_weight", "loss.perceptual_pretrained"}
+    for override in offered:  # each can be typed as it is printed
+        load_config(None, [override])
+    assert "pretrained=False" not in str(missing.value)
+    train(tiny_run(tmp_path / "run", "train.max_steps=1", "loss.perceptual_weight=0.1", "loss.perceptual_net=squeeze",
+                   "loss.perceptual_pretrained=false"))
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "RANDOM squeeze" in line]
+    assert len(said) == 1 and out.index(said[0]) < out.index("exported")
+
+
+# ------------------------------------------------------------------------------------- 9. info on a config-less file
+
+
+def test_a_config_less_file_is_said_in_one_clean_line_and_an_sd_shaped_one_is_sd_throughout(tmp_path, tiny_model,
+                                                                                             capsys):
+    from kl_autoencoder.cli import main
+    from kl_autoencoder.presets import PRESETS, assume_release
+
+    single = tmp_path / "weights.safetensors"
+    assert main(["convert", str(tiny_model.save_pretrained(tmp_path / "vae")), str(single), "--no-config"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(single)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and err.count("\n") == 1 and "carries no config" in err, err
+    assert "UserWarning" not in err and ".py:" not in err
+    sd_shapes = {**PRESETS["sd"].shape_fields(), "norm_num_groups": 32}
+    config, message = assume_release(sd_shapes, "sd.safetensors")
+    assert (config["sample_size"], config["force_upcast"], config["scaling_factor"]) == (512, True, 0.18215)
+    assert "sample_size 512" in message and "SD 1.x" in message
+
+
+# ------------------------------------------------------------------------------------- 10. help and README
+
+
+def test_help_readme_and_convert_say_what_there_is():
+    from kl_autoencoder.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert all(name in parser.description for name in commands), parser.description
+    assert "header" in commands["convert"].format_help() and "--no-config" in commands["convert"].format_help()
+    readme = (ROOT / "README.md").read_text()
+    assert "encode.json" in readme and "StableDiffusionXLPipeline" in readme
+    fine_tune = next(line for line in readme.splitlines() if "evaluate.py --model outputs/sdxl-ft/vae" in line)
+    assert "--data " in fine_tune
+
+
+def test_convert_no_config_writes_weights_only_like_a_released_file(tmp_path, tiny_model):
+    from safetensors import safe_open
+
+    from kl_autoencoder import KLAutoencoder
+    from kl_autoencoder.cli import main
+
+    single = tmp_path / "released-like.safetensors"
+    assert main(["convert", str(tiny_model.save_pretrained(tmp_path / "vae")), str(single), "--no-config"]) == 0
+    with safe_open(str(single), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.warns(UserWarning, match="carries no config"):
+        back = KLAutoencoder.from_pretrained(single)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
+    assert main(["convert", str(tmp_path / "vae"), str(tmp_path / "folder"), "--no-config"]) == 2
