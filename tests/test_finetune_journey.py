@@ -257,16 +257,19 @@ def test_the_missing_vgg_message_offers_what_can_be_typed_and_a_random_vgg_is_sa
 
 def test_a_config_less_file_is_said_in_one_clean_line_and_an_sd_shaped_one_is_sd_throughout(tmp_path, tiny_model,
                                                                                              capsys):
-    from kl_autoencoder.cli import main
-    from kl_autoencoder.presets import PRESETS, assume_release
+    from safetensors.torch import save_file
 
-    single = tmp_path / "weights.safetensors"
-    assert main(["convert", str(tiny_model.save_pretrained(tmp_path / "vae")), str(single), "--no-config"]) == 0
-    capsys.readouterr()
+    from kl_autoencoder.cli import main
+    from kl_autoencoder.formats import diffusers_to_ldm
+
+    single = tmp_path / "weights.safetensors"  # LDM keys, no config: as released files are
+    save_file(diffusers_to_ldm(tiny_model.state_dict()), single, metadata={"format": "pt"})
     assert main(["info", str(single)]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and err.count("\n") == 1 and "carries no config" in err, err
     assert "UserWarning" not in err and ".py:" not in err
+    from kl_autoencoder.presets import PRESETS, assume_release
+
     sd_shapes = {**PRESETS["sd"].shape_fields(), "norm_num_groups": 32}
     config, message = assume_release(sd_shapes, "sd.safetensors")
     assert (config["sample_size"], config["force_upcast"], config["scaling_factor"]) == (512, True, 0.18215)
@@ -303,3 +306,135 @@ def test_convert_no_config_writes_weights_only_like_a_released_file(tmp_path, ti
         back = KLAutoencoder.from_pretrained(single)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
     assert main(["convert", str(tmp_path / "vae"), str(tmp_path / "folder"), "--no-config"]) == 2
+
+
+# ------------------------------------------------------------------------------------- the whole journey
+
+
+def sdxl_pipeline_from_tiny_parts():
+    """StableDiffusionXLPipeline with a tiny UNet and tiny CLIP text encoders (random weights, from configs), no
+    VAE yet and no tokenizers (prompt embeddings are given)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), norm_num_groups=1,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 32).eval()
+    text = CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, pad_token_id=1, vocab_size=100, projection_dim=32)
+    return StableDiffusionXLPipeline(
+        vae=None, text_encoder=CLIPTextModel(text).eval(), text_encoder_2=CLIPTextModelWithProjection(text).eval(),
+        tokenizer=None, tokenizer_2=None, unet=unet, add_watermarker=False,
+        scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False, steps_offset=1))
+
+
+def prompt_embeddings(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning from both text encoders (penultimate hidden states side by side, the pooled projection)."""
+    ids = torch.randint(3, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = pipe.text_encoder_2(ids, output_hidden_states=True)
+    return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+def released_sdxl_single_file(path: Path) -> Path:
+    """What people download as sdxl_vae.safetensors: SDXL's full-size architecture in LDM names, weights only
+    (random here: nothing is downloaded)."""
+    from kl_autoencoder.formats import save_weights
+    from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+    from kl_autoencoder.presets import PRESETS
+
+    torch.manual_seed(0)
+    model = KLAutoencoder(AutoencoderConfig.from_dict(PRESETS["sdxl"].architecture()))
+    return save_weights(model.state_dict(), None, path, format="ldm")
+
+
+@pytest.mark.full_size
+def test_the_whole_journey_at_full_size(tmp_path, monkeypatch, capsys):
+    """README's fine-tune journey, step by step, with no workaround: about a minute on two CPU cores
+    (`python -m pytest tests/test_finetune_journey.py -k whole_journey`)."""
+    from diffusers import AutoencoderKL
+
+    from kl_autoencoder import KLAutoencoder
+    from kl_autoencoder.cli import main as cli
+
+    sys.path.insert(0, str(TRAIN_PY.parent))
+    try:
+        import train as train_py
+    finally:
+        sys.path.remove(str(TRAIN_PY.parent))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))  # offline: no VGG, LPIPS reported as null
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda t, run, state: run.checkpoints / "not-written")  # 1 GB
+    original = released_sdxl_single_file(tmp_path / "sdxl_vae.safetensors")
+    mine = photo_folder(tmp_path / "my-photos", 12, size=(72, 72))
+    held_out = photo_folder(tmp_path / "my-held-out-photos", 16, size=(72, 72))
+    for extra in sorted(held_out.iterdir())[:12]:
+        extra.unlink()  # four photos kept back from the fine-tune
+
+    # info on the downloaded file: one clean warning, SD 1.x throughout until a preset says SDXL
+    assert cli(["info", str(original)]) == 0
+    seen = capsys.readouterr()
+    assert seen.err.count("\n") == 1 and seen.err.startswith("warning: ") and "sample_size: 512" in seen.out
+    assert cli(["info", str(original), "--preset", "sdxl"]) == 0
+    assert "scaling_factor: 0.13025" in capsys.readouterr().out
+
+    # fine-tune the decoder on my photos, as the README's line, at 64 px for two steps
+    run = tmp_path / "sdxl-ft"
+    assert train_py.main(["--config", str(ROOT / "configs" / "finetune-decoder.yaml"), f"model.pretrained={original}",
+                          "model.preset=sdxl", f"data.source={mine}", f"train.output_dir={run}", "data.resolution=64",
+                          "train.batch_size=1", "train.max_steps=2", "loss.perceptual_weight=0", "data.num_workers=0",
+                          "train.image_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "mixed precision" in line] == [
+        "training on 1 process(es), cpu; mixed precision: no (train.mixed_precision=auto: on a CPU fp32 is faster)"]
+    config = json.loads((run / "vae" / "config.json").read_text())
+    assert (config["scaling_factor"], config["sample_size"], config["force_upcast"]) == (0.13025, 1024, True)
+
+    # compare with the original on my held-out photos, the long sections left out
+    code = cli(["evaluate", "--model", str(run / "vae"), str(original), "--preset", "sdxl", "--data", str(held_out),
+                "--out", str(tmp_path / "eval"), "--resolution", "64", "--skip", "diffusability,fp16",
+                "--no-progress"])
+    seen = capsys.readouterr()
+    assert code == 0, seen.err
+    assert f"4 images of {held_out}" in seen.err
+    summary = [line for line in seen.out.splitlines() if "PSNR" in line]
+    assert len(summary) == 2 and all("all images (4)" in line and "scaling_factor 0.13025 (its config)" in line
+                                     for line in summary), summary
+
+    # export both forms: the run's diffusers folder, and a single file with the same latent fields
+    single = tmp_path / "sdxl-ft.safetensors"
+    assert cli(["convert", str(run / "vae"), str(single)]) == 0
+    assert KLAutoencoder.from_pretrained(single).config.to_dict() == KLAutoencoder.from_pretrained(
+        run / "vae").config.to_dict()
+    capsys.readouterr()
+
+    # encode my photos on two CPU processes, each its share
+    done = launch_encode(run / "vae", mine, tmp_path / "latents", 64)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(f"[process {rank}/2] 6 image(s) encoded" in done.stdout for rank in (0, 1)), done.stdout
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["count"] == 12 and manifest["model"]["scaling_factor"] == 0.13025
+
+    # into an SDXL pipeline: pipe.vae = the fine-tune; the pipeline divides by its scaling_factor
+    pipe = sdxl_pipeline_from_tiny_parts()
+    pipe.vae = AutoencoderKL.from_pretrained(run / "vae").eval()
+    embeds, pooled = prompt_embeddings(pipe)
+    reached = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, *a, **k: (reached.append(z.clone()), decode(z, *a, **k))[1]
+
+    def generate(output_type: str):
+        return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64, num_inference_steps=2,
+                    guidance_scale=1.0, output_type=output_type, generator=torch.Generator().manual_seed(2)).images
+
+    latents, image = generate("latent"), generate("np")
+    assert latents.shape == (1, 4, 8, 8) and image.shape == (1, 64, 64, 3)
+    torch.testing.assert_close(reached[-1], latents / 0.13025)
+    ours = KLAutoencoder.from_pretrained(run / "vae").eval()
+    with torch.no_grad():
+        expected = (ours.decode(ours.from_diffusion_latents(latents)) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(torch.from_numpy(image[0]), expected[0].permute(1, 2, 0), atol=1e-4, rtol=1e-4)
