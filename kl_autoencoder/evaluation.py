@@ -820,13 +820,7 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
 
     lpips_metric = M.LPIPSMetric(lpips_net, device=device, network=lpips_network)
     labels = image_labels(images.names, images.splits)
-    result: dict[str, Any] = {
-        "data": data, "resolution": resolution, "num_images": len(images.names), "sample_posterior": sample,
-        "available_images": images.available, "skipped_sections": list(skip),
-        "splits": {split: [images.names[i] for i in indices] for split, indices in images.splits.items()},
-        "skipped_images": len(images.skipped), "skipped_files": sorted(images.skipped),
-        "skip_reasons": images.skipped, "latent_definitions": M.LATENT_STATISTICS_DOC, "models": {},
-    }
+    result = result_header(data, resolution, images, sample, skip)
     for path, name in zip(models, names):
         model = prepare_for_inference(loaded.pop(0), device)
         fid_metric = M.FIDMetric(device=device, feature=fid_feature)
@@ -853,6 +847,18 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
             torch.cuda.empty_cache()
     status(f"writing {out / 'metrics.json'} and {out / 'report.md'}")
     return write_results(result, images.names, out)
+
+
+def result_header(data: str, resolution: int, images: EvalImages, sample: bool, skip: tuple[str, ...]
+                  ) -> dict[str, Any]:
+    """metrics.json's fields about the evaluation itself; the models' entries go into its "models"."""
+    return {
+        "data": data, "resolution": resolution, "num_images": len(images.names), "sample_posterior": sample,
+        "available_images": images.available, "skipped_sections": list(skip),
+        "splits": {split: [images.names[i] for i in indices] for split, indices in images.splits.items()},
+        "skipped_images": len(images.skipped), "skipped_files": sorted(images.skipped),
+        "skip_reasons": images.skipped, "latent_definitions": M.LATENT_STATISTICS_DOC, "models": {},
+    }
 
 
 def model_sections_entry(model, name: str, images: EvalImages, batch_size: int, device: torch.device, probe: bool,

@@ -625,8 +625,8 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
         run.start_metrics(state.step)
     if state.step >= cfg.train.max_steps:
         return _finish(t, run, state, None, trained=False)
-    acc.print(f"training on {world} process(es), {device.type}; "
-              + mixed_precision_for(cfg.train.mixed_precision, device.type == "cpu")[1])
+    for line in start_lines(t):
+        acc.print(line)
 
     dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
     workers = default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers
@@ -635,10 +635,6 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     acc.init_trackers("tensorboard")
     if acc.is_main_process:
         log_text(acc, "perceptual_weights", perceptual_weights(t))
-    if perceptual_weights(t) == "random":
-        why = "false" if cfg.loss.perceptual_pretrained is False else "auto, and the pretrained weights did not load"
-        acc.print(f"perceptual loss: a RANDOM {t.perceptual.net} (loss.perceptual_pretrained={why}): the term is not "
-                  "perceptual; loss.perceptual_weight=0 leaves it out")
     nonfinite = NonFiniteCounter(state, device)
     progress = None
     if acc.is_main_process:
@@ -714,6 +710,18 @@ def _stop(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFinit
         progress.close()
     t.accelerator.end_training()
     raise TrainingInterrupted(path, state.step, signal_name)
+
+
+def start_lines(t: Training) -> list[str]:
+    """What a run says once at start: processes, device and mixed precision; a random perceptual network."""
+    cfg, device = t.cfg, t.device
+    lines = [f"training on {t.accelerator.num_processes} process(es), {device.type}; "
+             + mixed_precision_for(cfg.train.mixed_precision, device.type == "cpu")[1]]
+    if perceptual_weights(t) == "random":
+        why = "false" if cfg.loss.perceptual_pretrained is False else "auto, and the pretrained weights did not load"
+        lines.append(f"perceptual loss: a RANDOM {t.perceptual.net} (loss.perceptual_pretrained={why}): the term is "
+                     "not perceptual; loss.perceptual_weight=0 leaves it out")
+    return lines
 
 
 def next_readable_batch(batches: Iterator[dict], state: TrainingState, skip_log: Any) -> torch.Tensor:
