@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry = result["models"][name]
         print(f"{name}: {headline_scope(result)}: PSNR {_fmt(values['psnr'])} dB, "
               f"SSIM {_fmt(values['ssim'])}, colour error {_fmt(values['colour_error'])}, ΔE2000 "
-              f"{_fmt(values['delta_e'], 3)}, hue error {_fmt(values['hue_error'], 3)}°; {latent_detail(entry, headline)}")
+              f"{_fmt(values['delta_e'], 3)}, hue error {_fmt(values['hue_error'], 3)}°; "
+              + latent_detail(entry, headline))
     if result["skipped_images"]:
         print(f"skipped {_plural(result['skipped_images'], 'unreadable image')}: "
               + ", ".join(result["skipped_files"]))

@@ -32,7 +32,8 @@ def resume_command(output_dir: str) -> str:
     """The line that continues a stopped run: the run's own config.yaml holds every override it was started with."""
     script = Path(__file__).resolve()
     shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
-    launcher = "accelerate launch <the same launch options> " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "python "
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launcher = "accelerate launch <the same launch options> " if launched else "python "
     return (f"{launcher}{shlex.quote(str(shown))} --config {shlex.quote(str(Path(output_dir) / 'config.yaml'))} "
             "train.resume=latest")
 
