@@ -13,17 +13,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from kl_autoencoder.cli import one_line_warnings  # noqa: E402  (warnings as one line each)
 
 from kl_autoencoder import evaluation  # noqa: E402
-from kl_autoencoder.cli import one_line_warnings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = evaluation.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     try:
-        with one_line_warnings():
-            evaluation.run(args)
+        evaluation.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -31,4 +30,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_warnings():
+        sys.exit(main())

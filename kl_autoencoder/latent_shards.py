@@ -98,24 +98,15 @@ class Unit:
     read: Callable[[], Iterator[tuple[str, Callable[[], Any]]]]
 
 
-def shard_size_for(total: int, world: int, asked: int | None = None) -> int:
-    """`asked` (--shard-size), else DEFAULT_SHARD_SIZE images, fewer across processes when a process would get no
-    shard: 16 images on 2 processes are 2 shards of 8."""
-    if asked is not None:
-        return asked
-    return DEFAULT_SHARD_SIZE if world == 1 else max(1, min(DEFAULT_SHARD_SIZE, -(-total // world)))
-
-
-def _folder_units(folder: Path, shard_size: int | None, side: int, world: int = 1) -> tuple[list[Unit], int]:
+def _folder_units(folder: Path, shard_size: int, side: int) -> list[Unit]:
     paths = iter_image_folder(folder)
-    shard_size = shard_size_for(len(paths), world, shard_size)
     chunks = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
 
     def reader(chunk: list[Path]) -> Callable[[], Iterator]:
         return lambda: ((p.relative_to(folder).as_posix(), lambda p=p: load_image(p, side)) for p in chunk)
 
     return [Unit(i, f"{chunk[0].relative_to(folder).as_posix()} .. {chunk[-1].relative_to(folder).as_posix()}",
-                 reader(chunk)) for i, chunk in enumerate(chunks)], shard_size
+                 reader(chunk)) for i, chunk in enumerate(chunks)]
 
 
 def _shard_units(shards: ShardSet, side: int) -> list[Unit]:
@@ -129,8 +120,7 @@ def _shard_units(shards: ShardSet, side: int) -> list[Unit]:
     return [Unit(i, shards.files[i], reader(i)) for i in range(len(shards))]
 
 
-def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int | None,
-                 world: int = 1) -> tuple[list[Unit], int]:
+def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int) -> list[Unit]:
     from kl_autoencoder.data import _undecoded, decode_hub_value, find_image_column
 
     hf = load_saved_dataset(path, split)
@@ -141,17 +131,13 @@ def _saved_units(path: str, split: str | None, image_column: str | None, shard_s
         return lambda: ((str(row), lambda row=row: decode_hub_value(hf[row][column], f"{path}[{row}]"))
                         for row in range(start, stop))
 
-    shard_size = shard_size_for(len(hf), world, shard_size)
     bounds = [(start, min(start + shard_size, len(hf))) for start in range(0, len(hf), shard_size)]
-    units = [Unit(i, f"rows {start}..{stop - 1}", reader(start, stop)) for i, (start, stop) in enumerate(bounds)]
-    return units, shard_size
+    return [Unit(i, f"rows {start}..{stop - 1}", reader(start, stop)) for i, (start, stop) in enumerate(bounds)]
 
 
 def input_units(source: str, data_files: str | Sequence[str] | None = None, image_column: str | None = None,
-                split: str | None = "train", shard_size: int | None = None, resolution: int = 256, world: int = 1
-                ) -> tuple[list[Unit], dict]:
-    """The units of `source` (a folder's or saved dataset's of `shard_size_for`) and a description of the input for
-    `encode.json`."""
+                split: str | None = "train", shard_size: int = 256, resolution: int = 256) -> tuple[list[Unit], dict]:
+    """The units of `source` and a description of the input for `encode.json`."""
     if source in SHARD_SOURCES:
         if not data_files:
             raise ShardError(f"--input {source} needs --data-files (for example shards/{{00000..00127}}.tar)")
@@ -161,12 +147,11 @@ def input_units(source: str, data_files: str | Sequence[str] | None = None, imag
         raise ShardError("--data-files names webdataset/parquet shards: pass --input webdataset or --input parquet")
     root = Path(source).expanduser()
     if is_saved_dataset(root):
-        units, size = _saved_units(str(root), split, image_column, shard_size, world)
-        return units, {"source": str(root.resolve()), "split": split, "shard_size": size}
+        return (_saved_units(str(root), split, image_column, shard_size),
+                {"source": str(root.resolve()), "split": split, "shard_size": shard_size})
     if not root.is_dir():
         raise FileNotFoundError(f"--input {source}: not a folder of images, a saved dataset, webdataset or parquet")
-    units, size = _folder_units(root, shard_size, resolution, world)
-    return units, {"source": str(root.resolve()), "shard_size": size}
+    return _folder_units(root, shard_size, resolution), {"source": str(root.resolve()), "shard_size": shard_size}
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -350,7 +335,7 @@ def write_manifest(out: Path, identity: dict, num_units: int) -> dict:
 
 def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, resolution: int,
                    data_files: str | Sequence[str] | None = None, batch_size: int = 8, mode: str = "mean",
-                   store_posterior: bool = False, shard_size: int | None = None, image_column: str | None = None,
+                   store_posterior: bool = False, shard_size: int = 256, image_column: str | None = None,
                    split: str | None = "train", threads: int = 2, overwrite: bool = False,
                    rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None,
                    generator: torch.Generator | None = None, progress: bool = True) -> EncodeResult:
@@ -361,12 +346,12 @@ def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, re
     factor = model.config.downsampling_factor
     if resolution < 1 or resolution % factor:
         raise ValueError(f"--resolution {resolution} must be a positive multiple of the downsampling factor {factor}")
-    if batch_size < 1 or (shard_size is not None and shard_size < 1):
+    if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch size and shard size must be >= 1, got {batch_size} and {shard_size}")
     if mode not in ("mean", "sample"):
         raise ValueError(f"mode must be 'mean' or 'sample', got {mode!r}")
     out = Path(out).expanduser()
-    units, described = input_units(source, data_files, image_column, split, shard_size, resolution, world)
+    units, described = input_units(source, data_files, image_column, split, shard_size, resolution)
     local_inputs = [p for p in described.get("files", [described["source"]]) if not is_url(str(p))]
     check_output(out, "encode", local_inputs)
     identity = {"model": model_identity(model, model_path), "input": described, "resolution": resolution,
@@ -433,6 +418,25 @@ def add_encode_arguments(p: Any) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads per process (default: 2)")
 
 
+def shard_size_for(total: int | None, world: int, asked: int | None = None) -> int:
+    """`asked` (--shard-size), else DEFAULT_SHARD_SIZE images, fewer across processes when a process would get no
+    shard: 16 images on 2 processes are 2 shards of 8. `total`: the input's image count (None: not counted)."""
+    if asked is not None:
+        return asked
+    if world == 1 or total is None:
+        return DEFAULT_SHARD_SIZE
+    return max(1, min(DEFAULT_SHARD_SIZE, -(-total // world)))
+
+
+def count_images(source: str, split: str | None) -> int | None:
+    """The images of a folder or saved dataset, whose shards `--shard-size` cuts (None for webdataset / parquet
+    shards, which stay one unit each)."""
+    root = Path(source).expanduser()
+    if source in SHARD_SOURCES or not root.is_dir():
+        return None
+    return len(load_saved_dataset(str(root), split)) if is_saved_dataset(root) else len(iter_image_folder(root))
+
+
 def wants_dataset_encode(args: Any) -> bool:
     """The sharded path: asked for (--resolution), needed by the input, or launched on several processes."""
     return (args.resolution is not None or args.input in SHARD_SOURCES or bool(args.data_files)
@@ -455,6 +459,7 @@ def encode_command(args: Any, load: Callable[..., Any]) -> int:
     if state.num_processes != launched:
         raise ValueError(f"launched as {launched} processes but accelerate sees {state.num_processes}; on a machine "
                          "without GPUs pass --cpu to accelerate launch")
+    args.shard_size = shard_size_for(count_images(args.input, args.split), state.num_processes, args.shard_size)
     device = args.device or str(state.device)
     model = load(args.model, device, kl_only="the sharded encode stores posterior latents (an AutoencoderKL)",
                  preset=getattr(args, "preset", None))

@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.data import build_dataset, default_num_workers, training_batches
-from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, mixed_precision_for,
-                                    prepare_loss_network, stays_on_cpu, unwrap)
+from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
 from kl_autoencoder.metrics import estimate_latent_scale
+from kl_autoencoder.fastpath import mixed_precision_for, stays_on_cpu
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, TrainingState, is_complete_checkpoint,  # noqa: F401
@@ -653,7 +653,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
                     images_since_log += x.shape[0] * world
             except StepAborted:
                 guard.roll_back()
-                _stop(t, run, state, nonfinite, progress, stop["signal"])
+                _stop_before_step(t, run, state, nonfinite, progress, stop["signal"])
             if t.ema is not None:
                 t.ema.update(t.raw_model)
             nonfinite.update(result.skipped)
@@ -690,20 +690,23 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
             if skip_log is not None:
                 state.skipped_images = skip_log.count
             checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
-            if stop_requested:
-                _stop(t, run, state, nonfinite, progress, stop["signal"])
-            if checkpoint_due or state.step == cfg.train.max_steps:
+            if checkpoint_due or stop_requested or state.step == cfg.train.max_steps:
                 nonfinite.read(state)
-                save_checkpoint(t, run, state)
+                path = save_checkpoint(t, run, state)
+                if stop_requested:
+                    if progress is not None:
+                        progress.close()
+                    acc.end_training()
+                    raise TrainingInterrupted(path, state.step, stop["signal"])
 
     if progress is not None:
         progress.close()
     return _finish(t, run, state, skip_log, trained=True)
 
 
-def _stop(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, progress: Any,
-          signal_name: str | None) -> None:
-    """Checkpoint `state` (the last finished step) and end training with TrainingInterrupted."""
+def _stop_before_step(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, progress: Any,
+                      signal_name: str | None) -> None:
+    """A step dropped by StepGuard: checkpoint `state` (the last finished step) and end with TrainingInterrupted."""
     nonfinite.read(state)
     path = save_checkpoint(t, run, state)
     if progress is not None:

@@ -152,6 +152,7 @@ def test_shard_size_shrinks_only_across_processes_and_only_when_asked_for_by_nob
     assert shard_size_for(16, world=2) == 8 and shard_size_for(15, world=2) == 8 and shard_size_for(1, world=4) == 1
     assert shard_size_for(16, world=1) == 256 == shard_size_for(10_000, world=2)  # reruns keep their shard layout
     assert shard_size_for(16, world=2, asked=256) == 256  # --shard-size is the user's
+    assert shard_size_for(None, world=2) == 256  # webdataset / parquet shards: one unit per input shard
 
 
 # ------------------------------------------------------------------------------------- 4, 5, 7, 8. evaluate

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from kl_autoencoder.cli import one_line_warnings  # noqa: E402  (warnings as one line each)
 
-from kl_autoencoder.cli import one_line_warnings  # noqa: E402
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
 from kl_autoencoder.distill import build_distillation  # noqa: E402
 from kl_autoencoder.fp16_fix import build_fp16_fix  # noqa: E402
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         # a config naming a distillation teacher trains a tiny autoencoder in the same loop; fp16_fix.enabled
         # fine-tunes model.pretrained against its frozen fp32 self (kl_autoencoder/fp16_fix.py)
         build = build_distillation if cfg.distill.teacher else build_fp16_fix if cfg.fp16_fix.enabled else None
-        with one_line_warnings():
-            train(cfg, build=build)  # prints "exported <folder>" once
+        train(cfg, build=build)  # prints "exported <folder>" once
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError) as e:  # found before training: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,4 +70,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_warnings():
+        sys.exit(main())
