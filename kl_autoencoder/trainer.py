@@ -178,7 +178,8 @@ class StepGuard:
 
     def __init__(self, t: "Training", stop: dict, state: TrainingState):
         self.stop, self.state, self.t = stop, state, t
-        self.enabled = t.accelerator.num_processes == 1
+        # one process, and weights that change only through an optimizer (whose step hook tells the guard)
+        self.enabled = t.accelerator.num_processes == 1 and t.optimizer is not None
         self.committed, self.batches_seen, self.handles = False, state.batches_seen, []
         if self.enabled and t.device.type == "cpu" and not t.cfg.model.compile:  # hooks would break its graphs
             for module in t.raw_model.modules():
