@@ -2,7 +2,7 @@
 
     python eval/evaluate.py --model PATH [PATH ...] --data SOURCE --out DIR [--resolution 256] [--num-images N]
                             [--batch-size B] [--sample] [--write-config [--write-latent-stats]]
-                            [--shift-factor auto|on|off]
+                            [--shift-factor auto|on|off] [--skip diffusability,fp16] [--no-progress]
 
 The same as `kl-autoencoder evaluate`; everything lives in kl_autoencoder/evaluation.py. Every model is checked
 before any work; a bad one exits with status 2 and a one-line message, writing nothing.
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from kl_autoencoder.cli import one_line_warnings  # noqa: E402  (warnings as one line each)
 
 from kl_autoencoder import evaluation  # noqa: E402
 from kl_autoencoder.untrusted import error_line  # noqa: E402
@@ -36,4 +37,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_warnings():
+        sys.exit(main())

@@ -19,6 +19,7 @@ import argparse
 import json
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,16 +131,26 @@ def cmd_convert(args) -> int:
     if args.config and Path(args.config).name != "config.json":
         raise UsageError(f"--config must point to a config.json, got {args.config}")
     args.format = convert_format(args.dst, args.format)  # before the model loads: a refusal costs nothing
+    if args.no_config and args.format != "ldm":
+        raise UsageError(f"{args.dst}: --no-config writes an LDM single file (a diffusers folder needs its "
+                         "config.json); name it NAME.safetensors")
     config = read_config(Path(args.config).parent) if args.config else None
     model = KLAutoencoder.from_pretrained(args.src, config=config, preset=args.preset)
     if args.scaling_factor is not None:
         model.config.scaling_factor = args.scaling_factor
     if args.shift_factor is not None:
         model.config.shift_factor = args.shift_factor
-    card = our_card(args.src) if args.format == "diffusers" else None
-    written = model.save_pretrained(args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
-                                    protect=_local_sources(args.src, args.config), card=card)
-    print(f"wrote {written} ({args.format}, {args.dtype or 'fp32'})")
+    protect = _local_sources(args.src, args.config)
+    if args.no_config:  # weights only, as released single files are
+        from kl_autoencoder.formats import save_weights
+
+        written = save_weights(model.state_dict(), None, args.dst, format="ldm", dtype=args.dtype,
+                               overwrite=args.overwrite, protect=protect)
+    else:
+        card = our_card(args.src) if args.format == "diffusers" else None
+        written = model.save_pretrained(args.dst, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                                        protect=protect, card=card)
+    print(f"wrote {written} ({args.format}{', no config' if args.no_config else ''}, {args.dtype or 'fp32'})")
     if args.format == "ldm":
         from kl_autoencoder.presets import front_end_notes
 
@@ -463,7 +474,11 @@ def _add_convert(sub) -> None:
     p.add_argument("--format", choices=("diffusers", "ldm"), default=None,
                    help="diffusers: a folder (config.json + diffusion_pytorch_model.safetensors) that "
                         "AutoencoderKL.from_pretrained loads; ldm: one CompVis-named .safetensors file (ComfyUI, "
-                        "A1111). Default: from DST, ldm for a .safetensors name, else diffusers")
+                        "A1111), with the model's config in its safetensors header (our loader and `info` read it "
+                        "back, other tools ignore it). Default: from DST, ldm for a .safetensors name, else diffusers")
+    p.add_argument("--no-config", action="store_true",
+                   help="an LDM single file with the weights only, as released VAEs are (loading it then needs "
+                        "--preset for the latent fields)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: keep fp32)")
     p.add_argument("--config", default=None, help="config.json to use for an LDM single file (which has none)")
     p.add_argument("--scaling-factor", type=float, default=None, help="override the config's scaling_factor")
@@ -559,7 +574,7 @@ def _add_distill(sub) -> None:
 
 
 def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kl-autoencoder", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kl-autoencoder", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_convert(sub)
@@ -627,6 +642,22 @@ def _system_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
+@contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Within: a warning prints as one `warning: ...` line on stderr (no file, line number or source line of ours)."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+@contextmanager
 def _image_pixel_limit(limit: int | None) -> Iterator[None]:
     """Pillow's decompression-bomb limit for the duration of one command (None: keep it; 0: no limit)."""
     from PIL import Image
@@ -648,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        with sigterm_raises():
+        with sigterm_raises(), one_line_warnings():
             args = build_parser(with_evaluate=command == "evaluate").parse_args(argv)
             with _image_pixel_limit(getattr(args, "max_image_pixels", None)):
                 return args.func(args)

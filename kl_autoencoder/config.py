@@ -175,8 +175,9 @@ class TrainSection:
     batch_size: int = 8  # per process
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps
-    # autocast dtype; weights stay fp32, the posterior and losses are computed in fp32
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # autocast dtype; weights stay fp32, the posterior and losses are computed in fp32. auto: bf16 on a GPU that has
+    # it, else fp32 (on a CPU bf16 is emulated and many times slower)
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
     log_every: int = 10  # steps between metrics.jsonl / tracker entries
     image_every: int = 500  # reconstruction grid to TensorBoard; 0 = never
     checkpoint_every: int = 1000  # 0 = only the final checkpoint

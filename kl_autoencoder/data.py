@@ -927,7 +927,7 @@ def load_eval_images(
 ) -> tuple[list[str], torch.Tensor]:
     """Centre-cropped evaluation images: (names, [N, 3, R, R] in [-1, 1]).
 
-    `source`: "sample" (all 14 built-in photos: reconstruction quality is not judged on held-out data
+    `source`: "sample" (all 12 built-in photos: reconstruction quality is not judged on held-out data
     alone; "sample:heldout" / "sample:train" pick one part), an image folder (unreadable files are skipped
     with a warning, and recorded in `skipped` when given) or a hub dataset name (`split`, streamed when
     `num_images` is set).

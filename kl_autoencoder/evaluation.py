@@ -61,7 +61,8 @@ from tqdm.auto import tqdm
 from kl_autoencoder import diffusability as D
 from kl_autoencoder import metrics as M
 from kl_autoencoder.fp16 import fp16_entry
-from kl_autoencoder.data import SkipLog, load_eval_images
+from kl_autoencoder.data import (SAMPLE_HELDOUT, SAMPLE_TRAIN, SkipLog, is_local_path, iter_image_folder,
+                                  load_eval_images)
 from kl_autoencoder.spelling import check_source_spelling
 from kl_autoencoder.durable import atomic_write_text
 from kl_autoencoder.model_card import add_evaluation, evaluation_lines
@@ -70,7 +71,7 @@ from kl_autoencoder.evaluation_pictures import (  # noqa: F401  (re-exported: th
     write_pictures,
 )
 from kl_autoencoder.evaluation_report import (  # noqa: F401  (re-exported)
-    ALL, HELD_OUT, REPORT_SECTIONS, TRAINING, ReportSection, channel_table, headline_section,
+    ALL, HELD_OUT, REPORT_SECTIONS, TRAINING, ReportSection, channel_table, headline_scope, headline_section,
     image_metrics_section, model_sections, notes_section, render_report, skipped_section, teacher_section,
     whole_set_section, write_json, _fmt, _plural,
 )
@@ -87,6 +88,7 @@ LATENT_IMAGES = 2      # images whose latent channels are drawn
 KEPT_LATENTS = 20_000  # latent values per channel kept for the histograms
 IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "colour_error", "delta_e", "hue_error")  # per image, per split
 SHIFT_CHOICES = {"auto": None, "on": True, "off": False}
+SKIPPABLE = ("diffusability", "fp16")  # sections `--skip` leaves out (each seconds to minutes per full-size VAE)
 
 
 class EvaluationError(ValueError):
@@ -104,8 +106,10 @@ EVALUATION_FILES = ("metrics.json", "report.md")
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", nargs="+", required=True, metavar="PATH",
                         help="diffusers / pipeline folder, LDM single file or hub id (several: side by side)")
-    parser.add_argument("--data", default="sample",
-                        help='"sample" (built-in photos: 2 held-out, 12 training), an image folder, or a hub dataset')
+    parser.add_argument("--data", default=None,
+                        help=f'an image folder (e.g. photos held out of your fine-tune), a hub dataset, or "sample" '
+                             f'(the default: the built-in photos, {len(SAMPLE_HELDOUT)} held out of the sample '
+                             f'source\'s training runs, {len(SAMPLE_TRAIN)} trained on)')
     parser.add_argument("--out", required=True, type=Path, help="output folder for metrics.json, report.md, pictures")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier evaluation in --out (refused otherwise)")
@@ -130,7 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed for posterior samples")
     parser.add_argument("--worst-k", type=int, default=4, help="worst images (by PSNR) shown in the report")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (a line per step still says "
+                                                                    "what runs)")
+    parser.add_argument("--skip", type=skip_sections, default=(), metavar="SECTIONS",
+                        help=f"leave out these sections, comma-separated: {', '.join(SKIPPABLE)}")
     parser.add_argument("--diffusability-probe", action="store_true",
                         help="also train the diffusability probe on crops of the sample photos (~1 min per VAE)")
     parser.add_argument("--teacher", default=None, metavar="PATH",
@@ -139,35 +146,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def skip_sections(text: str) -> tuple[str, ...]:
+    """`--skip diffusability,fp16`: the named sections, each one of SKIPPABLE."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in SKIPPABLE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(SKIPPABLE)} (comma-separated)")
+    return names
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run `evaluate` from parsed arguments and print the headline and where the results went."""
-    check_source_spelling(args.data, "--data")  # a typo is said at once, not after a wait for the hub
+    data = args.data or "sample"
+    check_source_spelling(data, "--data")  # a typo is said at once, not after a wait for the hub
     if args.write_latent_stats and not args.write_config:
         raise EvaluationError("--write-latent-stats only makes sense together with --write-config")
-    check_output(args.out, "evaluate", [args.data, *args.model, *([args.teacher] if args.teacher else [])],
+    check_output(args.out, "evaluate", [data, *args.model, *([args.teacher] if args.teacher else [])],
                  earlier=EVALUATION_FILES, overwrite=getattr(args, "overwrite", False), noun="result file")
+    if args.data is None:
+        status("--data not given: evaluating on the built-in sample photos")
     result = evaluate(
-        args.model, args.data, args.out, resolution=args.resolution, num_images=args.num_images,
+        args.model, data, args.out, resolution=args.resolution, num_images=args.num_images,
         batch_size=args.batch_size, sample=args.sample, write_config=args.write_config,
         write_latent_stats=args.write_latent_stats, shift=SHIFT_CHOICES[args.shift_factor], lpips_net=args.lpips_net,
         device=args.device, seed=args.seed, worst_k=args.worst_k, progress=not args.no_progress,
         diffusability_probe=args.diffusability_probe, teacher=args.teacher, force=args.force, preset=args.preset,
+        skip=getattr(args, "skip", ()),
     )
     headline = result["headline"]
     for name, values in headline["models"].items():
         entry = result["models"][name]
-        detail = (f"scaling_factor {entry['latents']['scaling_factor']:.5g}" if entry["latents"] is not None else
-                  f"vs teacher {_fmt(entry['teacher']['decode']['splits'][headline['split']]['psnr'])} dB (decode)"
-                  if entry.get("teacher") else "tiny autoencoder")
-        print(f"{name}: {headline['split']} images ({headline['num_images']}): PSNR {_fmt(values['psnr'])} dB, "
+        print(f"{name}: {headline_scope(result)}: PSNR {_fmt(values['psnr'])} dB, "
               f"SSIM {_fmt(values['ssim'])}, colour error {_fmt(values['colour_error'])}, ΔE2000 "
-              f"{_fmt(values['delta_e'], 3)}, hue error {_fmt(values['hue_error'], 3)}°; {detail}")
+              f"{_fmt(values['delta_e'], 3)}, hue error {_fmt(values['hue_error'], 3)}°; "
+              + latent_detail(entry, headline))
     if result["skipped_images"]:
         print(f"skipped {_plural(result['skipped_images'], 'unreadable image')}: "
               + ", ".join(shown(name) for name in result["skipped_files"][:20])
               + (" ..." if len(result["skipped_files"]) > 20 else ""))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
     return result
+
+
+def latent_detail(entry: dict[str, Any], headline: dict[str, Any]) -> str:
+    """The console's word on a model's latent scale: its own (config.json) and the one measured here."""
+    if entry["latents"] is not None:
+        configured = entry.get("configured", {}).get("scaling_factor")
+        own = "" if configured is None else f"scaling_factor {configured:.5g} (its config), "
+        return f"{own}measured 1/std of its latents {entry['latents']['scaling_factor']:.5g}"
+    if entry.get("teacher"):
+        return f"vs teacher {_fmt(entry['teacher']['decode']['splits'][headline['split']]['psnr'])} dB (decode)"
+    return "tiny autoencoder"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -181,6 +210,7 @@ class EvalImages:
     images: torch.Tensor              # [N, 3, R, R] in [-1, 1]
     splits: dict[str, list[int]]      # split name -> image indices, in report order (held-out first)
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable file -> reason
+    available: int | None = None      # images the source has (None: a hub dataset, not counted)
 
 
 def split_sources(data: str) -> list[tuple[str, str]]:
@@ -213,7 +243,49 @@ def load_split_images(data: str, resolution: int, num_images: int | None = None)
         parts.append(part)
     if not names:
         raise EvaluationError(f"no images in {data!r}")
-    return EvalImages(names, torch.cat(parts), splits, skipped.reasons)
+    return EvalImages(names, torch.cat(parts), splits, skipped.reasons, available_images(data))
+
+
+def available_images(data: str) -> int | None:
+    """How many images `data` holds, whatever --num-images keeps: the sample's photos, a folder's image files."""
+    if data.startswith("sample"):
+        return sum(len(SAMPLE_HELDOUT if s == HELD_OUT else SAMPLE_TRAIN) for s, _ in split_sources(data))
+    return len(iter_image_folder(data)) if is_local_path(data) else None
+
+
+def describe_images(data: str, images: EvalImages) -> str:
+    """What is evaluated, in words: the count, the source, and what its splits mean."""
+    count = len(images.names)
+    if data.startswith("sample"):
+        words = {HELD_OUT: "held out of the sample source's training", TRAINING: "its training photos"}
+        parts = [f"{len(indices)} {words[split]}" for split, indices in images.splits.items()]
+        return f"the built-in sample photos ({', '.join(parts)})"
+    first = f"the first {count} of {images.available}" if (images.available or 0) > count else f"{count}"
+    return f"{first} images of {data} (one split, all: none known to be held out)"
+
+
+def trained_on(model_path: str) -> str | None:
+    """The data.source of the training run that exported `model_path` (RUN/vae beside RUN/config.yaml), if any."""
+    import yaml
+
+    config = Path(model_path).expanduser().parent / "config.yaml"
+    try:
+        source = (yaml.safe_load(config.read_text(encoding="utf-8")) or {})["data"]["source"]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+    return source if isinstance(source, str) else None
+
+
+def heldout_warnings(model_path: str, name: str, images: EvalImages) -> list[str]:
+    """The sample's held-out photos are held out of sample-source runs only: said for a model trained on another
+    source (a fine-tune on your folder may have seen them)."""
+    source = trained_on(model_path)
+    if HELD_OUT not in images.splits or source is None or source.startswith("sample"):
+        return []
+    message = (f"{name} was trained on {source}, not on the sample source: its 'held-out' photos are held out of the "
+               "sample source's training only; evaluate on photos held out of your own (--data FOLDER)")
+    status(message)
+    return [message]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -728,15 +800,19 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
              shift: bool | None = None, lpips_net: str = "alex", device: str | torch.device | None = None,
              seed: int = 0, worst_k: int = 4, progress: bool = True, lpips_network: torch.nn.Module | None = None,
              fid_feature: torch.nn.Module | None = None, diffusability_probe: bool = False,
-             teacher: str | None = None, force: bool = False, preset: str | None = None) -> dict[str, Any]:
+             teacher: str | None = None, force: bool = False, preset: str | None = None,
+             skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Evaluate `models` on the same images from `data`; write metrics.json, report.md and pictures into `out`.
 
     Everything is checked (flags, --write-config targets, images, every model) before any work. `shift`: see
     `metrics.uses_shift`. `lpips_network` / `fid_feature` force networks in instead of the pretrained ones (tests
     only). `teacher`: the KL VAE the tiny autoencoders among `models` are compared with (`find_teacher`; added to
-    the models when not among them). Returns the metrics.json content (as Python values, with float infinities).
+    the models when not among them). `skip`: sections of SKIPPABLE left out. A line on stderr says what runs next,
+    progress bar or not. Returns the metrics.json content (as Python values, with float infinities).
     """
     models = check_request(models, teacher, batch_size, num_images, write_config, force)
+    if diffusability_probe and "diffusability" in skip:
+        raise EvaluationError("--diffusability-probe contradicts --skip diffusability")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     images = load_split_images(data, resolution, num_images)
@@ -744,37 +820,30 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
     names = model_names(models)
     teacher_index = find_teacher(models, loaded, teacher)
     teacher_model = loaded[teacher_index] if teacher_index is not None else None
+    status(f"evaluating {_plural(len(models), 'model')} on {describe_images(data, images)} at {resolution} px")
 
     lpips_metric = M.LPIPSMetric(lpips_net, device=device, network=lpips_network)
     labels = image_labels(images.names, images.splits)
-    result: dict[str, Any] = {
-        "data": data, "resolution": resolution, "num_images": len(images.names), "sample_posterior": sample,
-        "splits": {split: [images.names[i] for i in indices] for split, indices in images.splits.items()},
-        "skipped_images": len(images.skipped), "skipped_files": sorted(images.skipped),
-        "skip_reasons": images.skipped, "latent_definitions": M.LATENT_STATISTICS_DOC, "models": {},
-    }
+    result = result_header(data, resolution, images, sample, skip)
     for path, name in zip(models, names):
         model = prepare_for_inference(loaded.pop(0), device)
         fid_metric = M.FIDMetric(device=device, feature=fid_feature)
+        status(f"{name}: reconstructing {_plural(len(images.names), 'image')}")
         run_ = evaluate_model(model, name, images.images, batch_size=batch_size, sample=sample, device=device,
                               seed=seed, lpips_metric=lpips_metric, fid_metric=fid_metric, worst_k=worst_k,
                               progress=progress, splits=images.splits, shift=shift)
         entry = run_.metrics
         entry["path"] = str(path)
-        status(progress, f"{name}: drawing pictures into {out / name}")
+        entry["warnings"] += heldout_warnings(path, name, images)
+        status(f"{name}: drawing pictures into {out / name}")
         entry["pictures"] = write_pictures(run_, labels, out / name)
         if write_config:
             entry["config_written"] = str(write_latent_config(path, entry["latents"], write_latent_stats))
             counts = {split: len(names) for split, names in result["splits"].items()}
             add_evaluation(path, evaluation_lines(entry, data, resolution, counts))  # the card, if the folder has ours
-        if not isinstance(model, TinyAutoencoder):
-            status(progress, f"{name}: diffusability (latent and image spectra, equivariance"
-                             + (", training the probe)" if diffusability_probe else ")"))
-        entry["diffusability"] = diffusability_entry(model, images, batch_size, device, diffusability_probe, seed)
-        # fp16 safety (kl_autoencoder/fp16.py): activation peaks vs 65504, an fp16 encode/decode vs fp32
-        entry["fp16"] = None if isinstance(model, TinyAutoencoder) else fp16_entry(model, images.images)
+        entry.update(model_sections_entry(model, name, images, batch_size, device, diffusability_probe, seed, skip))
         if isinstance(model, TinyAutoencoder) and teacher_model is not None:
-            status(progress, f"{name}: comparing with the teacher {names[teacher_index]}")
+            status(f"{name}: comparing with the teacher {names[teacher_index]}")
             entry["teacher"] = compare_with_teacher(model, prepare_for_inference(teacher_model, device),
                                                     names[teacher_index], images.images, batch_size, device,
                                                     images.splits)
@@ -782,15 +851,44 @@ def evaluate(models: list[str], data: str, out: str | Path, resolution: int = 25
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    status(progress, f"writing {out / 'metrics.json'} and {out / 'report.md'}")
+    status(f"writing {out / 'metrics.json'} and {out / 'report.md'}")
     return write_results(result, images.names, out)
 
 
-def status(enabled: bool, message: str) -> None:
-    """One line on stderr, beside the progress bar, saying what comes next: the pictures and diffusability take
-    seconds after the bar ends (silent without the bar)."""
-    if enabled:
-        print(message + " ...", file=sys.stderr, flush=True)
+def result_header(data: str, resolution: int, images: EvalImages, sample: bool, skip: tuple[str, ...]
+                  ) -> dict[str, Any]:
+    """metrics.json's fields about the evaluation itself; the models' entries go into its "models"."""
+    return {
+        "data": data, "resolution": resolution, "num_images": len(images.names), "sample_posterior": sample,
+        "available_images": images.available, "skipped_sections": list(skip),
+        "splits": {split: [images.names[i] for i in indices] for split, indices in images.splits.items()},
+        "skipped_images": len(images.skipped), "skipped_files": sorted(images.skipped),
+        "skip_reasons": images.skipped, "latent_definitions": M.LATENT_STATISTICS_DOC, "models": {},
+    }
+
+
+def model_sections_entry(model, name: str, images: EvalImages, batch_size: int, device: torch.device, probe: bool,
+                         seed: int, skip: tuple[str, ...]) -> dict[str, Any]:
+    """A KL VAE's own latent factors (config.json), "diffusability" and "fp16" (None for a tiny autoencoder, or
+    when `skip` names them), each announced on stderr."""
+    if isinstance(model, TinyAutoencoder):
+        return {"diffusability": None, "fp16": None}
+    entry: dict[str, Any] = {"configured": {k: getattr(model.config, k) for k in ("scaling_factor", "shift_factor")},
+                             "diffusability": None, "fp16": None}
+    if "diffusability" not in skip:
+        status(f"{name}: diffusability (latent and image spectra, equivariance"
+               + (", training the probe)" if probe else ")"))
+        entry["diffusability"] = diffusability_entry(model, images, batch_size, device, probe, seed)
+    if "fp16" not in skip:  # fp16 safety (kl_autoencoder/fp16.py): activation peaks vs 65504, fp16 vs fp32
+        status(f"{name}: fp16 safety (activation peaks, an fp16 encode and decode)")
+        entry["fp16"] = fp16_entry(model, images.images)
+    return entry
+
+
+def status(message: str) -> None:
+    """One line on stderr saying what comes next (each part takes seconds to minutes on a CPU), with the progress
+    bar or without it."""
+    print(message + " ...", file=sys.stderr, flush=True)
 
 
 def write_results(result: dict[str, Any], image_names: list[str], out: Path) -> dict[str, Any]:

@@ -56,12 +56,23 @@ def _split_title(split: str) -> str:
     return {HELD_OUT: "held-out images", TRAINING: "training images", ALL: "all images"}.get(split, split)
 
 
+def headline_scope(result: dict[str, Any]) -> str:
+    """The images the headline covers: its split and count, and the source's count when --num-images kept fewer."""
+    headline = result["headline"]
+    count, total = headline["num_images"], result["num_images"]
+    scope = f"{_split_title(headline['split'])} ({count}" + (f" of {total})" if count != total else ")")
+    available = result.get("available_images")
+    if available is not None and available > total:
+        scope += f", the first {total} of the {available} in `{result['data']}` (--num-images {total})"
+    return scope
+
+
 def headline_section(result: dict[str, Any]) -> list[str]:
     headline = result["headline"]
     parts = [f"`{m}` PSNR {_fmt(v['psnr'])} dB, SSIM {_fmt(v['ssim'])}, colour error {_fmt(v['colour_error'])}, "
              f"ΔE2000 {_fmt(v['delta_e'], 3)}, hue error {_fmt(v['hue_error'], 3)}°"
              for m, v in headline["models"].items()]
-    scope = f"{_split_title(headline['split'])} ({headline['num_images']} of {result['num_images']})"
+    scope = headline_scope(result)
     if headline["split"] != HELD_OUT:
         scope += ", no held-out images in this evaluation"
     return ["# Autoencoder evaluation", "", f"**Headline, {scope}:** " + "; ".join(parts) + ".", ""]
@@ -122,8 +133,10 @@ def whole_set_section(result: dict[str, Any]) -> list[str]:
         return lambda e: "n/a (tiny)" if e["latents"] is None else text(e["latents"])
 
     rows = [("rFID ↓", lambda e: _fmt(e["rfid"])),
-            ("scaling_factor", latent(lambda s: f"{s['scaling_factor']:.5g}")),
-            ("shift_factor", latent(lambda s: "none" if s["shift_factor"] is None else f"{s['shift_factor']:.4g}")),
+            ("scaling_factor (its config.json)", lambda e: "n/a (tiny)" if e["latents"] is None else
+             f"{e['configured']['scaling_factor']:.5g}" if e.get("configured") else "n/a"),
+            ("scaling_factor measured (1 / std)", latent(lambda s: f"{s['scaling_factor']:.5g}")),
+            ("shift_factor measured", latent(lambda s: "none" if s["shift_factor"] is None else f"{s['shift_factor']:.4g}")),
             ("active channels", latent(lambda s: f"{s['active_units']} / {len(s['unit_activity'])}")),
             ("KL per image (nats)", latent(lambda s: f"{s['kl_total']:.4g}")),
             ("encode images/s", lambda e: _speed(e["speed"]["encode_images_per_s"])),
@@ -142,8 +155,11 @@ def notes_section(result: dict[str, Any]) -> list[str]:
     if any(e["ms_ssim"] and e["ms_ssim"]["scales"] < len(M.MS_SSIM_WEIGHTS) for e in models.values()):
         lines.append(f"- MS-SSIM at {result['resolution']} px uses fewer than 5 scales (coarsest side must hold the "
                      f"11-pixel window); the used weights are renormalized to sum to 1.")
-    lines.append("- scaling_factor: 1 / std of posterior samples z; shift_factor: their mean, only for models with "
+    lines.append("- scaling_factor measured: 1 / std of posterior samples z over these images, what `--write-config` "
+                 "would store (the model's own is its config.json's); shift_factor: their mean, only for models with "
                  ">= 16 latent channels unless `--shift-factor` says otherwise (metrics.py).")
+    if result.get("skipped_sections"):
+        lines.append(f"- left out (--skip): {', '.join(result['skipped_sections'])}.")
     lines.append("- colour error: |mean RGB of the reconstruction - of the original| (global); ΔE2000: CIEDE2000 in CIE "
                  "Lab (D65) per pixel, averaged per image (about 1 is just noticeable, local: a leaf turning brown in "
                  f"patches shows); hue error: HSV hue difference in degrees over the pixels of saturation above "

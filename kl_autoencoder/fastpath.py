@@ -17,6 +17,7 @@ posterior and every loss in fp32 (model.encode and losses.py cast), fused SDPA a
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import warnings
 from contextlib import nullcontext
@@ -92,6 +93,32 @@ def fused_adamw_supported(device: torch.device | str) -> bool:
         return True
     except (RuntimeError, ValueError, TypeError):
         return False
+
+
+def stays_on_cpu(device: str | None = None) -> bool:
+    """Whether a run (or one `accelerate launch` process) works on the CPU: asked for (`device` "cpu", or
+    ACCELERATE_USE_CPU, which `accelerate launch --cpu` sets) or no CUDA device here. Accelerate's own default is to
+    treat a process without a GPU as a single process, so its rank and process count are only right when told."""
+    if device is not None:
+        return torch.device(device).type == "cpu"
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def mixed_precision_for(requested: str, cpu: bool) -> tuple[str, str]:
+    """(the autocast mode a training run uses, the one line that says so). "auto" is bf16 where it is fast: a CUDA
+    device with native bf16; elsewhere fp32 ("no"), since a CPU without AMX emulates bf16 many times slower (22x
+    on an AVX2 laptop for an SDXL-size step). An explicit mode is the user's, with a word when it is slow there."""
+    if requested == "auto":
+        native = not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        mode = "bf16" if native else "no"
+        where = "this GPU has native bf16" if native else ("on a CPU fp32 is faster" if cpu else "no native bf16")
+        return mode, f"mixed precision: {mode} (train.mixed_precision=auto: {where})"
+    note = f"mixed precision: {requested}"
+    if cpu and requested != "no":
+        note += (f" (train.mixed_precision={requested} on a CPU: autocast is emulated there and often many times "
+                 "slower than fp32; train.mixed_precision=auto or no for fp32)")
+    return requested, note
 
 
 # ------------------------------------------------------------------------------------------------ applying it

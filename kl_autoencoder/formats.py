@@ -490,7 +490,7 @@ def diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
     return {"_class_name": "AutoencoderKL", "_diffusers_version": version, **config}
 
 
-def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path,
+def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any] | None, path: str | Path,
                  format: str = "diffusers", dtype: torch.dtype | str | None = None, *, overwrite: bool = False,
                  protect: Sequence[str | Path] = (), card: str | None = None) -> Path:
     """Export a diffusers-keyed state dict and its config (and, for a folder, the model card `card` as README.md);
@@ -499,7 +499,9 @@ def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: s
     Refuses NaN/inf weights before writing; the written files are read back and compared in the temporary location,
     and only a verified export is renamed into place. An existing `path` is replaced only when it is a previous
     export or `overwrite` is given, and never when it is or holds `/`, home, the current directory or one of
-    `protect` (the sources): see durable.check_replaceable_dir / check_replaceable_file.
+    `protect` (the sources): see durable.check_replaceable_dir / check_replaceable_file. `config` None writes an
+    LDM single file with weights only, as the released ones are (a loader then reads the architecture off the shapes
+    and needs a preset for the latent fields).
     """
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -507,6 +509,8 @@ def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: s
         dtype = DTYPES[dtype]
     if format not in ("diffusers", "ldm"):
         raise ValueError(f"unknown export format {format!r}; choose 'diffusers' or 'ldm'")
+    if config is None and format != "ldm":
+        raise ValueError("a diffusers folder needs its config.json: only an LDM single file can go without one")
     state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
     path = Path(path)
     bad = nonfinite_keys(state)
@@ -535,7 +539,7 @@ def save_weights(state: dict[str, torch.Tensor], config: dict[str, Any], path: s
     check_replaceable_file(path, overwrite, protect)
     ldm_state = diffusers_to_ldm(state)
     # The config rides along in the header, so our loader rebuilds the exact model (others ignore it).
-    metadata = {"format": "pt", "kl_autoencoder_config": json.dumps(config)}
+    metadata = {"format": "pt"} if config is None else {"format": "pt", "kl_autoencoder_config": json.dumps(config)}
 
     def write_checked(tmp: Path) -> None:
         save_file(ldm_state, tmp, metadata=metadata)

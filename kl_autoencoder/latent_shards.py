@@ -53,6 +53,7 @@ SHARD_NAME = "latent-shard-{:05d}.safetensors"
 SHARD_GLOB = "latent-shard-*.safetensors"
 TMP_GLOB = ".latent-shard-*.tmp"
 IDENTITY_FILE, MANIFEST_FILE = "encode.json", "manifest.json"
+DEFAULT_SHARD_SIZE = 256  # images per shard of a folder or saved dataset
 STD_SUFFIX = ".std"
 
 
@@ -471,11 +472,32 @@ def add_encode_arguments(p: Any) -> None:
     p.add_argument("--split", default="train", help="the split of a saved DatasetDict (default: train)")
     p.add_argument("--store-posterior", action="store_true",
                    help="store the posterior mean (KEY) and std (KEY.std) in diffusion units, to sample later")
-    p.add_argument("--shard-size", type=int, default=256, help="images per shard for a folder or saved dataset")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"images per shard for a folder or saved dataset (default: {DEFAULT_SHARD_SIZE}, fewer when "
+                        "there are too few images for every process to get a shard)")
     p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads per process (default: 2)")
     p.add_argument("--allow-local-paths", action="store_true",
                    help="read the local files that parquet / saved-dataset cells name instead of holding the image "
                         "(refused otherwise: a dataset from someone else could name any file of this machine)")
+
+
+def shard_size_for(total: int | None, world: int, asked: int | None = None) -> int:
+    """`asked` (--shard-size), else DEFAULT_SHARD_SIZE images, fewer across processes when a process would get no
+    shard: 16 images on 2 processes are 2 shards of 8. `total`: the input's image count (None: not counted)."""
+    if asked is not None:
+        return asked
+    if world == 1 or total is None:
+        return DEFAULT_SHARD_SIZE
+    return max(1, min(DEFAULT_SHARD_SIZE, -(-total // world)))
+
+
+def count_images(source: str, split: str | None) -> int | None:
+    """The images of a folder or saved dataset, whose shards `--shard-size` cuts (None for webdataset / parquet
+    shards, which stay one unit each)."""
+    root = Path(source).expanduser()
+    if source in SHARD_SOURCES or not root.is_dir():
+        return None
+    return len(load_saved_dataset(str(root), split)) if is_saved_dataset(root) else len(iter_image_folder(root))
 
 
 def wants_dataset_encode(args: Any) -> bool:
@@ -490,10 +512,17 @@ def encode_command(args: Any, load: Callable[..., Any]) -> int:
 
     from accelerate import PartialState
 
+    from kl_autoencoder.fastpath import stays_on_cpu
+
     if args.resolution is None:
         raise ValueError("--resolution R is needed to encode webdataset/parquet/saved-dataset inputs or across "
                          "processes (every image is centre-cropped to R x R)")
-    state = PartialState(cpu=args.device == "cpu")
+    state = PartialState(cpu=stays_on_cpu(args.device))  # else a process without a GPU is "process 0 of 1"
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise ValueError(f"launched as {launched} processes but accelerate sees {state.num_processes}; on a machine "
+                         "without GPUs pass --cpu to accelerate launch")
+    args.shard_size = shard_size_for(count_images(args.input, args.split), state.num_processes, args.shard_size)
     device = args.device or str(state.device)
     model = load(args.model, device, kl_only="the sharded encode stores posterior latents (an AutoencoderKL)",
                  preset=getattr(args, "preset", None))
@@ -509,5 +538,7 @@ def encode_command(args: Any, load: Callable[..., Any]) -> int:
         print(f"skipped {shown(name)}: {shown(reason, MAX_ERROR_CHARS)}", file=sys.stderr)
     sys.stderr.flush()
     prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
+    if not result.written and not result.existing:
+        prefix += "no shard fell to this process (fewer input shards than processes): "
     print(prefix + result.summary())
     return 0

@@ -203,8 +203,10 @@ def _load_backbone(lpips_model: nn.Module, net: str) -> None:
     try:
         load_lpips_backbone(lpips_model, net, download=True)
     except BackboneWeightsError as error:
-        raise PerceptualWeightsError(f"Could not load the pretrained {net} backbone for LPIPS: {error}; or use "
-                                     "pretrained=False.") from error
+        raise PerceptualWeightsError(f"Could not load the pretrained {net} backbone for LPIPS: {error}; or train "
+                                     "without it: loss.perceptual_weight=0 (no perceptual term) or "
+                                     f"loss.perceptual_pretrained=false (a random {net}: the term is not "
+                                     "perceptual)") from error
 
 
 def _freeze_as_buffers(module: nn.Module) -> None:

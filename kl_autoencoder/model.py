@@ -600,8 +600,9 @@ def _config_from(config: AutoencoderConfig | dict | None, origin: str, header: d
     if not stored:
         origin = f"the config inferred from the shapes in {weights}"
         config = formats.infer_architecture(header)
-        if preset is None:  # SD 1.x and SDXL have the same shapes: the factor is a guess, say which
-            warnings.warn(presets.assumed_scale_message(weights), stacklevel=3)
+        if preset is None:  # SD 1.x and SDXL have the same shapes: the latent fields are a guess, say which
+            config, message = presets.assume_release(config, weights)
+            warnings.warn(message, stacklevel=3)
     if preset is not None:
         config = presets.apply_preset(config.to_dict() if isinstance(config, AutoencoderConfig) else dict(config),
                                       preset, weights, stored)

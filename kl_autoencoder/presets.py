@@ -16,7 +16,7 @@ flux reference code). A preset also describes its release's architecture (`archi
 can be built with random weights, and a preset given for weights of another architecture is refused. A model that
 carries its config (a diffusers folder, our exports) keeps that config's values: they may have been re-measured, and a
 line warns where they differ from the preset's. Without a preset, a config-less file loads with SD 1.x's factor and a
-one-line warning that says so.
+one-line warning that says so (and SD 1.x's sample_size and force_upcast when its shapes are SD's).
 
 The export's record of where its latent fields came from (`LATENT_SCALE_KEY` in config.json, a private key diffusers
 ignores without a warning) is defined here too: `evaluate --write-config` reads it.
@@ -130,11 +130,25 @@ def apply_preset(config: dict[str, Any], name: str, source: str, stored: bool) -
     return config
 
 
-def assumed_scale_message(source: str) -> str:
+def assume_release(config: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
+    """A config-less file loaded without a preset: `config` (read off its shapes) with SD 1.x's latent fields when
+    the shapes are SD's kl-f8 (as diffusers assumes of a single file), else with only diffusers' default factor;
+    and the one-line warning that says which."""
+    try:
+        check_fits(PRESETS["sd"], config, source)
+    except PresetError:
+        return config, assumed_scale_message(source, f"scaling_factor {ASSUMED_SCALING_FACTOR} and no shift_factor")
+    sd = PRESETS["sd"]
+    assumed = (f"SD 1.x: scaling_factor {sd.scaling_factor}, no shift_factor, sample_size {sd.sample_size}, "
+               f"force_upcast {str(sd.force_upcast).lower()}")
+    return {**config, **sd.latent_fields()}, assumed_scale_message(source, assumed)
+
+
+def assumed_scale_message(source: str, assumed: str) -> str:
     """The one-line warning for a config-less file loaded without a preset."""
-    return (f"{source} carries no config: assuming scaling_factor {ASSUMED_SCALING_FACTOR} and no shift_factor "
-            f"(SD 1.x); for another release choose a preset ({', '.join(PRESETS)}: model.preset=NAME or --preset "
-            "NAME) or set model.architecture.scaling_factor / shift_factor")
+    return (f"{source} carries no config: assuming {assumed}; for another release choose a preset "
+            f"({', '.join(PRESETS)}: model.preset=NAME or --preset NAME) or set model.architecture.scaling_factor / "
+            "shift_factor")
 
 
 def _plain(value: Any) -> Any:

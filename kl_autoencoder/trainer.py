@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
 from kl_autoencoder.data import build_dataset, default_num_workers, order_workers, training_batches
-from kl_autoencoder.fastpath import FastPath, compile_with_fallback, make_adamw, prepare_loss_network, unwrap
+from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, mixed_precision_for,
+                                     prepare_loss_network, stays_on_cpu, unwrap)
 from kl_autoencoder.metrics import estimate_latent_scale
 from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model_card import model_card, run_description
@@ -151,8 +152,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
 
 @contextmanager
 def stop_signals() -> Iterator[dict]:
-    """SIGINT/SIGTERM set a flag (the loop finishes the step, checkpoints, and stops); handlers restored after. A
-    second signal, or one no handler could run for (blocked in a library), stops at once (signals.watch_signals)."""
+    """SIGINT/SIGTERM set a flag (the loop finishes or drops the step, checkpoints, and stops: StepGuard); handlers
+    restored after. A second signal, or one no handler could run for (blocked in a library), stops at once
+    (signals.watch_signals)."""
     flag: dict[str, str | None] = {"signal": None}
     previous = {}
 
@@ -169,6 +171,60 @@ def stop_signals() -> Iterator[dict]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class StepAborted(Exception):
+    """A stop signal arrived inside a step before any weight changed: the step is dropped, not finished."""
+
+
+class StepGuard:
+    """Lets a stop signal end a long step early where that is safe: one process (the others would wait in a
+    collective), and no optimizer has stepped yet in this step (so the weights, the optimizers' moments and the EMA
+    are the previous step's). Between micro-batches on any device; on a CPU, where one step of a full-size VAE takes
+    minutes, also at every convolution of the trained model, forward or backward. The loop then rolls the data
+    position back and checkpoints the previous step, so a resume replays the dropped step exactly."""
+
+    def __init__(self, t: "Training", stop: dict, state: TrainingState):
+        self.stop, self.state, self.t = stop, state, t
+        # one process, and weights that change only through an optimizer (whose step hook tells the guard)
+        self.enabled = t.accelerator.num_processes == 1 and t.optimizer is not None
+        self.committed, self.batches_seen, self.handles = False, state.batches_seen, []
+        if self.enabled and t.device.type == "cpu" and not t.cfg.model.compile:  # hooks would break its graphs
+            for module in t.raw_model.modules():
+                if isinstance(module, nn.Conv2d):
+                    self.handles += [module.register_forward_pre_hook(self.check),
+                                     module.register_forward_hook(self._watch_backward)]
+            for optimizer in (t.optimizer, t.d_optimizer):
+                if optimizer is not None:
+                    self.handles.append(_inner(optimizer).register_step_pre_hook(self._commit))
+
+    def begin(self) -> None:
+        self.committed, self.batches_seen = False, self.state.batches_seen
+
+    def check(self, *_: Any) -> None:
+        if self.enabled and not self.committed and self.stop["signal"] is not None:
+            raise StepAborted
+
+    def _commit(self, *_: Any) -> None:
+        self.committed = True
+
+    def _watch_backward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self.check)
+
+    def roll_back(self) -> None:
+        """The dropped step's gradients and data position undone."""
+        self.state.batches_seen = self.batches_seen
+        for optimizer in (self.t.optimizer, self.t.d_optimizer):
+            if optimizer is not None:
+                _inner(optimizer).zero_grad(set_to_none=True)
+
+    def __enter__(self) -> "StepGuard":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, count: int = 8) -> torch.Tensor:
@@ -191,9 +247,9 @@ def make_accelerator(cfg: TrainConfig):
     # accumulation) so train() can be called again in one process. The process group (PartialState) stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    use_cpu = stays_on_cpu()
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=mixed_precision_for(cfg.train.mixed_precision, use_cpu)[0],
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with(cfg),
         project_config=ProjectConfiguration(project_dir=cfg.train.output_dir, logging_dir=cfg.train.output_dir,
@@ -610,7 +666,8 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
         run.start_metrics(state.step)
     if state.step >= cfg.train.max_steps:
         return _finish(t, run, state, None, trained=False)
-    acc.print(f"training on {world} process(es), {device.type} (mixed precision: {cfg.train.mixed_precision})")
+    for line in start_lines(t):
+        acc.print(line)
 
     dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
     batches = training_batches(dataset, cfg.train.batch_size, cfg.train.seed, rank, world, state.batches_seen, workers)
@@ -624,13 +681,20 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
         progress = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
     last_log_time, images_since_log = time.perf_counter(), 0
 
-    with stop_signals() as stop:
+    with stop_signals() as stop, StepGuard(t, stop, state) as guard:
         while state.step < cfg.train.max_steps:
             set_learning_rates(t, state.step)
-            for micro in range(cfg.train.grad_accum_steps):
-                x = next_readable_batch(batches, state, skip_log).to(device, non_blocking=True)
-                result = (t.step_fn or train_step)(t, x, state.step, micro)
-                images_since_log += x.shape[0] * world
+            guard.begin()
+            try:
+                for micro in range(cfg.train.grad_accum_steps):
+                    guard.check()
+                    x = next_readable_batch(batches, state, skip_log).to(device, non_blocking=True)
+                    result = (t.step_fn or train_step)(t, x, state.step, micro)
+                    images_since_log += x.shape[0] * world
+            except StepAborted:
+                guard.roll_back()
+                state.shard_counts = gathered_shard_counts(dataset)  # one process here: no collective to wait on
+                _stop_before_step(t, run, state, nonfinite, progress, stop["signal"])
             if t.ema is not None:
                 t.ema.update(t.raw_model)
             nonfinite.update(result.skipped)
@@ -686,6 +750,29 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     if progress is not None:
         progress.close()
     return _finish(t, run, state, skip_log, trained=True)
+
+
+def _stop_before_step(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, progress: Any,
+                      signal_name: str | None) -> None:
+    """A step dropped by StepGuard: checkpoint `state` (the last finished step) and end with TrainingInterrupted."""
+    nonfinite.read(state)
+    path = save_checkpoint(t, run, state)
+    if progress is not None:
+        progress.close()
+    t.accelerator.end_training()
+    raise TrainingInterrupted(path, state.step, signal_name)
+
+
+def start_lines(t: Training) -> list[str]:
+    """What a run says once at start: processes, device and mixed precision; a random perceptual network."""
+    cfg, device = t.cfg, t.device
+    lines = [f"training on {t.accelerator.num_processes} process(es), {device.type}; "
+             + mixed_precision_for(cfg.train.mixed_precision, device.type == "cpu")[1]]
+    if perceptual_weights(t) == "random":
+        why = "false" if cfg.loss.perceptual_pretrained is False else "auto, and the pretrained weights did not load"
+        lines.append(f"perceptual loss: a RANDOM {t.perceptual.net} (loss.perceptual_pretrained={why}): the term is "
+                     "not perceptual; loss.perceptual_weight=0 leaves it out")
+    return lines
 
 
 def next_readable_batch(batches: Iterator[dict], state: TrainingState, skip_log: Any) -> torch.Tensor:

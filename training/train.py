@@ -8,10 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from kl_autoencoder.cli import one_line_warnings  # noqa: E402  (warnings as one line each)
 
 from kl_autoencoder.config import ConfigError, load_config  # noqa: E402
 from kl_autoencoder.distill import build_distillation  # noqa: E402
@@ -26,6 +29,16 @@ from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, trai
 from kl_autoencoder.untrusted import error_line  # noqa: E402
 
 EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # the shell's 128 + signal number: `train && evaluate` stops
+
+
+def resume_command(output_dir: str) -> str:
+    """The line that continues a stopped run: the run's own config.yaml holds every override it was started with."""
+    script = Path(__file__).resolve()
+    shown = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launcher = "accelerate launch <the same launch options> " if launched else "python "
+    return (f"{launcher}{shlex.quote(str(shown))} --config {shlex.quote(str(Path(output_dir) / 'config.yaml'))} "
+            "train.resume=latest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingInterrupted as stop:
         print(f"\n{stop.signal_name or 'stop signal'}: stopped after step {stop.step}; checkpoint: {stop.checkpoint}\n"
-              f"resume with: python training/train.py --config {args.config or '<config>'} "
-              f"train.output_dir={cfg.train.output_dir} train.resume=latest", flush=True)
+              f"resume with: {resume_command(cfg.train.output_dir)}", flush=True)
         return EXIT_INTERRUPTED.get(stop.signal_name or "", 1)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -66,4 +78,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_warnings():
+        sys.exit(main())
