@@ -642,7 +642,6 @@ def _system_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-@contextmanager
 def one_line_warnings() -> Iterator[None]:
     """Within: a warning prints as one `warning: ...` line on stderr (no file, line number or source line of ours)."""
     previous = warnings.showwarning
