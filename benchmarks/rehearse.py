@@ -62,7 +62,7 @@ SINGLE = ["--config_file", "configs/accelerate/single-process.yaml"]
 MULTI = ["--config_file", "configs/accelerate/multi-gpu.yaml", "--num_processes", "2"]
 FAST_RECIPES = ("quickstart", "kl-f8", "kl-f8-c16", "finetune-decoder")
 FALL_STEPS = 20  # the loss must fall over a run of at least this many steps
-NO_VGG = ["loss.perceptual_pretrained=false"]  # no download: LPIPS on a random VGG
+NO_VGG = ("loss.perceptual_pretrained=false",)  # no download: LPIPS on a random VGG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +82,11 @@ class Recipe:
 
 RECIPES = {r.name: r for r in (
     Recipe("quickstart", SINGLE, steps=(30, 60), batch=(8, 8)),
-    Recipe("kl-f8", MULTI, extra=tuple(NO_VGG), fast_resolution=64),
-    Recipe("kl-f8-c16", MULTI, extra=tuple(NO_VGG), fast_resolution=64),
-    Recipe("finetune-decoder", SINGLE, source="sd", extra=tuple(NO_VGG), fast_resolution=64),
+    Recipe("kl-f8", MULTI, extra=NO_VGG, fast_resolution=64),
+    Recipe("kl-f8-c16", MULTI, extra=NO_VGG, fast_resolution=64),
+    Recipe("finetune-decoder", SINGLE, source="sd", extra=NO_VGG, fast_resolution=64),
     Recipe("fp16-fix", "python", source="sdxl", fast_resolution=64),
-    Recipe("eq-finetune", "python", source="sd", extra=tuple(NO_VGG), fast_resolution=64),
+    Recipe("eq-finetune", "python", source="sd", extra=NO_VGG, fast_resolution=64),
     Recipe("distill", "distill", source="quickstart", steps=(2, 30), batch=(2, 8)),
 )}
 
@@ -144,10 +144,17 @@ def command(recipe: Recipe, overrides: list[str], source: Path | None, out: Path
                  "--out", str(out), *[o for o in overrides if not o.startswith("train.output_dir=")]], env)
     if recipe.launch == "python":
         return [sys.executable, "training/train.py", "--config", config, *overrides], env
-    if recipe.launch is MULTI and not torch.cuda.is_available():
+    if recipe.launch == MULTI and not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: 2 CPU processes stand for the GPUs
     return ([sys.executable, "-m", "accelerate.commands.launch", *recipe.launch, "-q", "training/train.py",
              "--config", config, *overrides], env)
+
+
+def shown(argv: list[str], env: dict) -> str:
+    """`argv` as the README writes it (accelerate launch, kl-autoencoder, python)."""
+    names = {"accelerate.commands.launch": "accelerate launch", "kl_autoencoder.cli": "kl-autoencoder"}
+    words = [names[argv[2]], *argv[3:]] if argv[1] == "-m" else ["python", *argv[1:]]
+    return ("ACCELERATE_USE_CPU=true " if env.get("ACCELERATE_USE_CPU") else "") + " ".join(words)
 
 
 # ----------------------------------------------------------------------------------------------- promises
@@ -318,7 +325,7 @@ def rehearse(recipe: Recipe, root: Path, sources: Path, full: bool, steps: int |
     argv, env = command(recipe, overrides, source, out)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    row: dict[str, Any] = {"recipe": recipe.name, "command": " ".join(argv[1:] if argv[1] == "-m" else argv),
+    row: dict[str, Any] = {"recipe": recipe.name, "command": shown(argv, env),
                            "seconds": round(time.perf_counter() - start, 1), "returncode": done.returncode}
     if done.returncode != 0 or not (out / "vae").is_dir():
         row["checks"] = judge(recipe.name, [{"check": "run", "expected": 0, "got": done.returncode}])
