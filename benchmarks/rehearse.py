@@ -20,11 +20,12 @@ What each export must be is read from the recipe's config (`promises`), independ
 - encoder frozen: every latent field the source's;
 - fp16 fix: every latent field the source's except `force_upcast: false` (pipelines run it in fp16);
 - distillation: a diffusers `AutoencoderTiny` with `scaling_factor` 1 and `shift_factor` 0;
-and for every recipe: diffusers loads the export without a warning, a pipeline's decode step (latents / scaling_factor
-+ shift_factor, `vae.decode`, `VaeImageProcessor.postprocess`) turns its latents into finite images, every logged
-value is finite, and the loss falls where at least 20 steps ran. A check listed in KNOWN is a promise known not to
-hold yet: reported as `known` (or `fixed` once it holds), it does not fail the run. Writes rehearsal[-full].json and
-.md (to --out, else benchmarks/results/); exits 1 when any other check fails.
+and for every recipe: diffusers loads the export without a warning (beyond what it says of a folder it saved
+itself), a pipeline's decode step (latents / scaling_factor + shift_factor, `vae.decode`,
+`VaeImageProcessor.postprocess`) turns its latents into finite images, every logged value is finite, and the loss
+falls where at least 20 steps ran. A check listed in KNOWN is a promise known not to hold yet: reported as `known`
+(or `fixed` once it holds), it does not fail the run. Writes rehearsal[-full].json and .md (to --out, else
+benchmarks/results/); exits 1 when any other check fails.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ RECIPES = {r.name: r for r in (
 # (recipe, check) -> why: promises known not to hold yet (reported as "known", or "fixed" once they hold)
 KNOWN = {
     ("fp16-fix", "force_upcast"): "the fp16 fix exports force_upcast true, so pipelines upcast it to fp32 anyway",
+    ("fp16-fix", "latent_scale"): "the fp16 fix's export does not record (_kl_autoencoder_latent_scale) that it kept "
+                                  "its source's factors, so evaluate --write-config replaces them without --force",
 }
 
 
@@ -212,6 +215,14 @@ def load_quietly(cls, path: Path):
     return model, handler.messages + [str(w.message) for w in caught]
 
 
+def own_save_warnings(cls, config) -> list[str]:
+    """What diffusers says loading a folder it saved itself from `config`: the baseline an export is held to
+    (AutoencoderTiny records a `block_out_channels`, which pipelines read, that its own loader then calls unexpected)."""
+    with tempfile.TemporaryDirectory() as folder:
+        cls.from_config(config).save_pretrained(folder)
+        return load_quietly(cls, Path(folder))[1]
+
+
 def pipeline_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """A diffusers pipeline's last step (SD / SDXL / SD3 / FLUX): unscale, decode, postprocess to [0, 1] images."""
     from diffusers.image_processor import VaeImageProcessor
@@ -270,7 +281,8 @@ def check_tiny_export(export: Path, teacher: Path, resolution: int) -> tuple[lis
     checks = [{"check": "scaling_factor", "expected": 1.0, "got": config.get("scaling_factor")},
               {"check": "shift_factor", "expected": 0.0, "got": config.get("shift_factor")}]
     tiny, messages = load_quietly(AutoencoderTiny, export)
-    checks.append({"check": "diffusers loads quietly", "expected": [], "got": messages})
+    checks.append({"check": "diffusers loads quietly", "expected": own_save_warnings(AutoencoderTiny, tiny.config),
+                   "got": messages})
     kl = AutoencoderKL.from_pretrained(teacher).eval()
     _, x = load_eval_images("sample:heldout", resolution)
     with torch.no_grad():
