@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from kl_autoencoder.config import TrainConfig, load_config  # noqa: E402
 from kl_autoencoder.data import load_eval_images  # noqa: E402
+from kl_autoencoder.durable import atomic_write_text  # noqa: E402
 from kl_autoencoder.formats import WEIGHTS_NAME, diffusers_config  # noqa: E402
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
 from kl_autoencoder.presets import LATENT_FIELDS, LATENT_SCALE_KEY, PRESETS  # noqa: E402
@@ -337,7 +338,7 @@ def rehearse(recipe: Recipe, root: Path, sources: Path, full: bool, steps: int |
     argv, env = command(recipe, overrides, source, out)
     start = time.perf_counter()
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    row: dict[str, Any] = {"recipe": recipe.name, "command": shown(argv, env),
+    row: dict[str, Any] = {"recipe": recipe.name, "command": shown(argv, env).replace(str(root.parent), "OUT"),
                            "seconds": round(time.perf_counter() - start, 1), "returncode": done.returncode}
     if done.returncode != 0 or not (out / "vae").is_dir():
         row["checks"] = judge(recipe.name, [{"check": "run", "expected": 0, "got": done.returncode}])
@@ -357,6 +358,7 @@ def rehearse(recipe: Recipe, root: Path, sources: Path, full: bool, steps: int |
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as a markdown table: each export's latent fields, the held-out std, the loss and the verdict."""
     lines = ["| recipe | s | res | precision | scaling_factor | shift_factor | sample_size | force_upcast | "
              "held-out std | loss first → last | checks |", "|" + " --- |" * 11]
     for r in rows:
@@ -415,9 +417,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}, native bf16: {native_bf16()}",
               "rows": rows, "failed": [r["recipe"] for r in rows if any(c["status"] == "FAIL" for c in r["checks"])]}
     stem = report_dir / ("rehearsal-full" if args.full else "rehearsal")
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    stem.with_suffix(".md").write_text(f"{result['command']} ({result['date']}, {result['machine']})\n\n"
-                                             + table(rows))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+    atomic_write_text(stem.with_suffix(".md"), f"{result['command']} ({result['date']}, {result['machine']})\n\n"
+                      + table(rows))
     return result
 
 
