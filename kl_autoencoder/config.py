@@ -29,7 +29,7 @@ import yaml
 from kl_autoencoder.durable import atomic_write_text, check_regular_file
 from kl_autoencoder.formats import WeightsError, capped_repr, find_config_json, is_local_path, read_config
 from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError, check_config_size
-from kl_autoencoder.presets import FACTOR_FIELDS, PRESETS, PresetError, check_fits, describe_choices, get_preset
+from kl_autoencoder.presets import PRESETS, PresetError, check_fits, describe_choices, get_preset
 from kl_autoencoder.spelling import BUILT_IN_SOURCES, source_suggestion
 from kl_autoencoder.trackers import TrackerError, check_report_to
 
@@ -189,8 +189,9 @@ class TrainSection:
     max_nonfinite_steps: int = 10  # consecutive skipped (NaN/inf) steps before stopping
     export_shift_factor: bool | None = None  # None = only for models with >= 16 latent channels (SD3/Flux style)
     scaling_images: int = 256  # random training crops whose posterior samples set the exported latent scale
-    # None = re-measure scaling/shift at export unless the encoder is frozen (then the pretrained model's
-    # scaling_factor, shift_factor, latents_mean/std and sample_size are kept: its latent space did not change)
+    # None = measure scaling/shift at export (from scratch, or a trained encoder) unless a pretrained model's encoder
+    # is frozen (then its scaling_factor, shift_factor, latents_mean/std and sample_size are kept: its latent space did
+    # not change); false keeps the factors as built (model.architecture's are otherwise only starting values)
     remeasure_latent_scale: bool | None = None
     # experiment trackers (through Accelerate): tensorboard, wandb, mlflow, comet_ml, aim, trackio, a list of them,
     # "all" (every one installed) or "none"; the config is logged as their hyper-parameters
@@ -605,10 +606,6 @@ def validate_model(cfg: TrainConfig) -> None:
         _require(os.path.exists(os.path.expanduser(model.pretrained)), "model.pretrained", model.pretrained,
                  "no such file or folder (override with model.pretrained=PATH)")
     validate_preset(model, cfg.distill.teacher or model.pretrained)
-    given = [k for k in FACTOR_FIELDS if k in model.architecture]
-    if given and cfg.train.remeasure_latent_scale:
-        raise ConfigError(f"'model.architecture.{given[0]}' = {capped_repr(model.architecture[given[0]])} is the "
-                          "factor that train.remeasure_latent_scale=true re-measures at export: drop one of the two")
     _require(model.init == "default" or model.pretrained is None, "model.init", model.init,
              "initialises a model trained from scratch; a pretrained model keeps its weights (drop model.init)")
     _require(not model.freeze_encoder or model.pretrained is not None, "model.pretrained", model.pretrained,

@@ -43,6 +43,8 @@ from kl_autoencoder.fastpath import FastPath, prepare_for_inference
 from kl_autoencoder.fp16 import module_peaks
 from kl_autoencoder.fp16_rescale import Unit, apply_factors_, rescale_units, shrink_factors, units_of
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+from kl_autoencoder.model_card import model_card
+from kl_autoencoder.presets import LATENT_SCALE_KEY
 from kl_autoencoder.trainer import StepResult, Training, build_model, make_accelerator
 
 
@@ -173,6 +175,15 @@ def export_fixed(t: Training, path: Path, calibration: Calibration) -> Path:
     config["force_upcast"] = force_upcast
     export = KLAutoencoder(AutoencoderConfig.from_dict(config))
     export.load_state_dict(t.raw_model.state_dict())
-    export.eval().save_pretrained(path)
+    cfg = t.cfg
+    # the latent space is the source's (an exact rescale): recorded as kept, so evaluate --write-config asks --force
+    record = {"latent_scale": "kept", "source": cfg.model.pretrained}
+    card = model_card(export.config.to_dict(), record=record, parameters=export.num_parameters(),
+                      training={"made fp16-safe from": cfg.model.pretrained,
+                                "how": f"an exact rescale of the layers past {cfg.fp16_fix.activation_limit:g}, "
+                                       f"calibrated on {cfg.train.max_steps} batches of {cfg.data.source}; no training",
+                                "force_upcast": line})
+    export.eval().save_pretrained(path, private={LATENT_SCALE_KEY: record}, overwrite=cfg.train.overwrite,
+                                  protect=[cfg.model.pretrained], card=card)
     t.accelerator.print(line)
     return path

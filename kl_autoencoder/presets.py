@@ -33,7 +33,6 @@ from kl_autoencoder.formats import WeightsError
 # The config fields that describe the latent space rather than the weights: a pretrained model takes them from its
 # config, a preset, or model.architecture (never from the weights), and an export keeps or re-measures them.
 LATENT_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "sample_size", "force_upcast")
-FACTOR_FIELDS = ("scaling_factor", "shift_factor")
 
 # What a config-less file gets without a preset: diffusers' own default (LDM_VAE_DEFAULT_SCALING_FACTOR), SD 1.x's.
 ASSUMED_SCALING_FACTOR = 0.18215

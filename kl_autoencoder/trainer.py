@@ -45,7 +45,7 @@ from kl_autoencoder.data import build_dataset, default_num_workers, order_worker
 from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, mixed_precision_for,
                                      prepare_loss_network, stays_on_cpu, unwrap)
 from kl_autoencoder.metrics import estimate_latent_scale
-from kl_autoencoder.presets import FACTOR_FIELDS, LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
+from kl_autoencoder.presets import LATENT_FIELDS, LATENT_SCALE_KEY, get_preset
 from kl_autoencoder.model_card import model_card, run_description
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder, zero_residual_init_
 from kl_autoencoder.signals import acknowledge, watch_signals
@@ -540,25 +540,26 @@ class NonFiniteCounter:
 
 
 def keeps_pretrained_latent_scale(cfg: TrainConfig) -> bool:
-    """Whether the export keeps the model's latent fields as built (source config <- preset <- model.architecture):
-    a frozen encoder leaves the latent space as it was, and factors the user set are theirs.
-    `train.remeasure_latent_scale` decides when set."""
+    """Whether the export keeps the model's factors as built (source config <- preset <- model.architecture): only a
+    pretrained model's frozen encoder leaves its latent space as it was. Factors in `model.architecture` are starting
+    values, re-measured like any other; `train.remeasure_latent_scale` decides when set (false keeps them)."""
     if cfg.train.remeasure_latent_scale is not None:
         return not cfg.train.remeasure_latent_scale
-    if any(k in cfg.model.architecture for k in FACTOR_FIELDS):
-        return True
     return bool(cfg.model.pretrained) and cfg.model.freeze_encoder
 
 
 def export_model(t: Training, path: Path) -> Path:
-    """Write the diffusers export (EMA weights when EMA is on). Its latent fields are kept (`keeps_pretrained_latent_
-    scale`) or the factors re-measured (`remeasure_latent_scale`); config.json records which (LATENT_SCALE_KEY)."""
+    """Write the diffusers export (EMA weights when EMA is on). Its factors are kept (`keeps_pretrained_latent_
+    scale`) or re-measured (`remeasure_latent_scale`); config.json records which (LATENT_SCALE_KEY). A model trained
+    from scratch gets `data.resolution` as `sample_size` (diffusers' tile size) unless model.architecture sets one."""
     with torch.device("meta"):  # no random init of weights the strict load below overwrites (seconds at full size)
         export = KLAutoencoder(AutoencoderConfig.from_dict(t.raw_model.config.to_dict()))
     export = export.to_empty(device=t.device)
     export.load_state_dict(t.ema.averaged_state_dict(t.raw_model) if t.ema is not None else t.raw_model.state_dict())
     export.eval()
     cfg = t.cfg
+    if not cfg.model.pretrained and "sample_size" not in cfg.model.architecture:
+        export.config.sample_size = cfg.data.resolution
     if keeps_pretrained_latent_scale(cfg):
         record = {"latent_scale": "kept", "source": cfg.model.pretrained or "model.architecture"}
     else:
@@ -574,10 +575,7 @@ def export_model(t: Training, path: Path) -> Path:
 def remeasure_latent_scale(model: KLAutoencoder, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Set `model`'s factors by `metrics.estimate_latent_scale` on `train.scaling_images` random training crops,
     un-augmented (no hue turn or flip: the latents a diffusion model will see), say so once, return the record.
-
-    `sample_size` (diffusers' tile size) stays the source's or the user's; a model trained from scratch without
-    one gets `data.resolution`. Per-channel `latents_mean` / `latents_std` described the old latent space: dropped.
-    """
+    Per-channel `latents_mean` / `latents_std` described the old latent space: dropped."""
     data = dataclasses.replace(cfg.data, random_hue=0.0, random_flip=False)
     crops = build_dataset(data, split=data.split, train=True)
     batches = training_batches(crops, min(cfg.train.batch_size, 32), cfg.train.seed + 1, num_workers=0)
@@ -586,13 +584,12 @@ def remeasure_latent_scale(model: KLAutoencoder, cfg: TrainConfig, device: torch
                                   generator=torch.Generator(device=device).manual_seed(cfg.train.seed))
     config, before = model.config, model.config.to_dict()
     config.scaling_factor, config.shift_factor = scale.scaling_factor, scale.shift_factor
-    if not cfg.model.pretrained and "sample_size" not in cfg.model.architecture:
-        config.sample_size = data.resolution
     dropped = config.latents_mean is not None or config.latents_std is not None
     config.latents_mean = config.latents_std = None
     shift = "none" if scale.shift_factor is None else f"{scale.shift_factor:.5g}"
-    why = "train.remeasure_latent_scale=true" if cfg.model.freeze_encoder else "the encoder was trained"
-    print(f"latent scale re-measured on {scale.num_images} un-augmented training crops ({why}): "
+    why = ("train.remeasure_latent_scale=true" if cfg.model.freeze_encoder
+           else "the encoder was trained" if cfg.model.pretrained else "trained from scratch")
+    print(f"latent scale measured on {scale.num_images} un-augmented training crops ({why}): "
           f"scaling_factor {scale.scaling_factor:.5g} (was {before['scaling_factor']:.5g}), shift_factor {shift}"
           + ("; the source's latents_mean/latents_std dropped" if dropped else ""), flush=True)
     return {"latent_scale": "measured", "images": scale.num_images, "resolution": data.resolution}

@@ -67,22 +67,41 @@ def test_decoder_only_keeps_every_latent_field_and_full_fine_tune_remeasures(pre
     assert full["latents_mean"] is None and full["latents_std"] is None  # the old latent space's statistics
 
 
-def test_user_latent_fields_on_a_pretrained_model_are_applied_and_kept(pretrained, tmp_path, one_thread):
-    export = train(load_config(None, TINY + [
-        f"model.pretrained={pretrained}", "model.architecture.scaling_factor=0.5", "model.architecture.shift_factor=0.1",
-        "model.architecture.sample_size=512", f"train.output_dir={tmp_path / 'run'}"]))  # encoder trains
-    fields = latent_fields(export)
-    assert (fields["scaling_factor"], fields["shift_factor"], fields["sample_size"]) == (0.5, 0.1, 512)
-    assert fields["record"]["latent_scale"] == "kept"
+def test_user_latent_fields_on_a_pretrained_model_are_applied_and_kept_when_asked(pretrained, tmp_path, one_thread):
+    user = [f"model.pretrained={pretrained}", "model.architecture.scaling_factor=0.5",
+            "model.architecture.shift_factor=0.1", "model.architecture.sample_size=512"]
+    kept = latent_fields(train(load_config(None, TINY + user + [
+        "train.remeasure_latent_scale=false", f"train.output_dir={tmp_path / 'kept'}"])))  # encoder trains
+    assert (kept["scaling_factor"], kept["shift_factor"], kept["sample_size"]) == (0.5, 0.1, 512)
+    assert kept["record"]["latent_scale"] == "kept"
+    # by default a factor set for a trained encoder is a starting value: re-measured; the user's sample_size stays
+    measured = latent_fields(train(load_config(None, TINY + user + [f"train.output_dir={tmp_path / 'measured'}"])))
+    assert measured["record"]["latent_scale"] == "measured" and measured["scaling_factor"] != 0.5
+    assert measured["sample_size"] == 512
     with pytest.raises(ConfigError, match="block_out_channels.*contradicts.*only scaling_factor"):
         build_model(load_config(None, [f"model.pretrained={pretrained}",
                                        "model.architecture.block_out_channels=[8, 32]"]).model)
     with pytest.raises(ConfigError, match="latents_mean has 2 entries but latent_channels is 4"):
         build_model(load_config(None, [f"model.pretrained={pretrained}",
                                        "model.architecture.latents_mean=[0.0, 1.0]"]).model)
-    with pytest.raises(ConfigError, match="scaling_factor.*remeasure_latent_scale=true.*drop one"):
-        load_config(None, [f"model.pretrained={pretrained}", "model.architecture.scaling_factor=0.5",
-                           "train.remeasure_latent_scale=true"])
+
+
+def test_a_from_scratch_factor_in_the_config_is_a_starting_value(tmp_path, one_thread):
+    """As configs/kl-f8(-c16).yaml: a scaling_factor in model.architecture does not stop the export measuring the
+    factors (and, at 16 channels, the shift), nor keep diffusers' default tile size."""
+    base = TINY_TRAINING + TINY[-4:]
+    for channels, factor in ((4, 0.18215), (16, 1.0)):
+        fields = latent_fields(train(load_config(None, base + [
+            f"model.architecture.latent_channels={channels}", f"model.architecture.scaling_factor={factor}",
+            f"train.output_dir={tmp_path / str(channels)}"])))
+        assert fields["record"]["latent_scale"] == "measured" and fields["scaling_factor"] != factor, channels
+        assert (fields["shift_factor"] is not None) == (channels == 16) and fields["sample_size"] == 32, channels
+        assert fields["force_upcast"] is True  # the default: the config does not say otherwise
+    kept = latent_fields(train(load_config(None, base + [
+        "model.architecture.scaling_factor=0.18215", "train.remeasure_latent_scale=false",
+        f"train.output_dir={tmp_path / 'kept'}"])))
+    assert kept["record"]["latent_scale"] == "kept" and kept["scaling_factor"] == 0.18215
+    assert kept["sample_size"] == 32  # a from-scratch export tiles at its training resolution either way
 
 
 def test_from_scratch_export_takes_the_training_resolution_as_sample_size(tmp_path, one_thread):

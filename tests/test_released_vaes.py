@@ -17,8 +17,8 @@ skipped, since checkpoints are tested elsewhere and these runs test the export.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import sys
 import shutil
 import warnings
 
@@ -32,6 +32,9 @@ from kl_autoencoder.data import build_transform, sample_images
 from kl_autoencoder.formats import WEIGHTS_NAME, diffusers_config, diffusers_to_ldm
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder.presets import LATENT_FIELDS, LATENT_SCALE_KEY, PRESETS, PresetError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from rehearse import load_quietly  # noqa: E402  (benchmarks/rehearse.py: the rehearsal loads each export alike)
 
 pytestmark = pytest.mark.full_size
 
@@ -84,28 +87,11 @@ def no_final_checkpoint(monkeypatch):
     monkeypatch.setattr(trainer, "save_checkpoint", lambda t, run, state: run.checkpoints / "not-written")
 
 
-class DiffusersWarnings(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def load_with_diffusers(path):
     """diffusers' AutoencoderKL of `path`, and every warning diffusers logged while loading it."""
     from diffusers import AutoencoderKL
 
-    handler, logger = DiffusersWarnings(), logging.getLogger("diffusers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            vae = AutoencoderKL.from_pretrained(path).eval()
-    finally:
-        logger.removeHandler(handler)
-    return vae, handler.messages + [str(w.message) for w in caught]
+    return load_quietly(AutoencoderKL, path)
 
 
 @pytest.mark.parametrize("mode", MODES)
