@@ -1,4 +1,4 @@
-"""Attacks through datasets and shards (issue 38): each test feeds a hostile shard or dataset to the installed code.
+"""Attacks through datasets and shards: each test feeds a hostile shard or dataset to the installed code.
 
 What a dataset or shard gives is bounded before it is read (tar members, parquet cells and their unpacked sizes,
 pixel counts of every image form, brace patterns); cells naming local files are not followed unless allowed, and

@@ -1,4 +1,4 @@
-"""Attacks through files and folders (issue 24): each test performs the attack with the installed code paths.
+"""Attacks through files and folders: each test performs the attack with the installed code paths.
 
 Exports never delete a folder the toolkit did not write (`convert`, `save_pretrained`, durable.atomic_write_dir);
 pretrained backbones planted in torch hub's cache are never unpickled with code execution (LPIPS in evaluation,

@@ -1,4 +1,4 @@
-"""Attacks on run folders and command outputs (issue 24 items 5, 6, 8 and its low items; issue 27 item 7).
+"""Attacks on run folders and command outputs.
 
 Each test performs the attack as a user or a planted file would, and checks that nothing the toolkit did not write
 is deleted, replaced or written through, and that each refusal is one clear line before any work.

@@ -92,7 +92,7 @@ def test_hue_error_is_the_turn_on_saturated_pixels_only():
 
 
 def test_a_latent_with_one_chroma_axis_shows_in_hue_error_and_delta_e_not_in_mean_colour():
-    """What issue 29 saw: lightness and one chroma axis kept (a*, green-red), the other flattened (b*, blue-yellow):
+    """What the 4-channel recipe did: lightness and one chroma axis kept (a*, green-red), the other flattened (b*, blue-yellow):
     the hue bars lose their hue while the global mean colour barely moves; the local measures say it."""
     hues = np.linspace(0, 1, 12, endpoint=False)
     bars = np.repeat(hues, 8)[None, :].repeat(32, 0)
@@ -152,7 +152,7 @@ def test_evaluation_reports_colour_per_image_per_split_and_the_worst_image(tmp_p
 
 
 def test_the_quickstart_turns_hues_of_the_sample_photos_only(tmp_path):
-    """Issue 29: a user pointing the quickstart at their own folder inherited `random_hue: 0.5`, an augmentation
+    """A user pointing the quickstart at their own folder inherited `random_hue: 0.5`, an augmentation
     meant for nine built-in photos; `null` now means 0.5 for the sample source and 0 elsewhere."""
     from pathlib import Path
 
@@ -201,7 +201,7 @@ def test_the_hue_chart_is_twelve_saturated_hsv_bars():
 
 
 def test_the_quickstart_recipe_carries_every_hue(tmp_path):
-    """Issue 29, item 4: the quickstart's latent once kept brightness and one chroma axis of two (hue error 44 and 46
+    """The quickstart's latent once kept brightness and one chroma axis of two (hue error 44 and 46
     degrees on the colour wheel and the hue chart, BENCHMARKS.md). Its recipe, here on a 600-step schedule instead of
     the main job's 1500, brings every hue back within 15 degrees on both (measured: 5.3 and 6.3; 300 steps are too few,
     37 and 28; the full run 3-5)."""

@@ -23,7 +23,7 @@ from kl_autoencoder.tiny import TinyAutoencoder, build_student
 from kl_autoencoder.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TEACHER = ROOT / "tests" / "assets" / "trained-f8"  # a briefly trained f8 KL VAE (the 4-channel quickstart architecture of before issue 29)
+TEACHER = ROOT / "tests" / "assets" / "trained-f8"  # a briefly trained f8 KL VAE (the earlier 4-channel quickstart architecture)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SMALL = ["distill.width=8", "distill.encoder_blocks=1", "distill.decoder_blocks=1", "data.num_workers=0",
          "train.batch_size=4", "train.log_every=5", "train.image_every=0", "train.checkpoint_every=0",
@@ -218,7 +218,7 @@ def test_optimizer_state_resumes_in_the_parameters_layout(tmp_path, fused):
 
 
 def test_student_learns_the_teachers_scaled_posterior_mean_and_its_decode(tmp_path):
-    """The regression targets (issue 25): the encoder's is (mean - shift) * scale of the teacher's posterior, as
+    """The regression targets: the encoder's is (mean - shift) * scale of the teacher's posterior, as
     TAESD's, the decoder's the teacher's decode of that mean; no posterior noise (before: a sample, whose noise no
     encoder can predict)."""
     from kl_autoencoder.distill import distill_step

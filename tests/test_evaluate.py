@@ -155,7 +155,7 @@ def test_command_line_reports_errors_as_one_line(tmp_path, capsys):
     assert err.startswith("error: could not load evaluation images") and str(tmp_path) in err
 
 
-# ---------------------------------------------------------------------------------------------------- issue 16
+# ----------------------------------------------------------------------------------------------------------
 
 
 def reference_psnr(model: KLAutoencoder, source: str) -> list[float]:

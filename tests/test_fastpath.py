@@ -157,7 +157,7 @@ def test_device_defaults():
     # Training on CPU keeps the VAE NCHW (GroupNorm's NHWC backward is slow there) and LPIPS' VGG NHWC.
     cpu_train = FastPath.for_device("cpu", training=True)
     assert not cpu_train.channels_last and cpu_train.loss_channels_last
-    assert cpu_train.lean_norm_act_bytes == 8 * 2**20  # the measured crossover (BENCHMARKS.md, issue 30)
+    assert cpu_train.lean_norm_act_bytes == 8 * 2**20  # the measured crossover (BENCHMARKS.md)
     for training in (False, True):
         gpu = FastPath.for_device("cuda", training=training, compile=False)
         assert gpu.autocast_dtype == torch.bfloat16 and gpu.tf32 and gpu.channels_last and not gpu.compile

@@ -1,4 +1,4 @@
-"""The GAN at full strength and scale (issue 25): the discriminator's learning rate scaled and scheduled as the
+"""The GAN at full strength and scale: the discriminator's learning rate scaled and scheduled as the
 autoencoder's, and two processes (DDP over gloo on the CPU) training with the GAN past disc_start, and EQ-VAE's
 transformed pairs, in lockstep."""
 

@@ -305,7 +305,7 @@ def test_adaptive_gan_weight_matches_hand_ratio():
         adaptive_gan_weight(rec, gan, weight.detach())
 
 
-# -- the GAN at full strength (issue 25) -------------------------------------------------------------------------------
+# -- the GAN at full strength -------------------------------------------------------------------------------------------
 
 
 def test_adaptive_gan_weight_through_the_output_is_the_same_ratio():
@@ -359,7 +359,7 @@ def test_discriminator_is_batch_independent_and_refuses_a_batchnorm_state():
     PatchDiscriminator(channels=8, norm="batch").load_state_dict(old.state_dict())  # like for like still loads
 
 
-# -- issue 30: the faster loss computes the same numbers ---------------------------------------------------------------
+# -- the faster loss computes the same numbers ------------------------------------------------------------------------
 
 
 def _lpips_package_copy(ours: PerceptualLoss, net: str) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""What a newcomer trips over (issue 27): commands that do what their paths say, both kinds of model everywhere a model
+"""What a newcomer trips over: commands that do what their paths say, both kinds of model everywhere a model
 is read, typos said at once, sample photos to try things on, a progress bar that reads per element, no lock left."""
 
 import json

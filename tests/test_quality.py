@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_MODEL = ["model.architecture.block_out_channels=[16,16,32]", "data.resolution=32", "data.num_workers=0", "train.batch_size=8", "train.log_every=50",
               "train.image_every=0", "train.checkpoint_every=0", "train.scaling_images=16"]
 STEPS = 300
-# the quickstart before issue 15's colour fix (and before issue 29's 16 channels and chroma term)
+# the quickstart before its colour fix (and before its 16 channels and chroma term)
 OLD_RECIPE = ["model.init=default", "data.random_hue=0", "data.max_crop_scale=null", "loss.pixel=l1",
               "model.architecture.latent_channels=4", "loss.chroma_weight=0"]
 

@@ -294,7 +294,7 @@ def test_encode_a_saved_dataset_in_row_shards(model, tmp_path):
 
 
 def test_concurrent_encodes_into_one_folder_are_refused(model, photo_shards, tmp_path):
-    """Issue 24 item 7: a second encode into an --out another encode is writing fails at once, and a shard is never
+    """A second encode into an --out another encode is writing fails at once, and a shard is never
     published over one another writer published."""
     from kl_autoencoder.inference import encode_folder
 

@@ -289,7 +289,7 @@ def test_training_step_matches_closed_form():
 
 
 def test_ema_keeps_its_decay_warm_up_across_a_state_dict_load():
-    """The EMA's host-side update count (no .item() per step) follows a loaded num_updates (issue 30)."""
+    """The EMA's host-side update count (no .item() per step) follows a loaded num_updates."""
     from kl_autoencoder.trainer import EMA
 
     torch.manual_seed(0)
