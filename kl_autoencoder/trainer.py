@@ -703,16 +703,8 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
             if log_now or device.type == "cpu":
                 nonfinite.check(state, cfg.train.max_nonfinite_steps, result.logs)
             if log_now:
-                values = {k: acc.reduce(v.to(device).float().reshape(()), "mean").item() for k, v in result.logs.items()}
                 now = time.perf_counter()
-                values.update(images_per_second=images_since_log / max(now - last_log_time, 1e-9),
-                              nonfinite_steps=state.nonfinite_total)
-                if t.optimizer is not None:  # fp16_fix's rescale has none
-                    values["lr"] = t.optimizer.param_groups[0]["lr"]
-                if t.d_optimizer is not None:
-                    values["d_lr"] = t.d_optimizer.param_groups[0]["lr"]
-                if skip_log is not None:
-                    values["skipped_images"] = skip_log.count
+                values = logged_values(t, result, state, images_since_log / max(now - last_log_time, 1e-9), skip_log)
                 last_log_time, images_since_log = now, 0
                 acc.log(values, step=state.step)
                 if acc.is_main_process:
@@ -747,6 +739,21 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     if progress is not None:
         progress.close()
     return _finish(t, run, state, skip_log, trained=True)
+
+
+def logged_values(t: Training, result: Any, state: TrainingState, images_per_second: float,
+                  skip_log: Any) -> dict[str, float]:
+    """What a log step records: the step's losses averaged over processes, throughput, learning rates, skip counts."""
+    acc, device = t.accelerator, t.device
+    values = {k: acc.reduce(v.to(device).float().reshape(()), "mean").item() for k, v in result.logs.items()}
+    values.update(images_per_second=images_per_second, nonfinite_steps=state.nonfinite_total)
+    if t.optimizer is not None:  # fp16_fix's rescale has none
+        values["lr"] = t.optimizer.param_groups[0]["lr"]
+    if t.d_optimizer is not None:
+        values["d_lr"] = t.d_optimizer.param_groups[0]["lr"]
+    if skip_log is not None:
+        values["skipped_images"] = skip_log.count
+    return values
 
 
 def _stop_before_step(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, progress: Any,
