@@ -130,6 +130,36 @@ def offline_trackers(tmp_path, monkeypatch) -> Path:
     return mlruns
 
 
+def comet_messages(folder: Path) -> list[dict]:
+    """The messages of comet_ml's offline experiment archive (a zip holding messages.json, one JSON a line)."""
+    import zipfile
+
+    (archive,) = folder.glob("*.zip")
+    with zipfile.ZipFile(archive) as zipped:
+        return [json.loads(line) for line in zipped.read("messages.json").decode().splitlines()]
+
+
+def test_comet_ml_offline_gets_the_figures_the_pictures_and_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("comet_ml")
+    offline = tmp_path / "comet"
+    for key, value in {"COMET_START_ONLINE": "false", "COMET_OFFLINE_DIRECTORY": str(offline),
+                       "COMET_DISABLE_AUTO_LOGGING": "true"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=4", "train.report_to=comet_ml"]))
+    messages = comet_messages(offline)
+    metrics = [m["payload"]["metric"] for m in messages if m["type"] == "metric_msg"]
+    assert [m["step"] for m in metrics if m["metricName"] == "val/psnr"] == [2, 4]
+    psnr = [m["metricValue"] for m in metrics if m["metricName"] == "val/psnr"]
+    assert psnr == pytest.approx([m["val/psnr"] for m in val_lines(out)])
+    params = {m["payload"]["param"]["paramName"]: m["payload"]["param"]["paramValue"] for m in messages
+              if m["type"] == "parameter_msg"}
+    assert params["train.batch_size"] == 4 and params["validation.every"] == 2
+    images = [m["payload"]["additional_params"] for m in messages
+              if m["type"] == "file_upload" and m["payload"].get("upload_type") == "visualization"]
+    assert [(i["figName"], i["step"]) for i in images] == [("validation", 2), ("validation", 4)]
+
+
 # ----------------------------------------------------------------------------------------------- one process
 
 
