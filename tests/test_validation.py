@@ -160,6 +160,26 @@ def test_comet_ml_offline_gets_the_figures_the_pictures_and_the_config(tmp_path,
     assert [(i["figName"], i["step"]) for i in images] == [("validation", 2), ("validation", 4)]
 
 
+def test_aim_gets_the_figures_the_pictures_and_the_config_in_the_run_folder(tmp_path):
+    pytest.importorskip("aim")
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+    from aim.storage.context import Context
+
+    out = tmp_path / "run"
+    train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=4", "train.report_to=aim"]))
+    repo = Repo(str(out))  # the repository in out/.aim
+    (run_hash,) = repo.list_all_runs()
+    RepoIndexManager.get_index_manager(repo).index(run_hash)  # what `aim up` does before it shows a run
+    run = repo.get_run(run_hash)
+    steps, (psnr, *_) = run.get_metric("val/psnr", Context({})).data.items_list()
+    assert steps == [2, 4] and psnr == pytest.approx([m["val/psnr"] for m in val_lines(out)])
+    assert run["hparams"]["train.batch_size"] == 4 and run["hparams"]["validation.every"] == 2
+    # the first batch's 2 photos over their 2 reconstructions, 32 px each, make_grid's 2 px padding: 70 x 70
+    images = run.get_image_sequence("validation", Context({})).data.items_list()
+    assert images[0] == [2, 4] and [i.to_pil_image().size for i in images[1][0]] == [(70, 70)] * 2
+
+
 # ----------------------------------------------------------------------------------------------- one process
 
 
