@@ -7,8 +7,8 @@ A tracker that is not installed is a one-line error naming the package to instal
 (before any work). The run's config is logged as the trackers' hyper-parameters, flattened to dotted keys
 (`optim.lr`). TensorBoard writes into the run folder as before; wandb's offline/online run files go into the run
 folder too unless WANDB_DIR says otherwise; mlflow, comet_ml and trackio follow their own settings
-(MLFLOW_TRACKING_URI; comet_ml runs offline with COMET_START_ONLINE=false, into COMET_OFFLINE_DIRECTORY); aim's repo is
-the run folder's .aim/. Scalars go through `Accelerator.log`; images and text through `log_images` /
+(MLFLOW_TRACKING_URI; comet_ml runs offline with COMET_START_ONLINE=false, into COMET_OFFLINE_DIRECTORY; trackio keeps
+a local SQLite store under TRACKIO_DIR); aim's repository is the run folder's .aim/. Scalars go through `Accelerator.log`; images and text through `log_images` /
 `log_text` here, to every tracker that takes them. Logging images or text never stops training.
 
 This module imports only the standard library at load time: config validation uses it.
@@ -122,6 +122,10 @@ def log_images(accelerator: Any, tag: str, grid: Any, step: int) -> None:
             from PIL import Image
 
             tracker.writer.log_image(Image.fromarray(image), name=tag, step=step)
+        elif tracker.name == "trackio":  # nor its trackio tracker; trackio.Image wraps one
+            import trackio
+
+            tracker.run.log({tag: trackio.Image(image)}, step=step)
         elif tracker.name == "aim":  # one image per tag: aim.Image refuses a list
             tracker.log_images({tag: image}, step=step)
         elif hasattr(tracker, "log_images"):

@@ -5,9 +5,11 @@ and mlflow (a local file store) receive the figures, pictures and hyper-paramete
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -178,6 +180,25 @@ def test_aim_gets_the_figures_the_pictures_and_the_config_in_the_run_folder(tmp_
     # the first batch's 2 photos over their 2 reconstructions, 32 px each, make_grid's 2 px padding: 70 x 70
     images = run.get_image_sequence("validation", Context({})).data.items_list()
     assert images[0] == [2, 4] and [i.to_pil_image().size for i in images[1][0]] == [(70, 70)] * 2
+
+
+def test_trackio_gets_the_figures_the_pictures_and_the_config_in_its_local_store(tmp_path):
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed")
+    out, store = tmp_path / "run", tmp_path / "trackio"  # trackio reads TRACKIO_DIR once, at import: a fresh process
+    args = [*TINY, *VAL, f"train.output_dir={out}", "train.max_steps=4", "train.report_to=trackio"]
+    done = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], cwd=ROOT,
+                          env={**ENV, "TRACKIO_DIR": str(store)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with sqlite3.connect(store / "kl-autoencoder.db") as db:  # trackio's store: one SQLite file per project
+        logs = [(step, json.loads(values)) for step, values in db.execute("SELECT step, metrics FROM metrics")]
+        ((config,),) = db.execute("SELECT config FROM configs").fetchall()
+    assert [(s, v["val/psnr"]) for s, v in logs if "val/psnr" in v] == [(m["step"], pytest.approx(m["val/psnr"]))
+                                                                       for m in val_lines(out)]
+    assert json.loads(config)["train.batch_size"] == 4 and json.loads(config)["validation.every"] == 2
+    images = [(s, v["validation"]) for s, v in logs if "validation" in v]
+    assert [s for s, _ in images] == [2, 4] and all(i["_type"] == "trackio.image" for _, i in images)
+    assert all(Image.open(store / "media" / i["file_path"]).size == (70, 70) for _, i in images)
 
 
 # ----------------------------------------------------------------------------------------------- one process
