@@ -1,7 +1,8 @@
 """Validation while training, the best checkpoint and the trackers: the figures are `evaluate`'s on the EMA weights,
 on one process and on two (every image once); validating leaves the training bitwise unchanged and a kill during a
-pass resumes exactly; the best checkpoint is kept, exported and named in summary.json; TensorBoard, wandb (offline)
-and mlflow (a local file store) receive the figures, pictures and hyper-parameters through the real libraries."""
+pass resumes exactly; the best checkpoint is kept, exported and named in summary.json; TensorBoard, wandb (offline),
+mlflow (a local file store), comet_ml (offline), aim and trackio (local stores) receive the figures, pictures and
+hyper-parameters through the real libraries."""
 
 from __future__ import annotations
 
