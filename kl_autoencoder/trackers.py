@@ -30,6 +30,9 @@ TRACKERS = {
     "aim": ("aim", "aim"),
     "trackio": ("trackio", "trackio"),
 }
+# how each tracker that could go online runs without a network (its own environment variables)
+OFFLINE = {"wandb": "WANDB_MODE=offline", "mlflow": "MLFLOW_TRACKING_URI=file:mlruns",
+           "comet_ml": "COMET_START_ONLINE=false"}
 TENSORBOARD_DIR = "tensorboard"  # the run folder's TensorBoard folder (run_folder.RUN_ARTEFACTS)
 
 
@@ -81,7 +84,15 @@ def init_trackers(accelerator: Any, cfg: Any) -> None:
     kwargs = {}
     if "WANDB_DIR" not in os.environ:  # wandb's run files beside the run's other logs, not in the working folder
         kwargs["wandb"] = {"dir": str(cfg.train.output_dir)}
-    accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(config_to_dict(cfg)), init_kwargs=kwargs)
+    try:
+        accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(config_to_dict(cfg)),
+                                  init_kwargs=kwargs)
+    except Exception as err:  # a missing key or no network: say so in one line, with the offline setting
+        names = tracker_names(cfg.train.report_to)
+        offline = "; ".join(f"{n}: {OFFLINE[n]}" for n in names if n in OFFLINE)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+        raise TrackerError(f"train.report_to={','.join(names)}: a tracker did not start: {reason}"
+                           + (f" (offline: {offline})" if offline else "")) from err
 
 
 def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -163,6 +163,20 @@ def test_comet_ml_offline_gets_the_figures_the_pictures_and_the_config(tmp_path,
     assert [(i["figName"], i["step"]) for i in images] == [("validation", 2), ("validation", 4)]
 
 
+def test_comet_ml_online_without_a_key_is_a_one_line_error_naming_the_offline_setting(tmp_path):
+    pytest.importorskip("comet_ml")
+    out = tmp_path / "run"
+    env = {k: v for k, v in ENV.items() if not k.startswith("COMET_")}
+    args = [*TINY, f"train.output_dir={out}", "train.max_steps=2", "train.report_to=comet_ml"]
+    done = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], cwd=ROOT,
+                          env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=300)  # no key anywhere: comet_ml refuses at start
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert "train.report_to=comet_ml: a tracker did not start: " in line and "API key" in line
+    assert line.endswith("(offline: comet_ml: COMET_START_ONLINE=false)")
+
+
 def test_aim_gets_the_figures_the_pictures_and_the_config_in_the_run_folder(tmp_path):
     pytest.importorskip("aim")
     from aim import Repo
