@@ -57,7 +57,7 @@ STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"  # a checkpoint being written, or an old one being deleted
 # What a fresh run may find in its folder without being told to overwrite: nothing of a previous run.
 RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "vae", "vae-best", "tensorboard",
-                 "wandb")
+                 "wandb", ".aim")
 RUN_MARKER = ".kl-autoencoder-run"  # written at claim: this folder holds (or held) one of our runs
 LOCK_FILE = ".lock"
 OWN_FILES = (RUN_MARKER, LOCK_FILE)  # never count as "the folder is not empty"

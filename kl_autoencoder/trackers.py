@@ -6,8 +6,9 @@
 A tracker that is not installed is a one-line error naming the package to install, said when the config is loaded
 (before any work). The run's config is logged as the trackers' hyper-parameters, flattened to dotted keys
 (`optim.lr`). TensorBoard writes into the run folder as before; wandb's offline/online run files go into the run
-folder too unless WANDB_DIR says otherwise; mlflow, comet_ml, aim and trackio follow their own settings
-(MLFLOW_TRACKING_URI, ...). Scalars go through `Accelerator.log`; images and text through `log_images` /
+folder too unless WANDB_DIR says otherwise; mlflow, comet_ml and trackio follow their own settings
+(MLFLOW_TRACKING_URI; comet_ml runs offline with COMET_START_ONLINE=false, into COMET_OFFLINE_DIRECTORY; trackio keeps
+a local SQLite store under TRACKIO_DIR); aim's repository is the run folder's .aim/. Scalars go through `Accelerator.log`; images and text through `log_images` /
 `log_text` here, to every tracker that takes them. Logging images or text never stops training.
 
 This module imports only the standard library at load time: config validation uses it.
@@ -29,6 +30,9 @@ TRACKERS = {
     "aim": ("aim", "aim"),
     "trackio": ("trackio", "trackio"),
 }
+# how each tracker that could go online runs without a network (its own environment variables)
+OFFLINE = {"wandb": "WANDB_MODE=offline", "mlflow": "MLFLOW_TRACKING_URI=file:mlruns",
+           "comet_ml": "COMET_START_ONLINE=false"}
 TENSORBOARD_DIR = "tensorboard"  # the run folder's TensorBoard folder (run_folder.RUN_ARTEFACTS)
 
 
@@ -80,7 +84,15 @@ def init_trackers(accelerator: Any, cfg: Any) -> None:
     kwargs = {}
     if "WANDB_DIR" not in os.environ:  # wandb's run files beside the run's other logs, not in the working folder
         kwargs["wandb"] = {"dir": str(cfg.train.output_dir)}
-    accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(config_to_dict(cfg)), init_kwargs=kwargs)
+    try:
+        accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(config_to_dict(cfg)),
+                                  init_kwargs=kwargs)
+    except Exception as err:  # a missing key or no network: say so in one line, with the offline setting
+        names = tracker_names(cfg.train.report_to)
+        offline = "; ".join(f"{n}: {OFFLINE[n]}" for n in names if n in OFFLINE)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+        raise TrackerError(f"train.report_to={','.join(names)}: a tracker did not start: {reason}"
+                           + (f" (offline: {offline})" if offline else "")) from err
 
 
 def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -117,6 +129,16 @@ def log_images(accelerator: Any, tag: str, grid: Any, step: int) -> None:
             import mlflow
 
             mlflow.log_image(image, key=tag.replace("/", "_"), step=step)
+        elif tracker.name == "comet_ml":  # Accelerate's comet tracker takes no images; comet takes a PIL one
+            from PIL import Image
+
+            tracker.writer.log_image(Image.fromarray(image), name=tag, step=step)
+        elif tracker.name == "trackio":  # nor its trackio tracker; trackio.Image wraps one
+            import trackio
+
+            tracker.run.log({tag: trackio.Image(image)}, step=step)
+        elif tracker.name == "aim":  # one image per tag: aim.Image refuses a list
+            tracker.log_images({tag: image}, step=step)
         elif hasattr(tracker, "log_images"):
             tracker.log_images({tag: [image]}, step=step)
 

@@ -23,7 +23,8 @@ FIRST_PARTY = {"kl_autoencoder"}
 CHECKED_ELSEWHERE = {"torchmetrics": "metrics.FIDMetric imports it only after _torch_fidelity_available() (the eval "
                                      "extra has both) or when a test passes its own feature extractor",
                      "mlflow": "trackers.py imports it only for train.report_to=mlflow, which the config check refuses "
-                               "(naming the package) when it is not installed"}
+                               "(naming the package) when it is not installed",
+                     "trackio": "trackers.py imports it only for train.report_to=trackio (the same check)"}
 
 
 def _name(requirement: str) -> str:

@@ -1,13 +1,16 @@
 """Validation while training, the best checkpoint and the trackers: the figures are `evaluate`'s on the EMA weights,
 on one process and on two (every image once); validating leaves the training bitwise unchanged and a kill during a
-pass resumes exactly; the best checkpoint is kept, exported and named in summary.json; TensorBoard, wandb (offline)
-and mlflow (a local file store) receive the figures, pictures and hyper-parameters through the real libraries."""
+pass resumes exactly; the best checkpoint is kept, exported and named in summary.json; TensorBoard, wandb (offline),
+mlflow (a local file store), comet_ml (offline), aim and trackio (local stores) receive the figures, pictures and
+hyper-parameters through the real libraries."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -128,6 +131,89 @@ def offline_trackers(tmp_path, monkeypatch) -> Path:
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     return mlruns
+
+
+def comet_messages(folder: Path) -> list[dict]:
+    """The messages of comet_ml's offline experiment archive (a zip holding messages.json, one JSON a line)."""
+    import zipfile
+
+    (archive,) = folder.glob("*.zip")
+    with zipfile.ZipFile(archive) as zipped:
+        return [json.loads(line) for line in zipped.read("messages.json").decode().splitlines()]
+
+
+def test_comet_ml_offline_gets_the_figures_the_pictures_and_the_config(tmp_path, monkeypatch):
+    pytest.importorskip("comet_ml")
+    offline = tmp_path / "comet"
+    for key, value in {"COMET_START_ONLINE": "false", "COMET_OFFLINE_DIRECTORY": str(offline),
+                       "COMET_DISABLE_AUTO_LOGGING": "true"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=4", "train.report_to=comet_ml"]))
+    messages = comet_messages(offline)
+    metrics = [m["payload"]["metric"] for m in messages if m["type"] == "metric_msg"]
+    assert [m["step"] for m in metrics if m["metricName"] == "val/psnr"] == [2, 4]
+    psnr = [m["metricValue"] for m in metrics if m["metricName"] == "val/psnr"]
+    assert psnr == pytest.approx([m["val/psnr"] for m in val_lines(out)])
+    params = {m["payload"]["param"]["paramName"]: m["payload"]["param"]["paramValue"] for m in messages
+              if m["type"] == "parameter_msg"}
+    assert params["train.batch_size"] == 4 and params["validation.every"] == 2
+    images = [m["payload"]["additional_params"] for m in messages
+              if m["type"] == "file_upload" and m["payload"].get("upload_type") == "visualization"]
+    assert [(i["figName"], i["step"]) for i in images] == [("validation", 2), ("validation", 4)]
+
+
+def test_comet_ml_online_without_a_key_is_a_one_line_error_naming_the_offline_setting(tmp_path):
+    pytest.importorskip("comet_ml")
+    out = tmp_path / "run"
+    env = {k: v for k, v in ENV.items() if not k.startswith("COMET_")}
+    args = [*TINY, f"train.output_dir={out}", "train.max_steps=2", "train.report_to=comet_ml"]
+    done = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], cwd=ROOT,
+                          env={**env, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=300)  # no key anywhere: comet_ml refuses at start
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (line,) = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert "train.report_to=comet_ml: a tracker did not start: " in line and "API key" in line
+    assert line.endswith("(offline: comet_ml: COMET_START_ONLINE=false)")
+
+
+def test_aim_gets_the_figures_the_pictures_and_the_config_in_the_run_folder(tmp_path):
+    pytest.importorskip("aim")
+    from aim import Repo
+    from aim.sdk.index_manager import RepoIndexManager
+    from aim.storage.context import Context
+
+    out = tmp_path / "run"
+    train(load_config(None, TINY + VAL + [f"train.output_dir={out}", "train.max_steps=4", "train.report_to=aim"]))
+    repo = Repo(str(out))  # the repository in out/.aim
+    (run_hash,) = repo.list_all_runs()
+    RepoIndexManager.get_index_manager(repo).index(run_hash)  # what `aim up` does before it shows a run
+    run = repo.get_run(run_hash)
+    steps, (psnr, *_) = run.get_metric("val/psnr", Context({})).data.items_list()
+    assert steps == [2, 4] and psnr == pytest.approx([m["val/psnr"] for m in val_lines(out)])
+    assert run["hparams"]["train.batch_size"] == 4 and run["hparams"]["validation.every"] == 2
+    # the first batch's 2 photos over their 2 reconstructions, 32 px each, make_grid's 2 px padding: 70 x 70
+    images = run.get_image_sequence("validation", Context({})).data.items_list()
+    assert images[0] == [2, 4] and [i.to_pil_image().size for i in images[1][0]] == [(70, 70)] * 2
+
+
+def test_trackio_gets_the_figures_the_pictures_and_the_config_in_its_local_store(tmp_path):
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed")
+    out, store = tmp_path / "run", tmp_path / "trackio"  # trackio reads TRACKIO_DIR once, at import: a fresh process
+    args = [*TINY, *VAL, f"train.output_dir={out}", "train.max_steps=4", "train.report_to=trackio"]
+    done = subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), *args], cwd=ROOT,
+                          env={**ENV, "TRACKIO_DIR": str(store)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with sqlite3.connect(store / "kl-autoencoder.db") as db:  # trackio's store: one SQLite file per project
+        logs = [(step, json.loads(values)) for step, values in db.execute("SELECT step, metrics FROM metrics")]
+        ((config,),) = db.execute("SELECT config FROM configs").fetchall()
+    assert [(s, v["val/psnr"]) for s, v in logs if "val/psnr" in v] == [(m["step"], pytest.approx(m["val/psnr"]))
+                                                                       for m in val_lines(out)]
+    assert json.loads(config)["train.batch_size"] == 4 and json.loads(config)["validation.every"] == 2
+    images = [(s, v["validation"]) for s, v in logs if "validation" in v]
+    assert [s for s, _ in images] == [2, 4] and all(i["_type"] == "trackio.image" for _, i in images)
+    assert all(Image.open(store / "media" / i["file_path"]).size == (70, 70) for _, i in images)
 
 
 # ----------------------------------------------------------------------------------------------- one process

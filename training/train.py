@@ -24,6 +24,7 @@ from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.data import DatasetUnavailableError  # noqa: E402
 from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E402
 from kl_autoencoder.shards import ShardError  # noqa: E402
+from kl_autoencoder.trackers import TrackerError  # noqa: E402
 from kl_autoencoder.signals import Terminated, sigterm_raises  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402
 from kl_autoencoder.untrusted import error_line  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WeightsError, RunFolderError, PerceptualWeightsError, ShardError) as e:  # nothing written
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-    except (DatasetUnavailableError, DiskSpaceError) as e:  # the machine or the network, not the request
+    except (DatasetUnavailableError, DiskSpaceError, TrackerError) as e:  # the machine or the network, not the request
         print(f"error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:
