@@ -318,6 +318,16 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def keeps_pretrained_latent_scale(cfg: TrainConfig) -> bool:
+    """Whether the export keeps the model's factors as built (source config <- preset <- model.architecture): only a
+    pretrained model's frozen encoder leaves its latent space as it was. Factors in `model.architecture` are starting
+    values, re-measured like any other; `train.remeasure_latent_scale` decides when set (false keeps them)."""
+    if cfg.train.remeasure_latent_scale is not None:
+        return not cfg.train.remeasure_latent_scale
+    return bool(cfg.model.pretrained) and cfg.model.freeze_encoder
+
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (tuples as lists) for YAML/JSON."""
 

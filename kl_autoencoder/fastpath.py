@@ -188,6 +188,15 @@ def autocast(device: torch.device | str, fast: FastPath) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=fast.autocast_dtype)
 
 
+def autocast_for(device: torch.device) -> ContextManager:
+    """The inference precision policy of `FastPath.for_device` (bf16 on CUDA, fp32 on CPU) as a context."""
+    return autocast(device, FastPath.for_device(device))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def make_adamw(params: Iterable[nn.Parameter], lr: float, fused: bool = False, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW, fused when asked and supported by the parameters' device (else torch's default implementation)."""
     params = list(params)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from kl_autoencoder.data import BadImageError, image_to_tensor, iter_image_folder, load_image, tensor_to_image
 from kl_autoencoder.durable import atomic_write, check_regular_file
-from kl_autoencoder.fastpath import FastPath, autocast
+from kl_autoencoder.fastpath import FastPath, autocast, autocast_for, model_device  # noqa: F401
 from kl_autoencoder.outputs import OutputLocationError, check_output, resolve, safe_parent  # noqa: F401 (re-exported)
 from kl_autoencoder.tiling import check_tile_option, decode_tiled, encode_tiled, resolve_tile_size
 
@@ -112,15 +112,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int, eps: float = 1e-4) -> to
 
 # ----------------------------------------------------------------------------------------------------------------------
 # precision and batching
-
-
-def autocast_for(device: torch.device) -> ContextManager:
-    """The inference precision policy of `FastPath.for_device` (bf16 on CUDA, fp32 on CPU) as a context."""
-    return autocast(device, FastPath.for_device(device))
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _check_mode(mode: str) -> None:

@@ -204,7 +204,7 @@ class EncodeResult:
 @torch.no_grad()
 def _encode(model: Any, pixels: torch.Tensor, store_posterior: bool, mode: str,
             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from kl_autoencoder.inference import autocast_for, model_device
+    from kl_autoencoder.fastpath import autocast_for, model_device
 
     device = model_device(model)
     with autocast_for(device):

@@ -77,15 +77,14 @@ def log_with(cfg: Any) -> list[Any] | None:
             for name in tracker_names(cfg.train.report_to)] or None
 
 
-def init_trackers(accelerator: Any, cfg: Any) -> None:
-    """Start the trackers with the run's config as hyper-parameters (main process; a no-op without trackers)."""
-    from kl_autoencoder.config import config_to_dict
-
+def init_trackers(accelerator: Any, cfg: Any, hyperparameters: dict[str, Any]) -> None:
+    """Start the trackers with `hyperparameters` (the run's config as a nested dict) flattened (main process; a no-op
+    without trackers)."""
     kwargs = {}
     if "WANDB_DIR" not in os.environ:  # wandb's run files beside the run's other logs, not in the working folder
         kwargs["wandb"] = {"dir": str(cfg.train.output_dir)}
     try:
-        accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(config_to_dict(cfg)),
+        accelerator.init_trackers(cfg.train.tracker_project, config=flat_config(hyperparameters),
                                   init_kwargs=kwargs)
     except Exception as err:  # a missing key or no network: say so in one line, with the offline setting
         names = tracker_names(cfg.train.report_to)
@@ -93,6 +92,16 @@ def init_trackers(accelerator: Any, cfg: Any) -> None:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
         raise TrackerError(f"train.report_to={','.join(names)}: a tracker did not start: {reason}"
                            + (f" (offline: {offline})" if offline else "")) from err
+
+
+def image_grid(originals: Any, reconstructions: Any, count: int = 8) -> Any:
+    """[3, H, W] grid in [0, 1] for the trackers: originals on the top row, reconstructions below."""
+    import torch
+    from torchvision.utils import make_grid
+
+    n = min(count, originals.shape[0])
+    pairs = torch.cat([originals[:n], reconstructions[:n]]).float().clamp(-1, 1)
+    return make_grid((pairs + 1) / 2, nrow=n)
 
 
 def flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -36,11 +36,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch import nn
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from kl_autoencoder import losses as L
-from kl_autoencoder.config import ConfigError, ModelSection, TrainConfig, save_config
+from kl_autoencoder.config import (ConfigError, ModelSection, TrainConfig, config_to_dict,  # noqa: F401
+                                   keeps_pretrained_latent_scale, save_config)
 from kl_autoencoder.data import build_dataset, default_num_workers, order_workers, training_batches
 from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, mixed_precision_for,
                                      prepare_loss_network, stays_on_cpu, unwrap)
@@ -52,7 +52,7 @@ from kl_autoencoder.signals import acknowledge, watch_signals
 from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, RunFolderError, TrainingState,  # noqa: F401
                                        check_run_inputs, is_complete_checkpoint, list_checkpoints,
                                        read_training_state)
-from kl_autoencoder.trackers import init_trackers, log_images, log_text, log_with
+from kl_autoencoder.trackers import image_grid, init_trackers, log_images, log_text, log_with  # noqa: F401
 from kl_autoencoder.validation import Validation, finish_best
 
 
@@ -225,13 +225,6 @@ class StepGuard:
     def __exit__(self, *_: Any) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, count: int = 8) -> torch.Tensor:
-    """[3, H, W] grid in [0, 1]: originals on the top row, reconstructions below."""
-    n = min(count, originals.shape[0])
-    pairs = torch.cat([originals[:n], reconstructions[:n]]).float().clamp(-1, 1)
-    return make_grid((pairs + 1) / 2, nrow=n)
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -539,15 +532,6 @@ class NonFiniteCounter:
 # ----------------------------------------------------------------------------------------------- export
 
 
-def keeps_pretrained_latent_scale(cfg: TrainConfig) -> bool:
-    """Whether the export keeps the model's factors as built (source config <- preset <- model.architecture): only a
-    pretrained model's frozen encoder leaves its latent space as it was. Factors in `model.architecture` are starting
-    values, re-measured like any other; `train.remeasure_latent_scale` decides when set (false keeps them)."""
-    if cfg.train.remeasure_latent_scale is not None:
-        return not cfg.train.remeasure_latent_scale
-    return bool(cfg.model.pretrained) and cfg.model.freeze_encoder
-
-
 def export_model(t: Training, path: Path) -> Path:
     """Write the diffusers export (EMA weights when EMA is on). Its factors are kept (`keeps_pretrained_latent_
     scale`) or re-measured (`remeasure_latent_scale`); config.json records which (LATENT_SCALE_KEY). A model trained
@@ -669,7 +653,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     dataset = dataset if dataset is not None else build_dataset(cfg.data, split=cfg.data.split)
     batches = training_batches(dataset, cfg.train.batch_size, cfg.train.seed, rank, world, state.batches_seen, workers)
     skip_log = getattr(dataset, "skipped", None)
-    init_trackers(acc, cfg)
+    init_trackers(acc, cfg, config_to_dict(cfg))
     log_text(acc, "perceptual_weights", perceptual_weights(t))
     validation = validation or Validation.start(t, run)
     nonfinite = NonFiniteCounter(state, device)

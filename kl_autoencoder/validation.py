@@ -42,12 +42,13 @@ import numpy as np
 import torch
 
 from kl_autoencoder import metrics as M
-from kl_autoencoder.config import BEST_DIRECTIONS, ConfigError, TrainConfig, validation_source
+from kl_autoencoder.config import (BEST_DIRECTIONS, ConfigError, TrainConfig, keeps_pretrained_latent_scale,
+                                   validation_source)
 from kl_autoencoder.data import build_dataset
 from kl_autoencoder.evaluation import IMAGE_METRICS, ImageScores, _reconstruct, summarize_defined
 from kl_autoencoder.fastpath import FastPath, prepare_for_inference
 from kl_autoencoder.run_folder import RunFolder, TrainingState
-from kl_autoencoder.trackers import log_images
+from kl_autoencoder.trackers import image_grid, log_images
 
 BEST_EXPORT = "vae-best"  # output_dir/vae-best: the best checkpoint's export (validation.export_best)
 BAR_KEY = "val_psnr"
@@ -168,8 +169,6 @@ class Validation:
     @torch.no_grad()
     def measure(self) -> tuple[dict[str, float], torch.Tensor | None]:
         """The pass's figures (identical on every process) and, on the process holding batch 0, the image grid."""
-        from kl_autoencoder.trainer import image_grid, keeps_pretrained_latent_scale
-
         cfg, device = self.t.cfg, self.t.device
         self.model.load_state_dict(self.weights())
         scores, grid = ImageScores(self.lpips), None
