@@ -11,21 +11,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kl_autoencoder import run_folder  # noqa: E402
+from kl_autoencoder import checkpoints  # noqa: E402
 
 PAUSE_MARK = "PAUSING-BEFORE-RENAME"
 PAUSE_SECONDS = 120
 
 
 def main() -> None:
-    publish = run_folder.RunFolder._publish
+    publish = checkpoints.publish
 
-    def slow_publish(self, tmp: Path, final: Path) -> None:
+    def slow_publish(tmp: Path, final: Path) -> None:
         print(f"{PAUSE_MARK} {tmp}", flush=True)
         time.sleep(PAUSE_SECONDS)
-        publish(self, tmp, final)
+        publish(tmp, final)
 
-    run_folder.RunFolder._publish = slow_publish
+    checkpoints.publish = slow_publish
     run_train_py(sys.argv[1:])
 
 
