@@ -95,7 +95,8 @@ def expand_data_files(data_files: str | Sequence[str]) -> list[str]:
 def shard_files(data_cfg: DataConfig) -> list[str]:
     """The shards of a source that names its format (data.source webdataset/parquet): data.data_files expanded."""
     if data_cfg.data_files is None:
-        raise ShardError(f"data.source={data_cfg.source} needs data.data_files (for example shards/{{00000..00127}}.tar)")
+        raise ShardError(f"data.source={data_cfg.source} needs data.data_files "
+                         f"(for example shards/{{00000..00127}}.tar)")
     return expand_data_files(data_cfg.data_files)
 
 
@@ -110,7 +111,7 @@ class Sample:
 
 def decode_sample(sample: Sample, name: str, min_side: int | None = None, local_paths: bool = False):
     """A sample's image as RGB; `BadImageError` naming `name` when the sample is bad (`local_paths`: follow a cell
-    that names a local file, see `data.decode_hub_value`)."""
+    that names a local file, see `cells.decode_hub_value`)."""
     if sample.problem is not None:
         raise BadImageError(name, sample.problem)
     if isinstance(sample.value, (bytes, bytearray)):

@@ -109,7 +109,7 @@ def shuffle_buffer(read: Callable[[int], Iterator[tuple[int, Any]]], size: int, 
 class ShardStream(IterableDataset):
     """Endless training items from a `ShardSet`, this rank's and this worker's share, from a resume position.
 
-    Items are those of `data.ImageDataset` ({"pixel_values", "path", "skipped"}) plus "key", "epoch" and
+    Items are those of `items.ImageDataset` ({"pixel_values", "path", "skipped"}) plus "key", "epoch" and
     "shard_counts" (tar shards whose sample count this worker found, for the main process to record); each item's
     random crop/flip is seeded by (seed, epoch, shard, sample), so a resumed run sees the same crops.
 
