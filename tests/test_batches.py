@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from kl_autoencoder import data as D
+from kl_autoencoder.data import batches, hub
 
 
 def stream(num_rows: int = 8, num_shards: int = 2):
@@ -36,8 +37,8 @@ def first_epoch_values(dataset, rank: int, world: int, batch_size: int = 2) -> l
 
 def test_each_rank_decodes_only_its_own_share_of_a_stream(monkeypatch):
     decoded = []
-    real = D.decode_hub_value
-    monkeypatch.setattr(D, "decode_hub_value", lambda value, name, *rest: decoded.append(name) or real(value, name, *rest))
+    real = hub.decode_hub_value
+    monkeypatch.setattr(hub, "decode_hub_value", lambda value, name, *rest: decoded.append(name) or real(value, name, *rest))
     rank0 = first_epoch_values(stream(), rank=0, world=2)
     decoded_by_rank0 = len(decoded)
     rank1 = first_epoch_values(stream(), rank=1, world=2)
@@ -60,8 +61,8 @@ def test_resuming_a_stream_decodes_no_skipped_batch(monkeypatch):
     """A resumed hub stream passes the rows of the batches it skips without decoding them, and yields the batches an
     uninterrupted run yields (in the main process and across DataLoader worker processes)."""
     decoded = []
-    real = D.decode_hub_value
-    monkeypatch.setattr(D, "decode_hub_value", lambda value, name, *rest: decoded.append(name) or real(value, name, *rest))
+    real = hub.decode_hub_value
+    monkeypatch.setattr(hub, "decode_hub_value", lambda value, name, *rest: decoded.append(name) or real(value, name, *rest))
 
     def values(batches, count: int) -> list[list[int]]:
         return [[round((float(p.mean()) + 1) / 2 * 255) for p in next(batches)["pixel_values"]] for _ in range(count)]
@@ -79,7 +80,7 @@ def test_resuming_a_stream_decodes_no_skipped_batch(monkeypatch):
 def test_default_workers_share_the_node_between_its_processes(monkeypatch):
     """8 processes on a 16-core node (LOCAL_WORLD_SIZE, set by torchrun / accelerate launch) get 16 / 8 = 2 cores
     each: no worker processes, not 8 each (64 workers fighting over 16 cores)."""
-    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert D.default_num_workers() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

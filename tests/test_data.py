@@ -179,7 +179,7 @@ def test_large_jpegs_decode_reduced_and_once(tmp_path, monkeypatch):
     assert np.abs(np.asarray(reduced, float) - np.asarray(reference, float)).mean() < 2
     assert load_image(tmp_path / "small.png", min_side=100).size == (40, 30)  # never enlarged
 
-    import kl_autoencoder.data as data_module
+    import kl_autoencoder.data.images as data_module  # where load_image finds decode_image
 
     decoded = []
     real_decode = data_module.decode_image

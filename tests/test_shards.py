@@ -184,10 +184,10 @@ def test_resumed_stream_continues_exactly_without_rereading(numbered, monkeypatc
     resumed = take(stream.at(1, 2, workers=2, batch_size=3, batches_seen=7), 6, workers=2)
     assert resumed == straight[7:]
     # no image before the resume position is decoded again (main process, so the calls can be counted)
-    from kl_autoencoder import shards
+    from kl_autoencoder.data import stream as shard_stream  # where ShardStream finds decode_sample
 
-    decoded, real = [], shards.decode_sample
-    monkeypatch.setattr(shards, "decode_sample", lambda sample, *a: decoded.append(sample.key) or real(sample, *a))
+    decoded, real = [], shard_stream.decode_sample
+    monkeypatch.setattr(shard_stream, "decode_sample", lambda sample, *a: decoded.append(sample.key) or real(sample, *a))
     one = take(stream.at(0, 1, workers=0, batch_size=4, batches_seen=0), 5, workers=0)
     decoded.clear()
     again = take(stream.at(0, 1, workers=0, batch_size=4, batches_seen=3), 2, workers=0)
