@@ -18,7 +18,8 @@ from kl_autoencoder import metrics as M
 from kl_autoencoder.evaluation_pictures import ImageRecord
 from kl_autoencoder.evaluation_report import ALL
 from kl_autoencoder.evaluation_models import check_resolution
-from kl_autoencoder.evaluation_scores import ImageScores, LowestPSNR, rfid_entry, split_summaries, summarize_defined, worst_colour
+from kl_autoencoder.evaluation_scores import (ImageScores, LowestPSNR, rfid_entry, split_summaries, summarize_defined,
+                                              worst_colour)
 from kl_autoencoder.fastpath import FastPath, autocast as fast_autocast
 from kl_autoencoder.tiny import TinyAutoencoder
 

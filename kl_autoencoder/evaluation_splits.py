@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from kl_autoencoder.data import SAMPLE_HELDOUT, SAMPLE_TRAIN, SkipLog, is_local_path, iter_image_folder, load_eval_images
+from kl_autoencoder.data import (SAMPLE_HELDOUT, SAMPLE_TRAIN, SkipLog, is_local_path, iter_image_folder,
+                                 load_eval_images)
 from kl_autoencoder.evaluation_errors import EvaluationError
 from kl_autoencoder.evaluation_report import ALL, HELD_OUT, TRAINING
 
