@@ -4,8 +4,8 @@
                             [--batch-size B] [--sample] [--write-config [--write-latent-stats]]
                             [--shift-factor auto|on|off] [--skip diffusability,fp16] [--no-progress]
 
-The same as `kl-autoencoder evaluate`; everything lives in kl_autoencoder/evaluation.py. Every model is checked
-before any work; a bad one exits with status 2 and a one-line message, writing nothing.
+The same as `kl-autoencoder evaluate`; kl_autoencoder/evaluation.py runs it (its rooms are listed there). Every
+model is checked before any work; a bad one exits with status 2 and a one-line message, writing nothing.
 """
 
 import argparse

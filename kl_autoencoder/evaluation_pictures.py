@@ -25,7 +25,7 @@ class ImageRecord:
 
 
 class PictureSource(Protocol):
-    """What `write_pictures` reads of one model's run (evaluation.ModelRun)."""
+    """What `write_pictures` reads of one model's run (evaluation_pass.ModelRun)."""
     name: str
     first: list[ImageRecord]
     worst: list[ImageRecord]

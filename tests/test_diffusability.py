@@ -316,6 +316,7 @@ def test_evaluate_reports_diffusability_and_runs_the_probe_on_request(tmp_path, 
     import json
 
     from kl_autoencoder import diffusability as D
+    from kl_autoencoder import diffusion_probe
     from kl_autoencoder.data import tensor_to_image
     from kl_autoencoder.evaluation import evaluate
 
@@ -325,7 +326,7 @@ def test_evaluate_reports_diffusability_and_runs_the_probe_on_request(tmp_path, 
     for i in range(2):
         tensor = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1
         tensor_to_image(tensor).save(folder / f"{i}.png")
-    monkeypatch.setattr(D, "probe_pixels", lambda config: probe_pixels(config.seed))
+    monkeypatch.setattr(diffusion_probe, "probe_pixels", lambda config: probe_pixels(config.seed))
     monkeypatch.setattr(D, "ProbeConfig", functools.partial(ProbeConfig, **{**TINY_PROBE, "eval_timesteps": (10,)}))
     result = evaluate([str(tmp_path / "tiny")], str(folder), tmp_path / "eval", resolution=16, progress=False,
                       diffusability_probe=True)
@@ -346,12 +347,14 @@ def test_eq_finetune_benchmark_bookkeeping(tmp_path, tiny_model, monkeypatch):
     from pathlib import Path
 
     from kl_autoencoder import diffusability as D
+    from kl_autoencoder import diffusion_probe
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import eq_finetune
 
     # Random pixels instead of decoded photos for the measures (the fine-tunes still read the sample photos).
-    monkeypatch.setattr(D, "probe_pixels", lambda config: probe_pixels(config.seed))
+    monkeypatch.setattr(D, "probe_pixels", lambda config: probe_pixels(config.seed))  # the benchmark's own call
+    monkeypatch.setattr(diffusion_probe, "probe_pixels", lambda config: probe_pixels(config.seed))  # the probe's
     monkeypatch.setattr(eq_finetune, "load_eval_images", lambda source, size: (["a", "b"], probe_pixels(0)[1][:2]))
     tiny_model.save_pretrained(tmp_path / "start")
     out = tmp_path / "out"
