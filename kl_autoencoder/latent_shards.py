@@ -41,7 +41,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
-from kl_autoencoder.durable import atomic_write, atomic_write_json, check_regular_file, try_lock
+from kl_autoencoder.durable import (  # noqa: F401 (the folder lock and exclusive writes are re-exported)
+    EncodeFolderBusy, atomic_write_json, check_regular_file, lock_folder, unlock_folder, write_exclusive,
+)
 from kl_autoencoder.shards import (
     SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
     load_saved_dataset,
@@ -55,38 +57,6 @@ TMP_GLOB = ".latent-shard-*.tmp"
 IDENTITY_FILE, MANIFEST_FILE = "encode.json", "manifest.json"
 DEFAULT_SHARD_SIZE = 256  # images per shard of a folder or saved dataset
 STD_SUFFIX = ".std"
-
-
-class EncodeFolderBusy(ValueError):
-    """Another encode holds the output folder's lock."""
-
-
-# --------------------------------------------------------------------------------------------- safe writing
-
-
-def lock_folder(folder: Path, what: str = "encode") -> int:
-    """flock the folder itself (non-blocking; no lock file is left behind): the descriptor to pass to
-    `unlock_folder`, or EncodeFolderBusy when another run holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    if not try_lock(fd):
-        raise EncodeFolderBusy(f"another {what} is writing to {folder} (it holds the folder's lock); wait for it to "
-                               "finish, or choose another --out") from None
-    return fd
-
-
-def unlock_folder(folder: Path, fd: int, created: bool) -> None:
-    """Drop the lock; a folder this run created and left without a shard (empty, or holding only the run's
-    `encode.json`) is removed again."""
-    os.close(fd)
-    if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {IDENTITY_FILE}:
-        (folder / IDENTITY_FILE).unlink(missing_ok=True)
-        folder.rmdir()
-
-
-def write_exclusive(path: Path, write_fn: Callable[[Path], None]) -> Path:
-    """A complete file or none, never replacing another writer's (FileExistsError when `path` exists)."""
-    return atomic_write(path, write_fn, exclusive=True)
 
 
 # --------------------------------------------------------------------------------------------- units of work
@@ -432,7 +402,7 @@ def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, re
         return result
     finally:
         if lock is not None:
-            unlock_folder(out, lock, created)
+            unlock_folder(out, lock, created, leftovers=(IDENTITY_FILE,))
 
 
 def _encode_units(model: Any, units: Sequence[Unit], out: Path, resolution: int, batch_size: int,
