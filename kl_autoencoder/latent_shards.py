@@ -48,7 +48,7 @@ from kl_autoencoder.shards import (
     SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
     load_saved_dataset,
 )
-from kl_autoencoder.untrusted import MAX_ERROR_CHARS, shown
+from kl_autoencoder.untrusted import shown
 
 FORMAT = "kl-autoencoder/latent-shard/1"
 SHARD_NAME = "latent-shard-{:05d}.safetensors"
@@ -426,29 +426,7 @@ def _encode_units(model: Any, units: Sequence[Unit], out: Path, resolution: int,
     return result
 
 
-# --------------------------------------------------------------------------------------------- the command
-
-
-def add_encode_arguments(p: Any) -> None:
-    """The `encode` options of the sharded, multi-process path."""
-    p.add_argument("--resolution", type=int, default=None,
-                   help="centre-crop every image to R x R and write resumable latent shards "
-                        "(latent-shard-*.safetensors + manifest.json), one per input shard; needed for "
-                        "webdataset/parquet/saved-dataset inputs and "
-                        "under `accelerate launch` with more than one process")
-    p.add_argument("--data-files", nargs="+", default=None,
-                   help="with --input webdataset or --input parquet: the shards (brace pattern, glob, or several)")
-    p.add_argument("--image-column", default=None, help="image column / tar member extension (default: found)")
-    p.add_argument("--split", default="train", help="the split of a saved DatasetDict (default: train)")
-    p.add_argument("--store-posterior", action="store_true",
-                   help="store the posterior mean (KEY) and std (KEY.std) in diffusion units, to sample later")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help=f"images per shard for a folder or saved dataset (default: {DEFAULT_SHARD_SIZE}, fewer when "
-                        "there are too few images for every process to get a shard)")
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads per process (default: 2)")
-    p.add_argument("--allow-local-paths", action="store_true",
-                   help="read the local files that parquet / saved-dataset cells name instead of holding the image "
-                        "(refused otherwise: a dataset from someone else could name any file of this machine)")
+# --------------------------------------------------------------------------------------------- sizing the units
 
 
 def shard_size_for(total: int | None, world: int, asked: int | None = None) -> int:
@@ -468,47 +446,3 @@ def count_images(source: str, split: str | None) -> int | None:
     if source in SHARD_SOURCES or not root.is_dir():
         return None
     return len(load_saved_dataset(str(root), split)) if is_saved_dataset(root) else len(iter_image_folder(root))
-
-
-def wants_dataset_encode(args: Any) -> bool:
-    """The sharded path: asked for (--resolution), needed by the input, or launched on several processes."""
-    return (args.resolution is not None or args.input in SHARD_SOURCES or bool(args.data_files)
-            or is_saved_dataset(args.input) or int(os.environ.get("WORLD_SIZE", "1")) > 1)
-
-
-def encode_command(args: Any, load: Callable[..., Any]) -> int:
-    """`kl-autoencoder encode --resolution R ...` in this process, one of `accelerate launch`'s N."""
-    import sys
-
-    from accelerate import PartialState
-
-    from kl_autoencoder.fastpath import stays_on_cpu
-
-    if args.resolution is None:
-        raise ValueError("--resolution R is needed to encode webdataset/parquet/saved-dataset inputs or across "
-                         "processes (every image is centre-cropped to R x R)")
-    state = PartialState(cpu=stays_on_cpu(args.device))  # else a process without a GPU is "process 0 of 1"
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise ValueError(f"launched as {launched} processes but accelerate sees {state.num_processes}; on a machine "
-                         "without GPUs pass --cpu to accelerate launch")
-    args.shard_size = shard_size_for(count_images(args.input, args.split), state.num_processes, args.shard_size)
-    device = args.device or str(state.device)
-    model = load(args.model, device, kl_only="the sharded encode stores posterior latents (an AutoencoderKL)",
-                 preset=getattr(args, "preset", None))
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed + state.process_index)
-    model_path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    result = encode_dataset(model, model_path, args.input, args.out, args.resolution, args.data_files,
-                            args.batch_size, args.mode, args.store_posterior, args.shard_size, args.image_column,
-                            args.split, args.num_workers, args.overwrite, state.process_index, state.num_processes,
-                            state.wait_for_everyone, generator, allow_local_paths=args.allow_local_paths)
-    for name, reason in result.skipped:
-        print(f"skipped {shown(name)}: {shown(reason, MAX_ERROR_CHARS)}", file=sys.stderr)
-    sys.stderr.flush()
-    prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
-    if not result.written and not result.existing:
-        prefix += "no shard fell to this process (fewer input shards than processes): "
-    print(prefix + result.summary())
-    return 0
