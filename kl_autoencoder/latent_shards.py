@@ -21,6 +21,9 @@ Resumable and safe to share:
     (model, its factors and a fingerprint of its weights, input, resolution, mode) and a rerun that differs is
     refused unless `overwrite`;
   - at the end the main process writes `manifest.json`: model, factors, resolution, count, skipped, shards.
+
+How the input is cut into units is latent_shard_inputs.py's (below this module); the folder lock and exclusive
+writes are durable.py's; the `encode` command's options are commands/encode.py's (above it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +43,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
+from kl_autoencoder.data import BadImageError, build_transform
 from kl_autoencoder.durable import (  # noqa: F401 (the folder lock and exclusive writes are re-exported)
     EncodeFolderBusy, atomic_write_json, check_regular_file, lock_folder, unlock_folder, write_exclusive,
 )
-from kl_autoencoder.shards import (
-    SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
-    load_saved_dataset,
+from kl_autoencoder.latent_shard_inputs import (  # noqa: F401 (re-exported)
+    DEFAULT_SHARD_SIZE, Unit, count_images, input_units, shard_size_for,
 )
+from kl_autoencoder.shards import ShardError, is_url
 from kl_autoencoder.untrusted import shown
 
 FORMAT = "kl-autoencoder/latent-shard/1"
@@ -55,83 +58,7 @@ SHARD_NAME = "latent-shard-{:05d}.safetensors"
 SHARD_GLOB = "latent-shard-*.safetensors"
 TMP_GLOB = ".latent-shard-*.tmp"
 IDENTITY_FILE, MANIFEST_FILE = "encode.json", "manifest.json"
-DEFAULT_SHARD_SIZE = 256  # images per shard of a folder or saved dataset
 STD_SUFFIX = ".std"
-
-
-# --------------------------------------------------------------------------------------------- units of work
-
-
-@dataclass
-class Unit:
-    """One unit of input, encoded into one shard: `read()` yields (key, image or BadImageError)."""
-
-    index: int
-    name: str
-    read: Callable[[], Iterator[tuple[str, Callable[[], Any]]]]
-
-
-def _folder_units(folder: Path, shard_size: int, side: int) -> list[Unit]:
-    paths = iter_image_folder(folder)
-    chunks = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
-
-    def reader(chunk: list[Path]) -> Callable[[], Iterator]:
-        return lambda: ((p.relative_to(folder).as_posix(), lambda p=p: load_image(p, side)) for p in chunk)
-
-    return [Unit(i, f"{chunk[0].relative_to(folder).as_posix()} .. {chunk[-1].relative_to(folder).as_posix()}",
-                 reader(chunk)) for i, chunk in enumerate(chunks)]
-
-
-def _shard_units(shards: ShardSet, side: int) -> list[Unit]:
-    def reader(index: int) -> Callable[[], Iterator]:
-        def read() -> Iterator:
-            for sample in shards.samples(index):
-                name = shards.name(index, sample.key)
-                yield sample.key, lambda s=sample, n=name: decode_sample(s, n, side, shards.local_paths)
-        return read
-
-    return [Unit(i, shards.files[i], reader(i)) for i in range(len(shards))]
-
-
-def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int,
-                 local_paths: bool = False) -> list[Unit]:
-    from kl_autoencoder.data import _undecoded, checked_cell, decode_hub_value, find_image_column
-
-    hf = load_saved_dataset(path, split)
-    column = find_image_column(hf.features, image_column)
-    hf = _undecoded(hf.select_columns([column]), column).with_format("arrow")
-
-    def read_row(row: int) -> Any:
-        name = f"{path}[{row}]"
-        return decode_hub_value(checked_cell(hf, row, column, name), name, local_paths)
-
-    def reader(start: int, stop: int) -> Callable[[], Iterator]:
-        return lambda: ((str(row), lambda row=row: read_row(row)) for row in range(start, stop))
-
-    bounds = [(start, min(start + shard_size, len(hf))) for start in range(0, len(hf), shard_size)]
-    return [Unit(i, f"rows {start}..{stop - 1}", reader(start, stop)) for i, (start, stop) in enumerate(bounds)]
-
-
-def input_units(source: str, data_files: str | Sequence[str] | None = None, image_column: str | None = None,
-                split: str | None = "train", shard_size: int = 256, resolution: int = 256,
-                local_paths: bool = False) -> tuple[list[Unit], dict]:
-    """The units of `source` and a description of the input for `encode.json` (`local_paths`: follow cells that
-    name a local file)."""
-    if source in SHARD_SOURCES:
-        if not data_files:
-            raise ShardError(f"--input {source} needs --data-files (for example shards/{{00000..00127}}.tar)")
-        files = expand_data_files(data_files)
-        return (_shard_units(ShardSet(source, files, image_column, local_paths), resolution),
-                {"source": source, "files": files})
-    if data_files:
-        raise ShardError("--data-files names webdataset/parquet shards: pass --input webdataset or --input parquet")
-    root = Path(source).expanduser()
-    if is_saved_dataset(root):
-        return (_saved_units(str(root), split, image_column, shard_size, local_paths),
-                {"source": str(root.resolve()), "split": split, "shard_size": shard_size})
-    if not root.is_dir():
-        raise FileNotFoundError(f"--input {source}: not a folder of images, a saved dataset, webdataset or parquet")
-    return _folder_units(root, shard_size, resolution), {"source": str(root.resolve()), "shard_size": shard_size}
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -424,25 +351,3 @@ def _encode_units(model: Any, units: Sequence[Unit], out: Path, resolution: int,
         result.skipped.extend(skipped)
     result.seconds = time.perf_counter() - start
     return result
-
-
-# --------------------------------------------------------------------------------------------- sizing the units
-
-
-def shard_size_for(total: int | None, world: int, asked: int | None = None) -> int:
-    """`asked` (--shard-size), else DEFAULT_SHARD_SIZE images, fewer across processes when a process would get no
-    shard: 16 images on 2 processes are 2 shards of 8. `total`: the input's image count (None: not counted)."""
-    if asked is not None:
-        return asked
-    if world == 1 or total is None:
-        return DEFAULT_SHARD_SIZE
-    return max(1, min(DEFAULT_SHARD_SIZE, -(-total // world)))
-
-
-def count_images(source: str, split: str | None) -> int | None:
-    """The images of a folder or saved dataset, whose shards `--shard-size` cuts (None for webdataset / parquet
-    shards, which stay one unit each)."""
-    root = Path(source).expanduser()
-    if source in SHARD_SOURCES or not root.is_dir():
-        return None
-    return len(load_saved_dataset(str(root), split)) if is_saved_dataset(root) else len(iter_image_folder(root))
