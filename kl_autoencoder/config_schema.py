@@ -1,13 +1,14 @@
 """The training config's schema: one typed dataclass per section (`TrainConfig` holds them all).
 
 Each field's comment is its documentation: config_reference.py turns the comments and defaults into
-docs/configuration.md. Loading YAML onto these classes is config_yaml.py's, checking their values config_validation.py's;
-both sit above this module, and config.py joins them (`load_config`)."""
+docs/configuration.md. Loading YAML onto these classes is config_yaml.py's, checking their values
+config_validation.py's; both sit above this module, and config.py joins them (`load_config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or impossible; the message names the key."""

@@ -20,7 +20,7 @@ from kl_autoencoder.config_schema import ConfigError, TrainConfig
 from kl_autoencoder.durable import atomic_write_text
 from kl_autoencoder.formats import capped_repr
 
-# ----------------------------------------------------------------------------------------------- public API
+# ------------------------------------------------------------------------------------ parsing, overrides, writing
 
 MAX_CONFIG_BYTES = 1 << 20  # a training config is a few kB; anything this large is a mistake or an attack
 
@@ -48,7 +48,6 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where} is not valid YAML: {e}") from None
     except RecursionError:  # the YAML parser recurses once per nesting level
         raise ConfigError(f"{where} is nested too deeply to be a config") from None
-
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -103,6 +103,10 @@ def pad_to_multiple(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# folder jobs: encode, decode, reconstruct
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kl_autoencoder.commands.common import DTYPE_CHOICES, UsageError, add_overwrite, add_preset, local_sources
 
+
 def convert_format(dst: str, format: str | None) -> str:
     """The format `convert` writes to `dst`: as --format says, else read off the name (NAME.safetensors: an LDM
     single file; any other name: a diffusers folder). A name that says the other thing than --format is refused."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kl_autoencoder.commands.common import add_image_limit, add_model_io, add_replace, load_model, report, tiling
 
+
 def cmd_decode(args) -> int:
     from kl_autoencoder.inference import PNG_OUTPUTS, decode_latents
     from kl_autoencoder.outputs import check_output

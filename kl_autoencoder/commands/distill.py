@@ -8,6 +8,7 @@ import sys
 
 from kl_autoencoder.commands.common import UsageError, add_preset
 
+
 def cmd_distill(args) -> int:
     from kl_autoencoder.config import load_config
     from kl_autoencoder.data import DatasetUnavailableError

@@ -18,7 +18,8 @@ from kl_autoencoder.untrusted import MAX_ERROR_CHARS, shown
 
 
 def cmd_encode(args) -> int:
-    from kl_autoencoder.inference import check_shard_folder, encode_folder
+    from kl_autoencoder.inference import encode_folder
+    from kl_autoencoder.latent_files import check_shard_folder
 
     if wants_dataset_encode(args):  # shards in, shards out, across `accelerate launch` processes
         return encode_command(args, load_model)

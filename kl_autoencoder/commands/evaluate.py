@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kl_autoencoder.commands.common import UsageError
 
+
 def cmd_evaluate(args) -> int:
     from kl_autoencoder import evaluation
 
@@ -12,7 +13,7 @@ def cmd_evaluate(args) -> int:
 
 
 def add_parser(sub, with_evaluate: bool = True) -> None:
-    """`with_evaluate`: add its options, which imports evaluation (lpips / torchmetrics): only when it is the command."""
+    """The `evaluate` subcommand; its options only `with_evaluate` (they import evaluation, lpips and torchmetrics)."""
     p = sub.add_parser("evaluate", help="reconstruction metrics, latent statistics, report")
     if with_evaluate:  # evaluation pulls in lpips / torchmetrics: only import it when it is the command
         try:

@@ -6,6 +6,7 @@ import json
 
 from kl_autoencoder.commands.common import MODEL_HELP, add_preset, load_model
 
+
 def model_info(model, image_size: int) -> dict:
     from kl_autoencoder.loading import class_name
 

@@ -39,8 +39,9 @@ def interpolation_target(out: str, image_a: str, image_b: str) -> tuple[Path, st
 def cmd_interpolate(args) -> int:
     from kl_autoencoder.data import tensor_to_image
     from kl_autoencoder.durable import atomic_write
-    from kl_autoencoder.inference import decode_sliced, encode_batch, lerp, slerp
+    from kl_autoencoder.inference import decode_sliced, encode_batch
     from kl_autoencoder.outputs import check_output
+    from kl_autoencoder.sampling import lerp, slerp
 
     out, image_format = interpolation_target(args.out, args.image_a, args.image_b)
     check_output(out, "interpolate", [args.image_a, args.image_b], overwrite=args.overwrite, file_output=True)

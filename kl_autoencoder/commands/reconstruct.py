@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kl_autoencoder.commands.common import add_model_io, add_replace, image_folder_command
 
+
 def cmd_reconstruct(args) -> int:
     from kl_autoencoder.inference import PNG_OUTPUTS, reconstruct_folder
     from kl_autoencoder.outputs import check_output

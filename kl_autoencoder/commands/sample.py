@@ -8,11 +8,14 @@ import torch
 
 from kl_autoencoder.commands.common import UsageError, add_replace, add_tiling, check_tiling_args, load_model, tiling
 
+
 def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
-    from kl_autoencoder.inference import decode_sliced, sample_prior, save_png
+    from kl_autoencoder.inference import decode_sliced
+    from kl_autoencoder.output_names import save_png
     from kl_autoencoder.outputs import check_output, remove_earlier, safe_parent
+    from kl_autoencoder.sampling import sample_prior
 
     if args.num < 1:
         raise UsageError(f"--num must be >= 1, got {args.num}")

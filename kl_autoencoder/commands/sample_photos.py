@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kl_autoencoder.commands.common import UsageError
 
+
 def cmd_sample_photos(args) -> int:
     """The built-in photos (or the validation crops) as PNGs in a folder: something to try encode, reconstruct and
     interpolate on, or to choose a recipe on."""
