@@ -11,6 +11,9 @@ folder, the current directory, a folder holding any of them and a folder holding
 even then. The swap removes only the entries it saw at its last check: a file created in the old folder after that
 is kept (in the old folder, moved aside and named in a warning), never deleted.
 
+Sharing a folder: `lock_folder` flocks an output folder for one writing run (a second fails at once), and
+`write_exclusive` publishes a file that never replaces one another writer published.
+
 Reading: `check_regular_file` refuses a FIFO, device or socket before anything opens it (an open would block, or
 read without end).
 """
@@ -24,7 +27,7 @@ import shutil
 import stat
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,36 @@ def try_lock(fd: int) -> bool:
         os.close(fd)
         return False
     return True
+
+
+class EncodeFolderBusy(ValueError):
+    """Another run holds the output folder's lock."""
+
+
+def lock_folder(folder: Path, what: str = "encode") -> int:
+    """flock the folder itself (non-blocking; no lock file is left behind): the descriptor to pass to
+    `unlock_folder`, or EncodeFolderBusy when another run holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    if not try_lock(fd):
+        raise EncodeFolderBusy(f"another {what} is writing to {folder} (it holds the folder's lock); wait for it to "
+                               "finish, or choose another --out") from None
+    return fd
+
+
+def unlock_folder(folder: Path, fd: int, created: bool, leftovers: Collection[str] = ()) -> None:
+    """Drop the lock; a folder this run created and left without an output (empty, or holding only the run's own
+    `leftovers`, file names such as a record of what it was asked) is removed again."""
+    os.close(fd)
+    if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= set(leftovers):
+        for name in leftovers:
+            (folder / name).unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def write_exclusive(path: Path, write_fn: Callable[[Path], None]) -> Path:
+    """A complete file or none, never replacing another writer's (FileExistsError when `path` exists)."""
+    return atomic_write(path, write_fn, exclusive=True)
 
 
 def atomic_write(path: str | Path, write_fn: Callable[[Path], None], exclusive: bool = False) -> Path:

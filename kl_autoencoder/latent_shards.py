@@ -21,6 +21,9 @@ Resumable and safe to share:
     (model, its factors and a fingerprint of its weights, input, resolution, mode) and a rerun that differs is
     refused unless `overwrite`;
   - at the end the main process writes `manifest.json`: model, factors, resolution, count, skipped, shards.
+
+How the input is cut into units is latent_shard_inputs.py's (below this module); the folder lock and exclusive
+writes are durable.py's; the `encode` command's options are commands/encode.py's (above it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,128 +43,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kl_autoencoder.data import BadImageError, build_transform, iter_image_folder, load_image
-from kl_autoencoder.durable import atomic_write, atomic_write_json, check_regular_file, try_lock
-from kl_autoencoder.shards import (
-    SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, is_url,
-    load_saved_dataset,
+from kl_autoencoder.data import BadImageError, build_transform
+from kl_autoencoder.durable import (  # noqa: F401 (the folder lock and exclusive writes are re-exported)
+    EncodeFolderBusy, atomic_write_json, check_regular_file, lock_folder, unlock_folder, write_exclusive,
 )
-from kl_autoencoder.untrusted import MAX_ERROR_CHARS, shown
+from kl_autoencoder.latent_shard_inputs import (  # noqa: F401 (re-exported)
+    DEFAULT_SHARD_SIZE, Unit, count_images, input_units, shard_size_for,
+)
+from kl_autoencoder.shards import ShardError, is_url
+from kl_autoencoder.untrusted import shown
 
 FORMAT = "kl-autoencoder/latent-shard/1"
 SHARD_NAME = "latent-shard-{:05d}.safetensors"
 SHARD_GLOB = "latent-shard-*.safetensors"
 TMP_GLOB = ".latent-shard-*.tmp"
 IDENTITY_FILE, MANIFEST_FILE = "encode.json", "manifest.json"
-DEFAULT_SHARD_SIZE = 256  # images per shard of a folder or saved dataset
 STD_SUFFIX = ".std"
-
-
-class EncodeFolderBusy(ValueError):
-    """Another encode holds the output folder's lock."""
-
-
-# --------------------------------------------------------------------------------------------- safe writing
-
-
-def lock_folder(folder: Path, what: str = "encode") -> int:
-    """flock the folder itself (non-blocking; no lock file is left behind): the descriptor to pass to
-    `unlock_folder`, or EncodeFolderBusy when another run holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    if not try_lock(fd):
-        raise EncodeFolderBusy(f"another {what} is writing to {folder} (it holds the folder's lock); wait for it to "
-                               "finish, or choose another --out") from None
-    return fd
-
-
-def unlock_folder(folder: Path, fd: int, created: bool) -> None:
-    """Drop the lock; a folder this run created and left without a shard (empty, or holding only the run's
-    `encode.json`) is removed again."""
-    os.close(fd)
-    if created and folder.is_dir() and {p.name for p in folder.iterdir()} <= {IDENTITY_FILE}:
-        (folder / IDENTITY_FILE).unlink(missing_ok=True)
-        folder.rmdir()
-
-
-def write_exclusive(path: Path, write_fn: Callable[[Path], None]) -> Path:
-    """A complete file or none, never replacing another writer's (FileExistsError when `path` exists)."""
-    return atomic_write(path, write_fn, exclusive=True)
-
-
-# --------------------------------------------------------------------------------------------- units of work
-
-
-@dataclass
-class Unit:
-    """One unit of input, encoded into one shard: `read()` yields (key, image or BadImageError)."""
-
-    index: int
-    name: str
-    read: Callable[[], Iterator[tuple[str, Callable[[], Any]]]]
-
-
-def _folder_units(folder: Path, shard_size: int, side: int) -> list[Unit]:
-    paths = iter_image_folder(folder)
-    chunks = [paths[i:i + shard_size] for i in range(0, len(paths), shard_size)]
-
-    def reader(chunk: list[Path]) -> Callable[[], Iterator]:
-        return lambda: ((p.relative_to(folder).as_posix(), lambda p=p: load_image(p, side)) for p in chunk)
-
-    return [Unit(i, f"{chunk[0].relative_to(folder).as_posix()} .. {chunk[-1].relative_to(folder).as_posix()}",
-                 reader(chunk)) for i, chunk in enumerate(chunks)]
-
-
-def _shard_units(shards: ShardSet, side: int) -> list[Unit]:
-    def reader(index: int) -> Callable[[], Iterator]:
-        def read() -> Iterator:
-            for sample in shards.samples(index):
-                name = shards.name(index, sample.key)
-                yield sample.key, lambda s=sample, n=name: decode_sample(s, n, side, shards.local_paths)
-        return read
-
-    return [Unit(i, shards.files[i], reader(i)) for i in range(len(shards))]
-
-
-def _saved_units(path: str, split: str | None, image_column: str | None, shard_size: int,
-                 local_paths: bool = False) -> list[Unit]:
-    from kl_autoencoder.data import _undecoded, checked_cell, decode_hub_value, find_image_column
-
-    hf = load_saved_dataset(path, split)
-    column = find_image_column(hf.features, image_column)
-    hf = _undecoded(hf.select_columns([column]), column).with_format("arrow")
-
-    def read_row(row: int) -> Any:
-        name = f"{path}[{row}]"
-        return decode_hub_value(checked_cell(hf, row, column, name), name, local_paths)
-
-    def reader(start: int, stop: int) -> Callable[[], Iterator]:
-        return lambda: ((str(row), lambda row=row: read_row(row)) for row in range(start, stop))
-
-    bounds = [(start, min(start + shard_size, len(hf))) for start in range(0, len(hf), shard_size)]
-    return [Unit(i, f"rows {start}..{stop - 1}", reader(start, stop)) for i, (start, stop) in enumerate(bounds)]
-
-
-def input_units(source: str, data_files: str | Sequence[str] | None = None, image_column: str | None = None,
-                split: str | None = "train", shard_size: int = 256, resolution: int = 256,
-                local_paths: bool = False) -> tuple[list[Unit], dict]:
-    """The units of `source` and a description of the input for `encode.json` (`local_paths`: follow cells that
-    name a local file)."""
-    if source in SHARD_SOURCES:
-        if not data_files:
-            raise ShardError(f"--input {source} needs --data-files (for example shards/{{00000..00127}}.tar)")
-        files = expand_data_files(data_files)
-        return (_shard_units(ShardSet(source, files, image_column, local_paths), resolution),
-                {"source": source, "files": files})
-    if data_files:
-        raise ShardError("--data-files names webdataset/parquet shards: pass --input webdataset or --input parquet")
-    root = Path(source).expanduser()
-    if is_saved_dataset(root):
-        return (_saved_units(str(root), split, image_column, shard_size, local_paths),
-                {"source": str(root.resolve()), "split": split, "shard_size": shard_size})
-    if not root.is_dir():
-        raise FileNotFoundError(f"--input {source}: not a folder of images, a saved dataset, webdataset or parquet")
-    return _folder_units(root, shard_size, resolution), {"source": str(root.resolve()), "shard_size": shard_size}
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -432,7 +329,7 @@ def encode_dataset(model: Any, model_path: str, source: str, out: str | Path, re
         return result
     finally:
         if lock is not None:
-            unlock_folder(out, lock, created)
+            unlock_folder(out, lock, created, leftovers=(IDENTITY_FILE,))
 
 
 def _encode_units(model: Any, units: Sequence[Unit], out: Path, resolution: int, batch_size: int,
@@ -454,91 +351,3 @@ def _encode_units(model: Any, units: Sequence[Unit], out: Path, resolution: int,
         result.skipped.extend(skipped)
     result.seconds = time.perf_counter() - start
     return result
-
-
-# --------------------------------------------------------------------------------------------- the command
-
-
-def add_encode_arguments(p: Any) -> None:
-    """The `encode` options of the sharded, multi-process path."""
-    p.add_argument("--resolution", type=int, default=None,
-                   help="centre-crop every image to R x R and write resumable latent shards "
-                        "(latent-shard-*.safetensors + manifest.json), one per input shard; needed for "
-                        "webdataset/parquet/saved-dataset inputs and "
-                        "under `accelerate launch` with more than one process")
-    p.add_argument("--data-files", nargs="+", default=None,
-                   help="with --input webdataset or --input parquet: the shards (brace pattern, glob, or several)")
-    p.add_argument("--image-column", default=None, help="image column / tar member extension (default: found)")
-    p.add_argument("--split", default="train", help="the split of a saved DatasetDict (default: train)")
-    p.add_argument("--store-posterior", action="store_true",
-                   help="store the posterior mean (KEY) and std (KEY.std) in diffusion units, to sample later")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help=f"images per shard for a folder or saved dataset (default: {DEFAULT_SHARD_SIZE}, fewer when "
-                        "there are too few images for every process to get a shard)")
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads per process (default: 2)")
-    p.add_argument("--allow-local-paths", action="store_true",
-                   help="read the local files that parquet / saved-dataset cells name instead of holding the image "
-                        "(refused otherwise: a dataset from someone else could name any file of this machine)")
-
-
-def shard_size_for(total: int | None, world: int, asked: int | None = None) -> int:
-    """`asked` (--shard-size), else DEFAULT_SHARD_SIZE images, fewer across processes when a process would get no
-    shard: 16 images on 2 processes are 2 shards of 8. `total`: the input's image count (None: not counted)."""
-    if asked is not None:
-        return asked
-    if world == 1 or total is None:
-        return DEFAULT_SHARD_SIZE
-    return max(1, min(DEFAULT_SHARD_SIZE, -(-total // world)))
-
-
-def count_images(source: str, split: str | None) -> int | None:
-    """The images of a folder or saved dataset, whose shards `--shard-size` cuts (None for webdataset / parquet
-    shards, which stay one unit each)."""
-    root = Path(source).expanduser()
-    if source in SHARD_SOURCES or not root.is_dir():
-        return None
-    return len(load_saved_dataset(str(root), split)) if is_saved_dataset(root) else len(iter_image_folder(root))
-
-
-def wants_dataset_encode(args: Any) -> bool:
-    """The sharded path: asked for (--resolution), needed by the input, or launched on several processes."""
-    return (args.resolution is not None or args.input in SHARD_SOURCES or bool(args.data_files)
-            or is_saved_dataset(args.input) or int(os.environ.get("WORLD_SIZE", "1")) > 1)
-
-
-def encode_command(args: Any, load: Callable[..., Any]) -> int:
-    """`kl-autoencoder encode --resolution R ...` in this process, one of `accelerate launch`'s N."""
-    import sys
-
-    from accelerate import PartialState
-
-    from kl_autoencoder.fastpath import stays_on_cpu
-
-    if args.resolution is None:
-        raise ValueError("--resolution R is needed to encode webdataset/parquet/saved-dataset inputs or across "
-                         "processes (every image is centre-cropped to R x R)")
-    state = PartialState(cpu=stays_on_cpu(args.device))  # else a process without a GPU is "process 0 of 1"
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise ValueError(f"launched as {launched} processes but accelerate sees {state.num_processes}; on a machine "
-                         "without GPUs pass --cpu to accelerate launch")
-    args.shard_size = shard_size_for(count_images(args.input, args.split), state.num_processes, args.shard_size)
-    device = args.device or str(state.device)
-    model = load(args.model, device, kl_only="the sharded encode stores posterior latents (an AutoencoderKL)",
-                 preset=getattr(args, "preset", None))
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed + state.process_index)
-    model_path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    result = encode_dataset(model, model_path, args.input, args.out, args.resolution, args.data_files,
-                            args.batch_size, args.mode, args.store_posterior, args.shard_size, args.image_column,
-                            args.split, args.num_workers, args.overwrite, state.process_index, state.num_processes,
-                            state.wait_for_everyone, generator, allow_local_paths=args.allow_local_paths)
-    for name, reason in result.skipped:
-        print(f"skipped {shown(name)}: {shown(reason, MAX_ERROR_CHARS)}", file=sys.stderr)
-    sys.stderr.flush()
-    prefix = f"[process {state.process_index}/{state.num_processes}] " if state.num_processes > 1 else ""
-    if not result.written and not result.existing:
-        prefix += "no shard fell to this process (fewer input shards than processes): "
-    print(prefix + result.summary())
-    return 0
