@@ -40,7 +40,7 @@ class ModelSection:
 @dataclass
 class DataConfig:
     # "sample" (built-in photos), an image folder, a hub dataset name, a `datasets` save_to_disk folder, or
-    # "webdataset" / "parquet" with `data_files` (kl_autoencoder/shards.py)
+    # "webdataset" / "parquet" with `data_files` (kl_autoencoder/data/webdataset.py, parquet.py)
     source: str = "sample"
     data_files: str | list[str] | None = None  # shards of webdataset/parquet: brace pattern, glob, or a list of them
     split: str = "train"  # the dataset split to train on (hub datasets; "train" / "heldout" / "all" for "sample")

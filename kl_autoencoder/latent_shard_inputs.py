@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kl_autoencoder.data import iter_image_folder, load_image
-from kl_autoencoder.shards import (
-    SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, load_saved_dataset,
+from kl_autoencoder.data import (
+    SHARD_SOURCES, ShardError, ShardSet, decode_sample, expand_data_files, is_saved_dataset, iter_image_folder,
+    load_image, load_saved_dataset,
 )
 
 DEFAULT_SHARD_SIZE = 256  # images per shard of a folder or saved dataset

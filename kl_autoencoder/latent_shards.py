@@ -50,7 +50,7 @@ from kl_autoencoder.durable import (  # noqa: F401 (the folder lock and exclusiv
 from kl_autoencoder.latent_shard_inputs import (  # noqa: F401 (re-exported)
     DEFAULT_SHARD_SIZE, Unit, count_images, input_units, shard_size_for,
 )
-from kl_autoencoder.shards import ShardError, is_url
+from kl_autoencoder.data import ShardError, is_url
 from kl_autoencoder.untrusted import shown
 
 FORMAT = "kl-autoencoder/latent-shard/1"

@@ -8,7 +8,7 @@ import difflib
 import os
 from pathlib import Path
 
-BUILT_IN_SOURCES = ("sample", "sample:train", "sample:heldout", "sample:all")  # data.py's built-in photo sets
+BUILT_IN_SOURCES = ("sample", "sample:train", "sample:heldout", "sample:all")  # the built-in photo sets (data/samples.py)
 MAX_SIBLINGS = 10_000  # a huge parent folder is not worth scanning for a suggestion
 
 

@@ -190,7 +190,7 @@ def test_the_configuration_reference_is_generated_from_the_code():
     assert (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8") == reference(), (
         "docs/configuration.md is stale: python -m kl_autoencoder.config_reference > docs/configuration.md")
     undocumented = [key for _, _, rows in sections() for key, _, _, meaning in rows if not meaning]
-    assert not undocumented, f"config keys without a comment in config.py: {undocumented}"
+    assert not undocumented, f"config keys without a comment in config_schema.py: {undocumented}"
 
 
 DEVELOPMENT_WORDS = re.compile(r"\b[Ii]ssue \d+|\bsession \d|\bsessions\b|\.\./shared|/work/|/tmp/[a-z0-9]+/")

@@ -1,4 +1,4 @@
-"""Sharded sources and latent shards (kl_autoencoder/shards.py, latent_shards.py): WebDataset tars built here from the
+"""Sharded sources and latent shards (kl_autoencoder/data/, latent_shards.py): WebDataset tars built here from the
 sample photos (a corrupt JPEG, a sample without an image and a truncated tar included), parquet files, save_to_disk
 folders; per-rank / per-worker shares, exact streaming resume, and `encode` across processes, resumable and locked."""
 

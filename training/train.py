@@ -23,7 +23,7 @@ from kl_autoencoder.formats import WeightsError  # noqa: E402
 from kl_autoencoder.losses import PerceptualWeightsError  # noqa: E402
 from kl_autoencoder.data import DatasetUnavailableError  # noqa: E402
 from kl_autoencoder.run_folder import DiskSpaceError, RunFolderError  # noqa: E402
-from kl_autoencoder.shards import ShardError  # noqa: E402
+from kl_autoencoder.data import ShardError  # noqa: E402
 from kl_autoencoder.trackers import TrackerError  # noqa: E402
 from kl_autoencoder.signals import Terminated, sigterm_raises  # noqa: E402
 from kl_autoencoder.trainer import NonFiniteLossError, TrainingInterrupted, train  # noqa: E402

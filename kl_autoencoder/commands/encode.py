@@ -13,7 +13,7 @@ import torch
 
 from kl_autoencoder.commands.common import add_model_io, image_folder_command, load_model
 from kl_autoencoder.latent_shards import DEFAULT_SHARD_SIZE, count_images, encode_dataset, shard_size_for
-from kl_autoencoder.shards import SHARD_SOURCES, is_saved_dataset
+from kl_autoencoder.data import SHARD_SOURCES, is_saved_dataset
 from kl_autoencoder.untrusted import MAX_ERROR_CHARS, shown
 
 
