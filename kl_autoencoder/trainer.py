@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 from accelerate.utils import set_seed
@@ -219,13 +219,14 @@ def stop_agreed(t: Training, requested: bool, log_now: bool) -> bool:
 
 
 def _checkpoint(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, dataset: Any) -> Path:
-    """`state` with its skip counters and shard counts (a collective: every rank checkpoints here), saved."""
+    """`state` with its skip counters and shard counts, saved. With several processes the shard counts are a
+    collective: every rank checkpoints here."""
     nonfinite.read(state)
     state.shard_counts = gathered_shard_counts(dataset)
     return save_checkpoint(t, run, state)
 
 
-def _stop(t: Training, checkpoint: Path, state: TrainingState, progress: Progress, signal_name: str | None) -> None:
+def _stop(t: Training, checkpoint: Path, state: TrainingState, progress: Progress, signal_name: str | None) -> NoReturn:
     """End a run stopped by a signal, its checkpoint written: TrainingInterrupted."""
     progress.close()
     t.accelerator.end_training()
