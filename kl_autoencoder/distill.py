@@ -40,11 +40,13 @@ import torch
 
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, TrainConfig
+from kl_autoencoder.ema import EMA
 from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, prepare_for_inference,
                                      prepare_loss_network, unwrap)
 from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.tiny import TinyAutoencoder, build_student, distillation_targets, distillation_terms
-from kl_autoencoder.trainer import EMA, StepResult, Training, make_accelerator, make_discriminator, optimizer_step
+from kl_autoencoder.training_setup import make_accelerator, make_discriminator
+from kl_autoencoder.training_step import StepResult, Training, optimizer_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "distill.yaml"  # the CLI's default (in a checkout)
 SINGLE_FILE_NAME = "tiny"  # -> tiny_encoder.safetensors / tiny_decoder.safetensors (rename for a preview tool)

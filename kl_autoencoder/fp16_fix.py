@@ -45,7 +45,8 @@ from kl_autoencoder.fp16_rescale import Unit, apply_factors_, rescale_units, shr
 from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 from kl_autoencoder.model_card import model_card
 from kl_autoencoder.presets import LATENT_SCALE_KEY
-from kl_autoencoder.trainer import StepResult, Training, build_model, make_accelerator
+from kl_autoencoder.training_setup import build_model, make_accelerator
+from kl_autoencoder.training_step import StepResult, Training
 
 
 class FixTargets(NamedTuple):

@@ -111,7 +111,7 @@ class Validation:
         self.t, self.run_folder = t, run
         self.every = t.cfg.validation.every if t is not None else 0
         self.bar: dict[str, str] = {}  # the progress bar's validation figure
-        self.best: dict[str, Any] | None = None  # the best pass so far: {"metric", "mode", "value", "step"}
+        self.keep_best = BestCheckpoint(t, run)
 
     @classmethod
     def start(cls, t: Any, run: RunFolder) -> "Validation":
@@ -156,10 +156,8 @@ class Validation:
                 log_images(acc, "validation", grid, state.step)
         if "val/psnr" in figures:
             self.bar = {BAR_KEY: f"{figures['val/psnr']:.4g}"}
-            if progress is not None:
-                shown = [p for p in (progress.postfix or "").split(", ") if p and not p.startswith(f"{BAR_KEY}=")]
-                progress.set_postfix_str(", ".join(shown + [f"{BAR_KEY}={self.bar[BAR_KEY]}"]))
-        self.keep_if_best(state, figures)
+            show_on_bar(progress, self.bar[BAR_KEY])
+        self.keep_best.offer(state, figures)
         return figures
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -189,38 +187,55 @@ class Validation:
         measured = scores.measured()
         missing = torch.full_like(index, torch.nan)  # a metric not measured here (MS-SSIM on small images, LPIPS)
         table = torch.stack([index] + [measured[k].double() if k in measured else missing for k in IMAGE_METRICS], 1)
-        figures = self.reduce(table, estimator)
+        figures = gathered_figures(self.t.accelerator, table, estimator, self.rows)
         if "val/latent_std" in figures and keeps_pretrained_latent_scale(cfg):
             figures["val/scaled_latent_std"] = figures["val/latent_std"] * float(self.model.config.scaling_factor)
         return figures, grid
 
-    def reduce(self, table: torch.Tensor, estimator: M.LatentScaleEstimator) -> dict[str, float]:
-        """Gather every process's per-image rows ([index, IMAGE_METRICS...]) and latent moments; summarise each
-        metric over the whole set as `evaluate` does (`summarize_defined`: the mean over the images it is defined
-        on), every image once."""
-        acc, device = self.t.accelerator, self.t.device
-        padded = torch.full((self.rows, table.shape[1]), -1.0, dtype=torch.float64)
-        padded[:len(table)] = table
-        gathered = acc.gather(padded.to(device)).cpu()
-        gathered = gathered[gathered[:, 0] >= 0]
-        gathered = gathered[gathered[:, 0].argsort()]
-        figures: dict[str, float] = {"val/num_images": float(len(gathered))}
-        for column, key in enumerate(IMAGE_METRICS, start=1):
-            summary = summarize_defined(gathered[:, column])
-            if summary is not None:
-                figures[f"val/{key}"] = summary["mean"]
-        moments = acc.gather(torch.tensor([estimator.moments()], dtype=torch.float64, device=device)).cpu()
-        try:
-            scale = M.LatentScaleEstimator.pooled(estimator.shift, moments.tolist()).result()
-        except ValueError:  # no latents (a tiny autoencoder) or no spread
-            return figures
-        figures.update({"val/latent_std": 1.0 / scale.scaling_factor, "val/scaling_factor": scale.scaling_factor})
-        if scale.shift_factor is not None:
-            figures["val/shift_factor"] = scale.shift_factor
-        return figures
 
-    def keep_if_best(self, state: TrainingState, figures: dict[str, float]) -> None:
-        """With validation.keep_best: write the best checkpoint when this pass beats the best so far (strictly)."""
+def show_on_bar(progress: Any, value: str) -> None:
+    """`value` as the progress bar's `val_psnr`, beside the training figures it shows (a tqdm bar, or None)."""
+    if progress is not None:
+        shown = [p for p in (progress.postfix or "").split(", ") if p and not p.startswith(f"{BAR_KEY}=")]
+        progress.set_postfix_str(", ".join(shown + [f"{BAR_KEY}={value}"]))
+
+
+def gathered_figures(acc: Any, table: torch.Tensor, estimator: M.LatentScaleEstimator, rows: int
+                     ) -> dict[str, float]:
+    """Gather every process's per-image rows ([index, IMAGE_METRICS...], padded to `rows`) and latent moments;
+    summarise each metric over the whole set as `evaluate` does (`summarize_defined`: the mean over the images it is
+    defined on), every image once."""
+    device = acc.device
+    padded = torch.full((rows, table.shape[1]), -1.0, dtype=torch.float64)
+    padded[:len(table)] = table
+    gathered = acc.gather(padded.to(device)).cpu()
+    gathered = gathered[gathered[:, 0] >= 0]
+    gathered = gathered[gathered[:, 0].argsort()]
+    figures: dict[str, float] = {"val/num_images": float(len(gathered))}
+    for column, key in enumerate(IMAGE_METRICS, start=1):
+        summary = summarize_defined(gathered[:, column])
+        if summary is not None:
+            figures[f"val/{key}"] = summary["mean"]
+    moments = acc.gather(torch.tensor([estimator.moments()], dtype=torch.float64, device=device)).cpu()
+    try:
+        scale = M.LatentScaleEstimator.pooled(estimator.shift, moments.tolist()).result()
+    except ValueError:  # no latents (a tiny autoencoder) or no spread
+        return figures
+    figures.update({"val/latent_std": 1.0 / scale.scaling_factor, "val/scaling_factor": scale.scaling_factor})
+    if scale.shift_factor is not None:
+        figures["val/shift_factor"] = scale.shift_factor
+    return figures
+
+
+class BestCheckpoint:
+    """validation.keep_best: the best pass so far ({"metric", "mode", "value", "step"}) and its checkpoint, written
+    like the others when a pass beats it (strictly)."""
+
+    def __init__(self, t: Any, run: RunFolder | None):
+        self.t, self.run_folder = t, run
+        self.best: dict[str, Any] | None = None
+
+    def offer(self, state: TrainingState, figures: dict[str, float]) -> None:
         metric = self.t.cfg.validation.keep_best
         value = figures.get(f"val/{metric}") if metric else None
         if value is None:
