@@ -4,7 +4,7 @@
                             [--batch-size B] [--sample] [--write-config [--write-latent-stats]]
                             [--shift-factor auto|on|off] [--skip diffusability,fp16] [--no-progress]
 
-The same as `kl-autoencoder evaluate`; kl_autoencoder/evaluation.py runs it (its rooms are listed there). Every
+The same as `kl-autoencoder evaluate`; kl_autoencoder/evaluation/ runs it (its rooms are listed in its `__init__`). Every
 model is checked before any work; a bad one exits with status 2 and a one-line message, writing nothing.
 """
 

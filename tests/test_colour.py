@@ -137,7 +137,7 @@ def test_evaluation_reports_colour_per_image_per_split_and_the_worst_image(tmp_p
     assert worst["index"] == int(np.argmax(delta_e)) and worst["delta_e"] == pytest.approx(delta_e.max(), rel=1e-4)
     assert worst["split"] == ("held-out" if worst["index"] < 2 else "training")
 
-    from kl_autoencoder.evaluation_report import image_metrics_section, model_sections
+    from kl_autoencoder.evaluation.report import image_metrics_section, model_sections
 
     result = {"num_images": 5, "data": "x", "resolution": 32, "sample_posterior": False,
               "splits": {s: [f"{i}.png" for i in ix] for s, ix in splits.items()},

@@ -1,4 +1,4 @@
-"""evaluation.py / eval/evaluate.py end to end on tiny models and the built-in sample photos at 32 px."""
+"""kl_autoencoder/evaluation/ and eval/evaluate.py end to end on tiny models and the built-in sample photos at 32 px."""
 
 import json
 from pathlib import Path

@@ -185,12 +185,12 @@ def test_the_accelerate_lines_name_a_config_file():
 
 
 def test_the_configuration_reference_is_generated_from_the_code():
-    from kl_autoencoder.config_reference import reference, sections
+    from kl_autoencoder.config.reference import reference, sections
 
     assert (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8") == reference(), (
-        "docs/configuration.md is stale: python -m kl_autoencoder.config_reference > docs/configuration.md")
+        "docs/configuration.md is stale: python -m kl_autoencoder.config.reference > docs/configuration.md")
     undocumented = [key for _, _, rows in sections() for key, _, _, meaning in rows if not meaning]
-    assert not undocumented, f"config keys without a comment in config_schema.py: {undocumented}"
+    assert not undocumented, f"config keys without a comment in config/schema.py: {undocumented}"
 
 
 DEVELOPMENT_WORDS = re.compile(r"\b[Ii]ssue \d+|\bsession \d|\bsessions\b|\.\./shared|/work/|/tmp/[a-z0-9]+/")

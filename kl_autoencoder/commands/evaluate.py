@@ -1,4 +1,4 @@
-"""`kl-autoencoder evaluate`: the options and the run are evaluation.py's; this adds the command."""
+"""`kl-autoencoder evaluate`: the options and the run are the evaluation package's; this adds the command."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """metrics.json's content beyond the models' entries (the header, the headline) and writing the results.
 
-metrics.json and report.md (rendered by evaluation_report.py) and the spectra picture, written once every model is
-measured. Below evaluation.py.
+metrics.json and report.md (rendered by report.py) and the spectra picture, written once every model is
+measured. Below orchestration.py.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 from kl_autoencoder import diffusability as D
 from kl_autoencoder import metrics as M
 from kl_autoencoder.durable import atomic_write_text
-from kl_autoencoder.evaluation_pictures import save_figure
-from kl_autoencoder.evaluation_report import render_report, write_json
-from kl_autoencoder.evaluation_scores import IMAGE_METRICS
-from kl_autoencoder.evaluation_splits import EvalImages
+from kl_autoencoder.evaluation.pictures import save_figure
+from kl_autoencoder.evaluation.report import render_report, write_json
+from kl_autoencoder.evaluation.scores import IMAGE_METRICS
+from kl_autoencoder.evaluation.splits import EvalImages
 
 
 def result_header(data: str, resolution: int, images: EvalImages, sample: bool, skip: tuple[str, ...]

@@ -1,5 +1,5 @@
 """The evaluation pictures of one model: reconstructions / worst (original | reconstruction | error), latent
-histograms against N(0, 1) and posterior-mean channels. Plain functions of what evaluation.py measured; matplotlib
+histograms against N(0, 1) and posterior-mean channels. Plain functions of what orchestration.py measured; matplotlib
 only draws (Agg, never a window), and every file is written atomically.
 """
 
@@ -25,7 +25,7 @@ class ImageRecord:
 
 
 class PictureSource(Protocol):
-    """What `write_pictures` reads of one model's run (evaluation_pass.ModelRun)."""
+    """What `write_pictures` reads of one model's run (one_pass.ModelRun)."""
     name: str
     first: list[ImageRecord]
     worst: list[ImageRecord]

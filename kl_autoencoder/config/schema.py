@@ -1,8 +1,8 @@
 """The training config's schema: one typed dataclass per section (`TrainConfig` holds them all).
 
-Each field's comment is its documentation: config_reference.py turns the comments and defaults into
-docs/configuration.md. Loading YAML onto these classes is config_yaml.py's, checking their values
-config_validation.py's; both sit above this module, and config.py joins them (`load_config`)."""
+Each field's comment is its documentation: reference.py turns the comments and defaults into
+docs/configuration.md. Loading YAML onto these classes is yaml_io.py's, checking their values
+validation.py's; both sit above this module, and loading.py joins them (`load_config`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Validation of a built config: impossible values (non-positive learning rate, resolution not divisible by the
 downsampling factor, non-finite floats, a preset that does not fit, ...) refused before any work starts, as a
-ConfigError naming the dotted key and its value. Sits on config_schema.py; config.py calls `validate` after building."""
+ConfigError naming the dotted key and its value. Sits on schema.py; loading.py calls `validate` after building."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import os
 import typing
 from typing import Any
 
-from kl_autoencoder.config_schema import (
+from kl_autoencoder.config.schema import (
     BEST_DIRECTIONS, ConfigError, DataConfig, LossConfig, ModelSection, OptimConfig, TrainConfig, TrainSection,
 )
-from kl_autoencoder.config_yaml import check_type, unknown_key_message
+from kl_autoencoder.config.yaml_io import check_type, unknown_key_message
 from kl_autoencoder.formats import WeightsError, capped_repr, find_config_json, is_local_path, read_config
 from kl_autoencoder.model import AutoencoderConfig, AutoencoderConfigError, check_config_size
 from kl_autoencoder.presets import PRESETS, PresetError, check_fits, describe_choices, get_preset

@@ -2,7 +2,7 @@
 
 The built-in `sample` source is its held-out photos, then its training photos (data.SAMPLE_HELDOUT / SAMPLE_TRAIN);
 any other source is one split, "all". The sample's photos are held out of sample-source runs only:
-`heldout_warnings` says so for a model trained on another source. Below evaluation.py, which loads the images once
+`heldout_warnings` says so for a model trained on another source. Below orchestration.py, which loads the images once
 for every model.
 """
 
@@ -15,8 +15,8 @@ import torch
 
 from kl_autoencoder.data import (SAMPLE_HELDOUT, SAMPLE_TRAIN, SkipLog, is_local_path, iter_image_folder,
                                  load_eval_images)
-from kl_autoencoder.evaluation_errors import EvaluationError
-from kl_autoencoder.evaluation_report import ALL, HELD_OUT, TRAINING
+from kl_autoencoder.evaluation.errors import EvaluationError
+from kl_autoencoder.evaluation.report import ALL, HELD_OUT, TRAINING
 
 
 @dataclass

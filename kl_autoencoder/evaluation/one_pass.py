@@ -1,7 +1,7 @@
 """One model's pass over the evaluation images: reconstruct (encode and decode timed), score, stream the latent
 statistics, keep what the pictures show; `evaluate_model` returns it all as a `ModelRun`.
 
-Below evaluation.py (which runs one pass per model) and shared with validation (`_reconstruct`).
+Below orchestration.py (which runs one pass per model) and shared with validation (`_reconstruct`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from kl_autoencoder import metrics as M
-from kl_autoencoder.evaluation_pictures import ImageRecord
-from kl_autoencoder.evaluation_report import ALL
-from kl_autoencoder.evaluation_models import check_resolution
-from kl_autoencoder.evaluation_scores import (ImageScores, LowestPSNR, rfid_entry, split_summaries, summarize_defined,
+from kl_autoencoder.evaluation.pictures import ImageRecord
+from kl_autoencoder.evaluation.report import ALL
+from kl_autoencoder.evaluation.models import check_resolution
+from kl_autoencoder.evaluation.scores import (ImageScores, LowestPSNR, rfid_entry, split_summaries, summarize_defined,
                                               worst_colour)
 from kl_autoencoder.fastpath import FastPath, autocast as fast_autocast
 from kl_autoencoder.tiny import TinyAutoencoder

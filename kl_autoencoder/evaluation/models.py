@@ -1,7 +1,7 @@
 """Loading the models to evaluate: KL VAE or tiny autoencoder by its config, short unique names, checks.
 
 Every model is loaded on the CPU and checked against the resolution before any evaluation work, so a bad path fails
-before a picture is written. Below evaluation.py and the teacher comparison, which both compare model paths.
+before a picture is written. Below orchestration.py and the teacher comparison, which both compare model paths.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from kl_autoencoder.evaluation_errors import EvaluationError
+from kl_autoencoder.evaluation.errors import EvaluationError
 from kl_autoencoder.formats import find_config_json
 from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.tiny import TinyAutoencoder

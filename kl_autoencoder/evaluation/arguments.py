@@ -1,6 +1,6 @@
 """`kl-autoencoder evaluate`'s command-line arguments (and eval/evaluate.py's): the flags and their choices.
 
-Plain argparse, below evaluation.py, whose `run` turns the parsed flags into an `evaluate` call.
+Plain argparse, below orchestration.py, whose `run` turns the parsed flags into an `evaluate` call.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from kl_autoencoder import metrics as M
-from kl_autoencoder.evaluation_pictures import ImageRecord
+from kl_autoencoder.evaluation.pictures import ImageRecord
 
 IMAGE_METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "colour_error", "delta_e", "hue_error")  # per image, per split
 

@@ -1,9 +1,9 @@
 """The configuration reference (docs/configuration.md), generated from the config dataclasses themselves.
 
-    python -m kl_autoencoder.config_reference > docs/configuration.md
+    python -m kl_autoencoder.config.reference > docs/configuration.md
 
 Every key of `TrainConfig` with its type, default and meaning. The meaning is the field's comment in
-config_schema.py: the comment on its line and the comment lines right above it; a section's docstring introduces its
+schema.py: the comment on its line and the comment lines right above it; a section's docstring introduces its
 table. The test suite
 regenerates the page and fails when it differs from the file, or when a key has no comment.
 """
@@ -19,13 +19,12 @@ import sys
 import tokenize
 from typing import Any
 
-from kl_autoencoder import config_schema
-from kl_autoencoder.config_schema import TrainConfig
+from kl_autoencoder.config.schema import TrainConfig
 
 HEADER = """# Configuration reference
 
 Every key a training config (`configs/*.yaml`, `training/train.py --config FILE`, `kl-autoencoder distill`) takes,
-generated from `kl_autoencoder/config_schema.py` by `python -m kl_autoencoder.config_reference > docs/configuration.md`.
+generated from `kl_autoencoder/config/schema.py` by `python -m kl_autoencoder.config.reference > docs/configuration.md`.
 Keys are set in the YAML file by section (`train:` then `max_steps: 20`) or on the command line as dotted overrides
 (`train.max_steps=20`); unknown keys, wrong types and values out of range are refused when the config loads, naming
 the key. `null` is Python's None: the meaning says what it stands for.
@@ -95,7 +94,7 @@ def reference() -> str:
     for name, cls, rows in sections():
         out.append(f"\n## `{name}`\n")
         doc = inspect.getdoc(cls)
-        if doc and cls.__module__ == config_schema.__name__ and not doc.startswith(cls.__name__ + "("):
+        if doc and cls.__module__ == TrainConfig.__module__ and not doc.startswith(cls.__name__ + "("):
             out.append(" ".join(doc.split()) + "\n")
         out.append("| key | type | default | meaning |\n| --- | --- | --- | --- |")
         out += [f"| `{key}` | {_cell(kind)} | `{_cell(default)}` | {_cell(meaning)} |"

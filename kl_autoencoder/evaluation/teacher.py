@@ -1,7 +1,7 @@
 """The teacher comparison: a tiny autoencoder against the KL VAE it was distilled from, and which model that is.
 
 `find_teacher` picks the teacher among the models (or the one `--teacher` names) before any work;
-`compare_with_teacher` measures the student's decodes against the teacher's. Below evaluation.py.
+`compare_with_teacher` measures the student's decodes against the teacher's. Below orchestration.py.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from kl_autoencoder import metrics as M
-from kl_autoencoder.evaluation_errors import EvaluationError
-from kl_autoencoder.evaluation_models import same_model_path
-from kl_autoencoder.evaluation_report import ALL
-from kl_autoencoder.evaluation_scores import split_summaries
+from kl_autoencoder.evaluation.errors import EvaluationError
+from kl_autoencoder.evaluation.models import same_model_path
+from kl_autoencoder.evaluation.report import ALL
+from kl_autoencoder.evaluation.scores import split_summaries
 from kl_autoencoder.fastpath import FastPath, autocast as fast_autocast
 from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.tiny import TinyAutoencoder

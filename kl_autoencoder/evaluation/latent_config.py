@@ -1,7 +1,7 @@
 """Writing a measured latent scale into a model folder's config.json (`evaluate --write-config`).
 
 scaling_factor / shift_factor, optionally the per-channel latents_mean / latents_std; refused for the factors a
-training run kept (a decoder-only fine-tune's latent space is its source's) unless forced. Below evaluation.py.
+training run kept (a decoder-only fine-tune's latent space is its source's) unless forced. Below orchestration.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kl_autoencoder.evaluation_errors import EvaluationError
-from kl_autoencoder.evaluation_report import write_json
+from kl_autoencoder.evaluation.errors import EvaluationError
+from kl_autoencoder.evaluation.report import write_json
 from kl_autoencoder.formats import CONFIG_NAME, find_config_json
 from kl_autoencoder.presets import LATENT_SCALE_KEY
 from kl_autoencoder.untrusted import shown

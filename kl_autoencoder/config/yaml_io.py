@@ -3,7 +3,7 @@ with its keys and types checked (unknown keys get a did-you-mean), and writing a
 
 YAML 1.1 reads `1e-4` as a string; float fields therefore accept strings that parse as a float. It also reads `no`
 as false: a field whose choices include "no" (`train.mixed_precision`) takes it back as "no". Every value an error
-message shows is cut short. Sits on config_schema.py; config.py calls it before validating."""
+message shows is cut short. Sits on schema.py; loading.py calls it before validating."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from kl_autoencoder.config_schema import ConfigError, TrainConfig
+from kl_autoencoder.config.schema import ConfigError, TrainConfig
 from kl_autoencoder.durable import atomic_write_text
 from kl_autoencoder.formats import capped_repr
 
