@@ -8,18 +8,16 @@ with standardised latents (latent_scale="measured": a random-init model has no m
 per seed. Prints a markdown table for BENCHMARKS.md.
 """
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder import diffusability as D  # noqa: E402
-from kl_autoencoder.data import load_eval_images  # noqa: E402
-from kl_autoencoder.model import KLAutoencoder  # noqa: E402
+from kl_autoencoder import diffusability as D
+from kl_autoencoder.data import load_eval_images
+from kl_autoencoder.model import KLAutoencoder
 
 
 def measure(model, images: torch.Tensor, seeds: list[int], steps: int) -> dict:
@@ -41,7 +39,7 @@ def row(name: str, m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = harness.parser(__doc__)
     p.add_argument("models", nargs="*", default=["tests/assets/trained-f8"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=D.ProbeConfig().steps)

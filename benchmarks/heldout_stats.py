@@ -10,19 +10,16 @@ of the posterior mode's reconstruction (scikit-image), mean colour error (|mean 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder import KLAutoencoder  # noqa: E402
-from kl_autoencoder.data import load_eval_images  # noqa: E402
+from kl_autoencoder import KLAutoencoder
+from kl_autoencoder.data import load_eval_images
 
 
 def heldout_stats(model_path: str, resolution: int = 256, only: list[str] | None = None) -> dict:
@@ -44,7 +41,7 @@ def heldout_stats(model_path: str, resolution: int = 256, only: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("model")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--only", default=None, help="comma list of held-out photo names")

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402  (benchmarks/harness.py)
+import measure  # noqa: E402  (benchmarks/measure.py)
 import run as bench  # noqa: E402  (benchmarks/run.py)
 
 
 def test_interleaved_times_alternate_order_and_exclude_warmup():
     calls = []
     fns = {"ours": lambda: calls.append("ours"), "reference": lambda: calls.append("reference")}
-    times = bench.interleaved_times(fns, repeats=3, device=torch.device("cpu"), warmup=1)
+    times = measure.interleaved_times(fns, repeats=3, device=torch.device("cpu"), warmup=1)
     assert calls == ["ours", "reference",  # warm-up
                      "ours", "reference", "reference", "ours", "ours", "reference"]
     assert [len(v) for v in times.values()] == [3, 3]
@@ -31,7 +33,7 @@ def test_peak_memory_counts_the_high_water_mark_of_new_tensors():
         c = torch.ones(1 << 18)  # 1 MiB after both are freed
         return c.sum() + held[0]
 
-    peak = bench.peak_memory_bytes(step, torch.device("cpu"))
+    peak = measure.peak_memory_bytes(step, torch.device("cpu"))
     assert 3 * 2**20 <= peak < 3 * 2**20 + 64 * 1024
 
 
@@ -102,7 +104,7 @@ def test_reference_step_skips_lpips_at_weight_zero_and_uses_it_otherwise():
     import reference as ref
 
     torch.manual_seed(0)
-    vae = ref.build_reference_vae(dict(bench.TINY_ARCHITECTURE,
+    vae = ref.build_reference_vae(dict(harness.TINY_ARCHITECTURE,
                                        down_block_types=["DownEncoderBlock2D"] * 2,
                                        up_block_types=["UpDecoderBlock2D"] * 2))
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -218,7 +220,7 @@ def test_reference_gan_step_adds_the_adaptive_adversarial_term_and_trains_the_di
     from kl_autoencoder.losses import PatchDiscriminator
 
     torch.manual_seed(0)
-    vae = ref.build_reference_vae(bench.with_block_types(bench.TINY_ARCHITECTURE))
+    vae = ref.build_reference_vae(ref.with_block_types(harness.TINY_ARCHITECTURE))
     disc = PatchDiscriminator(3, 8, 3, "group")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
 
@@ -268,7 +270,7 @@ def test_interleaved_times_repeat_short_calls_to_min_seconds():
             time.sleep(0.002)
         return fn
 
-    times = bench.interleaved_times({k: call(k) for k in calls}, repeats=2, device=torch.device("cpu"), warmup=1,
+    times = measure.interleaved_times({k: call(k) for k in calls}, repeats=2, device=torch.device("cpu"), warmup=1,
                                     min_seconds=0.02)
     assert calls["ours"] == calls["reference"] >= 1 + 2 * 5  # the same number of calls per sample for both
     assert all(0.002 <= t < 0.02 for ts in times.values() for t in ts)  # seconds per call, not per sample
