@@ -40,13 +40,17 @@ def measure(resolution: int, channels: list[int], layers: int, checkpointing: bo
             "seconds": seconds}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = harness.parser(__doc__)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 128])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.child:
         res, ckpt = args.child.split(",")
         print(json.dumps(measure(int(res), args.channels, args.layers, ckpt == "1")))

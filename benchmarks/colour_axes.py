@@ -13,6 +13,7 @@ cyan: hue error in the tens of degrees while PSNR can stay decent.
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -89,13 +90,17 @@ def image_sets(folders: list[str], size: int) -> dict[str, tuple[torch.Tensor, l
     return sets
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser(__doc__)
     p.add_argument("model")
     p.add_argument("--folder", action="append", default=[], help="an image folder, reported as its own set")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="also write the per-image results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     model = KLAutoencoder.from_pretrained(args.model).eval()
     result = {"model": args.model, "resolution": args.resolution, "sets": {}}
     for name, (images, names) in image_sets(args.folder, args.resolution).items():

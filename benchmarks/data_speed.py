@@ -16,6 +16,7 @@ with.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import warnings
 from pathlib import Path
@@ -58,7 +59,7 @@ def fresh_rate(dataset: Any, batch_size: int, batches: int) -> float:
     return images_per_second(training_batches(dataset, batch_size, seed=0, num_workers=0), batches)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser(__doc__)
     harness.add_config(p)
     p.add_argument("--photos", type=int, default=8, help="files per folder")
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--long-side", type=int, default=3840, help="longer side of the large photos, px")
     harness.add_json(p)
     p.add_argument("--tiny", action="store_true", help="2 photos, 2 batches, 512 px: a harness self-test")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from kl_autoencoder.config import load_config
 

@@ -8,6 +8,7 @@ with standardised latents (latent_scale="measured": a random-init model has no m
 per seed. Prints a markdown table for BENCHMARKS.md.
 """
 
+import argparse
 import sys
 import time
 
@@ -38,12 +39,16 @@ def row(name: str, m: dict) -> str:
             f"{cheap['spectrum']['image']['high_frequency_share']:.3f} | {eq} | {loss} | {per_t} |")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser(__doc__)
     p.add_argument("models", nargs="*", default=["tests/assets/trained-f8"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=D.ProbeConfig().steps)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _, images = load_eval_images("sample", 128)
     names = ", ".join(t.name for t in D.EVAL_TRANSFORMS)
     print(f"| model | HF share latent | HF share image | equivariance PSNR dB ({names}) | probe held-out loss "

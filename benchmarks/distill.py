@@ -40,7 +40,7 @@ def checkpoint_every(steps: list[int]) -> int:
     return interval
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=str(ROOT / "tests" / "assets" / "trained-f8"))
     p.add_argument("--config", default=str(ROOT / "configs" / "distill.yaml"))
@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=128, help="evaluation crop (default 128)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.width=32")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     steps = sorted(set(args.steps))
     run_dir = args.out / "run"
     cfg = load_config(args.config, [f"distill.teacher={json.dumps(args.teacher)}", f"train.output_dir={run_dir}",

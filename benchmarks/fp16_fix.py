@@ -128,7 +128,7 @@ def table(original: dict, before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resolution", type=int, default=32)
@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drive-to", type=float, default=3 * FP16_MAX, help="peak of each driven tensor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more section.key=value overrides for the recipe")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     original = KLAutoencoder(AutoencoderConfig.from_dict(dict(SDXL_VAE))).eval()
     images = load_split_images("sample", args.resolution)

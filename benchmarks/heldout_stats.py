@@ -10,6 +10,7 @@ of the posterior mode's reconstruction (scikit-image), mean colour error (|mean 
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -40,12 +41,16 @@ def heldout_stats(model_path: str, resolution: int = 256, only: list[str] | None
             "scaled_latent_std": round(float(latents.std()), 3), "scaling_factor": model.config.scaling_factor}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser(__doc__)
     p.add_argument("model")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--only", default=None, help="comma list of held-out photo names")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     result = heldout_stats(args.model, args.resolution, args.only.split(",") if args.only else None)
     print(json.dumps(result))
     return result

@@ -88,6 +88,7 @@ from harness import ROOT, TINY_ARCHITECTURE, header, markdown_table as table, wr
 from reference import with_block_types
 
 from kl_autoencoder.losses import chroma_error_sum
+
 PEER_DEFAULT_LR = 4.5e-6  # train_autoencoderkl.py --learning_rate default
 PEER_KL_SCALE = 1e-6  # --kl_scale default
 PEER_WARMUP_STEPS = 500  # --lr_warmup_steps default

@@ -2,15 +2,13 @@
 
     python benchmarks/seams.py [SIZE] [TILE] [OVERLAP] [MODEL_PATH ...]     # no path: random-init models, attention on/off
 """
-import sys
+import argparse
 import tempfile
 import time
 
 import torch
-from diffusers import AutoencoderKL
-from skimage import data
 
-import harness  # noqa: F401  (benchmarks/harness.py, first: this checkout on sys.path)
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
 
 from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.tiling import decode_tiled, encode_tiled
@@ -34,6 +32,8 @@ def error(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def seams(path: str, attention: bool, x: torch.Tensor, tile: int, overlap: int) -> str | None:
     """One line: ours and diffusers' tiled encode and decode, each against our full pass."""
+    from diffusers import AutoencoderKL
+
     pair = models(path, attention)
     if pair is None:
         return None
@@ -56,18 +56,29 @@ def seams(path: str, attention: bool, x: torch.Tensor, tile: int, overlap: int) 
             f"diffusers {error(dx, full)}  ({time.time()-t0:.0f}s)")
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
+    p.add_argument("size", type=int, nargs="?", default=512, help="image side, px (astronaut is 512)")
+    p.add_argument("tile", type=int, nargs="?", default=256, help="tile side, px")
+    p.add_argument("overlap", type=int, nargs="?", default=64, help="overlap, px")
+    p.add_argument("paths", nargs="*", default=["random"], metavar="MODEL_PATH",
+                   help="exports to measure (default: random-init models with and without attention)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from skimage import data
+
+    args = parse_args(argv)
     torch.manual_seed(0)
-    size = int(argv[0]) if len(argv) > 0 else 512
     x = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].float() / 127.5 - 1
-    x = x[..., :size, :size]
-    tile, overlap = int(argv[1]) if len(argv) > 1 else 256, int(argv[2]) if len(argv) > 2 else 64
-    for path in argv[3:] or ["random"]:
+    x = x[..., :args.size, :args.size]
+    for path in args.paths:
         for attention in (True, False):
-            line = seams(path, attention, x, tile, overlap)
+            line = seams(path, attention, x, args.tile, args.overlap)
             if line is not None:
                 print(line, flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

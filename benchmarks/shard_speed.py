@@ -17,6 +17,7 @@ time each process prints: reading, encoding and writing its shards; interpreter 
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import re
@@ -86,7 +87,7 @@ def encode_rate(model: Path, pattern: str, out: Path, processes: int, resolution
     return sum(int(n) for n, _ in found) / max(float(s) for _, s in found)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser(__doc__)
     harness.add_config(p)
     p.add_argument("--shards", type=int, default=8)
@@ -98,7 +99,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shuffle-buffer", type=int, default=None, help="data.shuffle_buffer (default: the config's)")
     p.add_argument("--data-only", action="store_true", help="the stream rows only (no training step, no encode)")
     p.add_argument("--tiny", action="store_true", help="2 shards x 4 photos, 2 batches: a harness self-test")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from kl_autoencoder.config import load_config, resolved_architecture
     from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder

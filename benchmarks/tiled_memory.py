@@ -72,7 +72,7 @@ def measure(config: str, size: int, tile: int, method: str, device_name: str) ->
             "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = harness.parser(__doc__)
     harness.add_config(p, "kl-f8")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024])
@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     harness.add_device(p, default="cpu")
     harness.add_json(p)
     p.add_argument("--one", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)  # the subprocess side
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.config, int(args.one[0]), args.tile, args.one[1], args.device)))
         return []

@@ -47,12 +47,16 @@ def measure(config: Path, steps: int, every: int, out: Path) -> dict:
             "main_job_cost_percent": round(100 * job_passes * pass_s / (job_steps * step_s), 3)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=20)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         print(json.dumps(measure(args.config, args.steps, args.every, Path(folder) / "run")))
 

@@ -293,3 +293,90 @@ def test_gpu_session_script_parses_and_its_run_arguments_are_valid():
     for command in commands:
         argv = [a.strip('"') for a in command.split()]
         bench.parse_args(["cpu" if a == "$DEV" else "2" if a.startswith("$") else a for a in argv])
+
+
+# ---------------------------------------------------------------------------------------------- the shared harness
+
+
+def test_header_names_the_time_the_machine_and_the_command_that_reproduces_it():
+    text = harness.header("tiny.py", ["--repeats", "1"], torch.device("cpu"))
+    first, second = text.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC \| .+, \d+ cores, \d+ threads(, load average [\d./]+)?; "
+                        r"torch \S+", first), first
+    assert second == "command: python benchmarks/tiny.py --repeats 1"
+
+
+def test_tables_print_ratios_from_the_numbers_shown():
+    assert harness.printed_ratio(12.3456, 9.87654) == 12.3 / 9.88 and harness.printed_ratio(1.0, None) is None
+    assert harness.printed_ratio(1.0, 0.0001) == 1.0 / 0.0001 and harness.printed_ratio(1.0, 0.0) is None
+    assert harness.rate_table("path", [("a", 12.345)]).splitlines() == ["| path | images/s |", "|---|---|",
+                                                                       "| a | 12.3 |"]
+
+
+def test_result_files_are_written_whole_and_read_back(tmp_path):
+    harness.write_json(tmp_path / "r.json", {"rows": [1.5]}, indent=1)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1.5]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left beside it
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert harness.read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}]
+    assert harness.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_a_child_measurement_is_its_last_line_and_a_failure_stops_with_its_error():
+    import pytest
+
+    printed = "print('loading...'); print('{\"peak_mib\": 3.5}')"
+    assert measure.run_child([sys.executable, "-c", printed], "child") == {"peak_mib": 3.5}
+    with pytest.raises(SystemExit, match=r"(?s)1024 ours failed:.*ValueError: out of memory"):
+        measure.run_child([sys.executable, "-c", "raise ValueError('out of memory')"], "1024 ours")
+
+
+def test_images_per_second_counts_the_timed_batches_only():
+    drawn = []
+
+    def stream():
+        while True:
+            drawn.append(1)
+            time.sleep(0.01)
+            yield {"pixel_values": torch.zeros(40, 3, 2, 2)}
+
+    batches = stream()
+    next(batches)  # e.g. worker start-up: not timed
+    rate = measure.images_per_second(batches, 3)  # images, not batches: 3 x 40 over at least 3 x 10 ms
+    assert len(drawn) == 4 and 40 * 3 / (3 * 0.01 + 0.5) < rate <= 40 * 3 / (3 * 0.01)
+
+
+def test_checked_device_stops_clearly_without_cuda(monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        harness.checked_device("cuda")
+    assert harness.checked_device("cpu") == torch.device("cpu")
+
+
+def documented_benchmark_lines() -> list[tuple[str, str, str]]:
+    """(document, script, arguments) of every `python benchmarks/SCRIPT.py ...` line of the documents, except
+    synopses with [optional] parts."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in [root / "BENCHMARKS.md", root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for script, args in re.findall(r"python benchmarks/(\w+)\.py([^`\n]*)", path.read_text(encoding="utf-8")):
+            if "[" not in args:
+                found.append((path.name, script, args.split("  #")[0].strip()))
+    return found
+
+
+def test_every_documented_benchmark_line_parses_with_its_script():
+    """The commands that give BENCHMARKS.md's figures keep working with the same flags: each parses with its script's
+    own `parse_args` (a placeholder such as VAL or PATH... stands for a folder)."""
+    import importlib
+    import shlex
+
+    lines = documented_benchmark_lines()
+    assert len({script for _, script, _ in lines}) >= 15
+    for where, script, args in lines:
+        try:
+            importlib.import_module(script).parse_args(shlex.split(args))
+        except SystemExit as stop:
+            raise AssertionError(f"{where}: python benchmarks/{script}.py {args} does not parse ({stop})") from None
