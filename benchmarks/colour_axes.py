@@ -14,18 +14,16 @@ cyan: hue error in the tens of degrees while PSNR can stay decent.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder import metrics as M  # noqa: E402
-from kl_autoencoder.data import build_transform, load_eval_images  # noqa: E402
-from kl_autoencoder.model import KLAutoencoder  # noqa: E402
+from kl_autoencoder import metrics as M
+from kl_autoencoder.data import build_transform, load_eval_images
+from kl_autoencoder.model import KLAutoencoder
 
 HUE_BARS = 12
 
@@ -92,13 +90,17 @@ def image_sets(folders: list[str], size: int) -> dict[str, tuple[torch.Tensor, l
     return sets
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
     p.add_argument("model")
     p.add_argument("--folder", action="append", default=[], help="an image folder, reported as its own set")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="also write the per-image results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     model = KLAutoencoder.from_pretrained(args.model).eval()
     result = {"model": args.model, "resolution": args.resolution, "sets": {}}
     for name, (images, names) in image_sets(args.folder, args.resolution).items():
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{m['max_colour_error']:.3f}), scaled latent std {m['scaled_latent_std']:.3f}; worst ΔE {w['image']} "
               f"({w['delta_e']:.1f}, hue {_fmt(w['hue_error'])}°, colour error {w['colour_error']:.3f})")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        harness.write_json(args.json, result, indent=1)
     return result
 
 

@@ -17,11 +17,7 @@ with.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,10 +25,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+from harness import header, rate_table, write_json
+from measure import images_per_second, training_rate
 
-from kl_autoencoder.data import ImageFolderDataset, build_dataset, load_image, sample_images, training_batches  # noqa: E402
+from kl_autoencoder.data import ImageFolderDataset, build_dataset, load_image, sample_images, training_batches
 
 
 class WholeDecodeFolder(ImageFolderDataset):
@@ -57,37 +54,24 @@ def write_folders(root: Path, count: int, long_side: int) -> dict[str, Path]:
     return folders
 
 
-def images_per_second(dataset: Any, batch_size: int, batches: int) -> float:
+def fresh_rate(dataset: Any, batch_size: int, batches: int) -> float:
     """Images/s of `batches` batches from a fresh dataset (first decodes included), main process only."""
-    stream = training_batches(dataset, batch_size, seed=0, num_workers=0)
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(stream)["pixel_values"].shape[0]
-    return images / (time.perf_counter() - start)
+    return images_per_second(training_batches(dataset, batch_size, seed=0, num_workers=0), batches)
 
 
-def training_rate(cfg: Any, steps: int) -> float:
-    """Images/s of the config's training step on a fixed batch (one warm-up step excluded)."""
-    from kl_autoencoder.trainer import build_training, train_step
-
-    t = build_training(cfg)
-    x = torch.rand(cfg.train.batch_size, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1
-    train_step(t, x, 0)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        train_step(t, x, step)
-    return steps * x.shape[0] / (time.perf_counter() - start)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
+    harness.add_config(p)
     p.add_argument("--photos", type=int, default=8, help="files per folder")
     p.add_argument("--batches", type=int, default=40, help="batches timed per row")
     p.add_argument("--long-side", type=int, default=3840, help="longer side of the large photos, px")
-    p.add_argument("--json", default=None)
+    harness.add_json(p)
     p.add_argument("--tiny", action="store_true", help="2 photos, 2 batches, 512 px: a harness self-test")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from kl_autoencoder.config import load_config
 
@@ -102,25 +86,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ours = build_dataset(cfg.data, split="train")
             whole = WholeDecodeFolder(ours.paths, ours.transform, ours.repeats)
             rows.append((f"{label} photos, whole decode per crop (before)",
-                         images_per_second(whole, cfg.train.batch_size, args.batches)))
+                         fresh_rate(whole, cfg.train.batch_size, args.batches)))
             rows.append((f"{label} photos, reduced decode + cache (now)",
-                         images_per_second(ours, cfg.train.batch_size, args.batches)))
+                         fresh_rate(ours, cfg.train.batch_size, args.batches)))
     rows.append(("training step of the config (for reference)", training_rate(cfg, 2 if args.tiny else 10)))
-    from run import machine_line  # benchmarks/run.py
-
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(torch.device('cpu'))}\n"
-              f"command: python benchmarks/data_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-              f"{args.photos} photos per folder ({args.long_side} px longer side for 4K), {Path(args.config).name} "
-              f"data section: {cfg.data.resolution}x{cfg.data.resolution} crops, max_crop_scale "
-              f"{cfg.data.max_crop_scale}, batch {cfg.train.batch_size}, {args.batches} batches per row from a "
-              "fresh dataset, main process")
-    table = "\n".join(["| pipeline | images/s |", "| --- | --- |"] + [f"| {name} | {value:.1f} |" for name, value in rows])
-    print(header, table, sep="\n", flush=True)
-    result = {"header": header, "rows": [{"name": n, "images_per_second": v} for n, v in rows]}
+    text = (f"{header('data_speed.py', argv, torch.device('cpu'))}\n"
+            f"{args.photos} photos per folder ({args.long_side} px longer side for 4K), {Path(args.config).name} "
+            f"data section: {cfg.data.resolution}x{cfg.data.resolution} crops, max_crop_scale "
+            f"{cfg.data.max_crop_scale}, batch {cfg.train.batch_size}, {args.batches} batches per row from a "
+            "fresh dataset, main process")
+    print(text, rate_table("pipeline", rows), sep="\n", flush=True)
+    result = {"header": text, "rows": [{"name": n, "images_per_second": v} for n, v in rows]}
     if args.json:
-        from kl_autoencoder.durable import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

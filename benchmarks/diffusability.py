@@ -11,15 +11,14 @@ per seed. Prints a markdown table for BENCHMARKS.md.
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder import diffusability as D  # noqa: E402
-from kl_autoencoder.data import load_eval_images  # noqa: E402
-from kl_autoencoder.model import KLAutoencoder  # noqa: E402
+from kl_autoencoder import diffusability as D
+from kl_autoencoder.data import load_eval_images
+from kl_autoencoder.model import KLAutoencoder
 
 
 def measure(model, images: torch.Tensor, seeds: list[int], steps: int) -> dict:
@@ -40,12 +39,16 @@ def row(name: str, m: dict) -> str:
             f"{cheap['spectrum']['image']['high_frequency_share']:.3f} | {eq} | {loss} | {per_t} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
     p.add_argument("models", nargs="*", default=["tests/assets/trained-f8"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=D.ProbeConfig().steps)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _, images = load_eval_images("sample", 128)
     names = ", ".join(t.name for t in D.EVAL_TRANSFORMS)
     print(f"| model | HF share latent | HF share image | equivariance PSNR dB ({names}) | probe held-out loss "

@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from safetensors.torch import load_file
 
-from safetensors.torch import load_file  # noqa: E402
+from harness import ROOT, write_json  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder.config import load_config  # noqa: E402
-from kl_autoencoder.distill import build_distillation  # noqa: E402
-from kl_autoencoder.evaluation import evaluate  # noqa: E402
-from kl_autoencoder.model import KLAutoencoder  # noqa: E402
-from kl_autoencoder.tiny import build_student  # noqa: E402
-from kl_autoencoder.trainer import train  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from kl_autoencoder.config import load_config
+from kl_autoencoder.distill import build_distillation
+from kl_autoencoder.evaluation import evaluate
+from kl_autoencoder.model import KLAutoencoder
+from kl_autoencoder.tiny import build_student
+from kl_autoencoder.trainer import train
 
 
 def checkpoint_every(steps: list[int]) -> int:
@@ -43,7 +40,7 @@ def checkpoint_every(steps: list[int]) -> int:
     return interval
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=str(ROOT / "tests" / "assets" / "trained-f8"))
     p.add_argument("--config", default=str(ROOT / "configs" / "distill.yaml"))
@@ -51,7 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--resolution", type=int, default=128, help="evaluation crop (default 128)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. distill.width=32")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     steps = sorted(set(args.steps))
     run_dir = args.out / "run"
     cfg = load_config(args.config, [f"distill.teacher={json.dumps(args.teacher)}", f"train.output_dir={run_dir}",
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             })
     summary = {"teacher": args.teacher, "config": args.config, "overrides": args.overrides,
                "resolution": args.resolution, "train_seconds": train_seconds, "rows": rows}
-    (args.out / "distill_benchmark.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.out / "distill_benchmark.json", summary)
     print(f"training: {steps[-1]} steps in {train_seconds:.0f} s")
     print("| step | images | decode PSNR vs teacher (dB) | decode SSIM vs teacher | round trip PSNR vs teacher (dB) "
           "| student PSNR vs originals (dB) | teacher PSNR vs originals (dB) |")

@@ -45,15 +45,16 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+from harness import ROOT, command_line, read_jsonl, write_json
 
-from kl_autoencoder import diffusability as D  # noqa: E402
-from kl_autoencoder.config import load_config  # noqa: E402
-from kl_autoencoder.data import load_eval_images  # noqa: E402
-from kl_autoencoder.metrics import psnr, to_unit_range  # noqa: E402
-from kl_autoencoder.model import KLAutoencoder  # noqa: E402
-from kl_autoencoder.trainer import train  # noqa: E402
+from kl_autoencoder import diffusability as D
+from kl_autoencoder.config import load_config
+from kl_autoencoder.data import load_eval_images
+from kl_autoencoder.durable import atomic_write_text
+from kl_autoencoder.metrics import psnr, to_unit_range
+from kl_autoencoder.model import KLAutoencoder
+from kl_autoencoder.trainer import train
 
 RECIPE = ROOT / "configs" / "eq-finetune.yaml"
 ASSET = ROOT / "tests" / "assets" / "trained-f8"
@@ -84,10 +85,6 @@ def finetune_overrides(args: argparse.Namespace, model: Path, output_dir: Path, 
         "loss.perceptual_weight=0", "loss.gan.enabled=false", f"optim.lr={args.lr}", "optim.scale_lr=false",
         "train.grad_accum_steps=1", f"loss.equivariance.probability={args.eq_probability if eq else 0}",
     ] + ([] if eq else ["loss.equivariance.low_res_probability=0"])
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def finetune(args: argparse.Namespace, model: Path, output_dir: Path, eq: bool) -> dict[str, Any]:
@@ -194,7 +191,7 @@ def cpu_seconds() -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--model", type=Path, default=None, help="start VAE (default: see the module docstring)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "eq_finetune", help="runs, JSON and table")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of each fine-tune")
@@ -232,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"measuring {name} ({paths[name]})", flush=True)
         results[name] = measure(KLAutoencoder.from_pretrained(paths[name]), crops, photos, probes)
     table = markdown_table(results)
-    command = "OMP_NUM_THREADS=1 python benchmarks/eq_finetune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "OMP_NUM_THREADS=1 " + command_line("eq_finetune.py", argv)
     report = {
         "date": datetime.date.today().isoformat(), "command": command.strip(), "machine": platform.platform(),
         "threads": torch.get_num_threads(), "start_model": str(model_path), "start_model_why": why,
@@ -241,12 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "differences": {name: differences(values) for name, _, values in table_rows(results)},
         "target": verdict(results), "seconds": time.perf_counter() - started, "cpu_seconds": cpu_seconds(),
     }
-    (args.out / "eq_finetune.json").write_text(json.dumps(report, indent=1))
+    write_json(args.out / "eq_finetune.json", report, indent=1)
     header = (f"Start: {why}. {args.steps} steps each, lr {args.lr}, batch {args.batch_size} x {args.resolution} px; "
               f"EQ probability {args.eq_probability}; probe seeds {args.probe_seeds}, "
               f"{probes[0].steps} steps. Total {report['seconds']:.0f} s wall, {report['cpu_seconds']:.0f} s CPU "
               f"({torch.get_num_threads()} thread(s)).")
-    (args.out / "eq_finetune.md").write_text(f"{header}\n\n{table}\n")
+    atomic_write_text(args.out / "eq_finetune.md", f"{header}\n\n{table}\n")
     print(f"{header}\n\n{table}\n\ntarget (EQ vs plain): {report['target']}")
     return report
 

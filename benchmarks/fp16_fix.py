@@ -33,13 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from harness import ROOT, write_json  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder.evaluation import load_split_images  # noqa: E402
-from kl_autoencoder.fp16 import (FP16_MAX, activation_peaks, encode_decode, fp16_check, image_psnr,  # noqa: E402
-                                 latent_psnr, recorded_peaks)
-from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
+from kl_autoencoder.evaluation import load_split_images
+from kl_autoencoder.fp16 import (FP16_MAX, activation_peaks, encode_decode, fp16_check, image_psnr, latent_psnr,
+                                 recorded_peaks)
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 
 # diffusers' AutoencoderKL config of stabilityai/sdxl-vae (the kl-f8 architecture of SD 1.x/2.x, SDXL's factor)
 SDXL_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
@@ -129,7 +128,7 @@ def table(original: dict, before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resolution", type=int, default=32)
@@ -138,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drive-to", type=float, default=3 * FP16_MAX, help="peak of each driven tensor")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="more section.key=value overrides for the recipe")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     original = KLAutoencoder(AutoencoderConfig.from_dict(dict(SDXL_VAE))).eval()
     images = load_split_images("sample", args.resolution)
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     result["after"] = measure(fixed, held_out, reference)
     result["export_keeps"] = {k: [getattr(fixed.config, k), getattr(original.config, k)]
                               for k in ("scaling_factor", "shift_factor", "sample_size", "force_upcast")}
-    (args.out / "fp16_fix.json").write_text(json.dumps(result, indent=1, default=str))
+    write_json(args.out / "fp16_fix.json", result, indent=1, default=str)
     print(table(result["original"], result["before"], result["after"]))
     print(f"recipe: {args.steps} calibration batches x {args.batch_size} images at {args.resolution} px in "
           f"{result['train_seconds']:.0f} s; export keeps {result['export_keeps']}")

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder import KLAutoencoder  # noqa: E402
-from kl_autoencoder.data import load_eval_images  # noqa: E402
+from kl_autoencoder import KLAutoencoder
+from kl_autoencoder.data import load_eval_images
 
 
 def heldout_stats(model_path: str, resolution: int = 256, only: list[str] | None = None) -> dict:
@@ -43,12 +41,16 @@ def heldout_stats(model_path: str, resolution: int = 256, only: list[str] | None
             "scaled_latent_std": round(float(latents.std()), 3), "scaling_factor": model.config.scaling_factor}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
     p.add_argument("model")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--only", default=None, help="comma list of held-out photo names")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     result = heldout_stats(args.model, args.resolution, args.only.split(",") if args.only else None)
     print(json.dumps(result))
     return result

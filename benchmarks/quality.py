@@ -68,11 +68,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -84,16 +82,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+import reference as ref  # benchmarks/reference.py
+from harness import ROOT, TINY_ARCHITECTURE, header, markdown_table as table, write_json
+from reference import with_block_types
 
-import reference as ref  # noqa: E402  (benchmarks/reference.py)
-from kl_autoencoder.losses import chroma_error_sum  # noqa: E402
-from run import machine_line, with_block_types  # noqa: E402  (benchmarks/run.py)
+from kl_autoencoder.losses import chroma_error_sum
 
-TINY_ARCHITECTURE = dict(block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4,
-                         mid_block_add_attention=False)
 PEER_DEFAULT_LR = 4.5e-6  # train_autoencoderkl.py --learning_rate default
 PEER_KL_SCALE = 1e-6  # --kl_scale default
 PEER_WARMUP_STEPS = 500  # --lr_warmup_steps default
@@ -129,9 +124,9 @@ METRICS = ("psnr", "ssim", "colour_error", "delta_e", "hue_error", "latent_std")
 
 @torch.no_grad()
 def held_out_quality(encode: Callable, decode: Callable, scale: Callable[[torch.Tensor], torch.Tensor],
-                     images: torch.Tensor, seed: int = 0, per_image: bool = False) -> dict[str, Any]:
+                     images: torch.Tensor, seed: int = 0) -> dict[str, Any]:
     """PSNR, SSIM, colour error, CIEDE2000, hue error (means over images) and scaled-latent std of one model on
-    [N, 3, H, W] in [-1, 1]; with `per_image`, also each image's PSNR and colour error ("psnr_each", ...).
+    [N, 3, H, W] in [-1, 1].
 
     `encode(x)` gives a posterior with `.mode()` and `.sample(generator)`; `scale(z)` the diffusion latents."""
     from kl_autoencoder.metrics import colour_error, delta_e, hue_error, psnr, ssim
@@ -140,14 +135,10 @@ def held_out_quality(encode: Callable, decode: Callable, scale: Callable[[torch.
     reconstruction = decode(posterior.mode()).float().clamp(-1, 1)
     a, b = (images.float() + 1) / 2, (reconstruction + 1) / 2
     latents = scale(posterior.sample(torch.Generator().manual_seed(seed)))
-    each = {"psnr": psnr(a, b), "colour_error": colour_error(a, b)}
-    result = {"psnr": float(each["psnr"].mean()), "ssim": float(ssim(a, b).mean()),
-              "colour_error": float(each["colour_error"].mean()), "delta_e": float(delta_e(a, b).mean()),
-              # NaN-mean: an image with no saturated pixel has no hue to get wrong
-              "hue_error": float(hue_error(b, a).nanmean()), "latent_std": float(latents.float().std())}
-    if per_image:
-        result.update({f"{key}_each": values.tolist() for key, values in each.items()})
-    return result
+    return {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean()),
+            "colour_error": float(colour_error(a, b).mean()), "delta_e": float(delta_e(a, b).mean()),
+            # NaN-mean: an image with no saturated pixel has no hue to get wrong
+            "hue_error": float(hue_error(b, a).nanmean()), "latent_std": float(latents.float().std())}
 
 
 def quality_on_sets(encode: Callable, decode: Callable, scale: Callable, sets: dict[str, torch.Tensor],
@@ -515,11 +506,6 @@ def fmt_spread(stat: dict[str, float], digits: int = 2, signed: bool = False) ->
     return f"{text} ± {stat['std']:.{digits}f} ({number.format(stat['min'])}–{number.format(stat['max'])})"
 
 
-def table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def race_tables(summary: dict[str, Any], set_names: list[str], cells_text: dict[str, str]) -> str:
     """(a) PSNR per cell and set; then the other metrics, means over seeds."""
     psnr = table(["cell", "recipe", "steps"] + [f"{name} PSNR dB" for name in set_names],
@@ -606,8 +592,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"), help="our recipe")
+    p = harness.parser(__doc__)
+    harness.add_config(p, help="our recipe")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--val", action="append", default=[], metavar="DIR",
                    help="validation image folder (repeatable): the peer's options are chosen on these only")
@@ -677,8 +663,7 @@ def header_text(args: argparse.Namespace, argv: list[str] | None, s: Setup, tria
                   f"perceptual weight {s.perceptual_weight:g} on both sides with the SAME RANDOM-backbone LPIPS "
                   "(not perceptual; no pretrained VGG offline)")
     shapes = ", ".join(f"{name} ({len(images)} images)" for name, images in {**s.val, **s.heldout}.items())
-    text = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(torch.device('cpu'))}\n"
-            f"command: python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    text = (f"{header('quality.py', argv, torch.device('cpu'))}\n"
             f"ours: {Path(args.config).name}; budget {args.budget:g} {'s' if args.tiny else 'min'} per side; seeds "
             f"{args.seeds}; peer tuned with {trials} trials (ours chosen from {args.our_trials}); peer warm-up "
             f"{args.peer_warmup_steps} steps\narchitecture {s.cfg.model.architecture}, training crops "
@@ -768,7 +753,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     plot(result["summary"], set_names, out / "quality.png")
     result = finite_or_none(result)
-    atomic_write_text(out / "quality.json", json.dumps(result, indent=2, allow_nan=False))
+    write_json(out / "quality.json", result, allow_nan=False)
     atomic_write_text(out / "quality.md", text)
     return result
 

@@ -14,6 +14,13 @@ from typing import Any
 import torch
 
 
+def with_block_types(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The architecture with one down/up block type per level, as diffusers' AutoencoderKL needs them spelt out."""
+    levels = len(architecture.get("block_out_channels", [64]))
+    return {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            **architecture}
+
+
 def build_reference_vae(architecture: dict[str, Any]):
     """A diffusers AutoencoderKL with the given config (random init; load weights with `load_state_dict`)."""
     from diffusers import AutoencoderKL

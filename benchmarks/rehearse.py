@@ -50,15 +50,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+from harness import RESULTS, ROOT, command_line, read_jsonl, write_json
 
-from kl_autoencoder.config import TrainConfig, load_config  # noqa: E402
-from kl_autoencoder.data import load_eval_images  # noqa: E402
-from kl_autoencoder.durable import atomic_write_text  # noqa: E402
-from kl_autoencoder.formats import WEIGHTS_NAME, diffusers_config  # noqa: E402
-from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
-from kl_autoencoder.presets import LATENT_FIELDS, LATENT_SCALE_KEY, PRESETS  # noqa: E402
+from kl_autoencoder.config import TrainConfig, load_config
+from kl_autoencoder.data import load_eval_images
+from kl_autoencoder.durable import atomic_write_text
+from kl_autoencoder.formats import WEIGHTS_NAME, diffusers_config
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+from kl_autoencoder.presets import LATENT_FIELDS, LATENT_SCALE_KEY, PRESETS
 
 SINGLE = ["--config_file", "configs/accelerate/single-process.yaml"]
 MULTI = ["--config_file", "configs/accelerate/multi-gpu.yaml", "--num_processes", "2"]
@@ -294,7 +294,7 @@ def check_tiny_export(export: Path, teacher: Path, resolution: int) -> tuple[lis
 def loss_checks(run: Path) -> tuple[list[dict], dict]:
     """Every logged number finite; the loss falls (mean of the last 5 logged steps below the first 5's) over a run of
     at least FALL_STEPS steps."""
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    logged = read_jsonl(run / "metrics.jsonl")
     bad = sorted({k for m in logged for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)})
     checks = [{"check": "logged values finite", "expected": [], "got": bad},
               {"check": "steps logged", "expected": ">= 1", "got": len(logged), "ok": len(logged) >= 1}]
@@ -377,7 +377,7 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__)
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=None,
                    help=f"default: {' '.join(FAST_RECIPES)} (the fast part), every recipe with --full")
     p.add_argument("--full", action="store_true", help="each recipe at its own resolution (slow on a CPU)")
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "distill" in names and "quickstart" not in names:
         names = ["quickstart", *names]  # the README distils the quickstart export
     names.sort(key=list(RECIPES).index)
-    report_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    report_dir = Path(args.out) if args.out else RESULTS
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rehearsal-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -408,12 +408,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "full": args.full,
-              "command": "python benchmarks/rehearse.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": command_line("rehearse.py", argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                          f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}, native bf16: {native_bf16()}",
               "rows": rows, "failed": [r["recipe"] for r in rows if any(c["status"] == "FAIL" for c in r["checks"])]}
     stem = report_dir / ("rehearsal-full" if args.full else "rehearsal")
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+    write_json(stem.with_suffix(".json"), result, indent=1, default=str)
     atomic_write_text(stem.with_suffix(".md"), f"{result['command']} ({result['date']}, {result['machine']})\n\n"
                       + table(rows))
     return result

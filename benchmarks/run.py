@@ -18,10 +18,9 @@ Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alter
   tiled    decode of a latent 4x the training resolution per side, ours tiling.decode_tiled vs diffusers
            enable_tiling() with the same tile (config sample_size = resolution) and 25% overlap
   data     kl_autoencoder.data build_dataset/build_dataloader images/s on the sample source (ours only)
-Peak memory: CUDA: max_memory_allocated above the pre-step baseline. CPU: torch.profiler(profile_memory=True,
-record_shapes=True, with_stack=True) over one warm step and its memory timeline: the high-water mark of the running
-sum of tensors created minus destroyed (bytes held by tensors the step creates; weights, optimizer state and batch
-that existed before it are excluded, identically for both sides).
+Peak memory (benchmarks/measure.py `peak_memory_bytes`): CUDA: max_memory_allocated above the pre-step baseline.
+CPU: the torch.profiler memory timeline of one warm step: the high-water mark of the running sum of tensors created
+minus destroyed (weights, optimizer state and batch that existed before it are excluded, identically for both sides).
 FLOPs per image from torch.utils.flop_counter on one eager step; MFU (GPU only) = FLOPs/s / --peak-flops.
 The ratio column is ours / reference computed from the medians shown (speed: higher is better; memory: lower).
 """
@@ -30,107 +29,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
-import math
-import os
-import platform
-import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+import reference as ref  # benchmarks/reference.py
+from harness import (TINY_ARCHITECTURE, add_config, add_device, add_json, check_repeats, checked_device, format_value,
+                     header, markdown_table as table, printed_ratio, write_json)
+from measure import flops_of, images_per_second, interleaved_times, median, peak_memory_bytes
+from reference import with_block_types
 
-from kl_autoencoder.fastpath import FastPath, apply_fast_path, autocast, to_model_input  # noqa: E402
-from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
-
-import reference as ref  # noqa: E402  (benchmarks/reference.py)
-
-TINY_ARCHITECTURE = dict(block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4,
-                         mid_block_add_attention=False)
-
-
-# ------------------------------------------------------------------------------------------------ timing
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1,
-                      cpu: dict[str, list[float]] | None = None, min_seconds: float = 0.0) -> dict[str, list[float]]:
-    """Seconds per call of each fn, measured round-robin (the order alternates each round); warm-up calls excluded.
-    `cpu`, when given, also gets each call's process CPU seconds (far less disturbed by a loaded machine).
-    `min_seconds`: each sample times the same number of back-to-back calls for every fn, enough that the fastest
-    warm-up call repeated lasts this long (a 5 ms encode timed once is mostly timer and scheduler noise)."""
-    warm: list[float] = []
-    for fn in fns.values():
-        for _ in range(warmup):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            warm.append(time.perf_counter() - start)
-    calls = 1
-    if min_seconds > 0 and warm:
-        calls = max(1, math.ceil(min_seconds / max(min(warm), 1e-6)))
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for round_index in range(repeats):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(calls):
-                fns[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - start) / calls)
-            if cpu is not None:
-                cpu.setdefault(name, []).append((time.process_time() - cpu_start) / calls)
-    return times
-
-
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Bytes held by tensors the call allocates, at their high-water mark (see the module docstring)."""
-    fn()  # warm: optimizer state, caches and lazy buffers exist before we measure
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    running = peak = 0
-    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda event: event[0]):
-        if action == Action.CREATE:  # PREEXISTING tensors (weights, optimizer state, the batch) are not counted
-            running += size
-        elif action == Action.DESTROY:
-            running -= size
-        peak = max(peak, running)
-    return peak
-
-
-def flops_of(fn: Callable[[], Any]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+from kl_autoencoder.fastpath import FastPath, apply_fast_path, autocast, to_model_input
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -151,13 +65,6 @@ class Setup:
     gan: bool = False  # --gan: the training step past disc_start on both sides
 
 
-def with_block_types(architecture: dict[str, Any]) -> dict[str, Any]:
-    """The architecture with one down/up block type per level, as diffusers' AutoencoderKL needs them spelt out."""
-    levels = len(architecture.get("block_out_channels", [64]))
-    return {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-            **architecture}
-
-
 def load_setup(args: argparse.Namespace) -> Setup:
     """Architecture, resolution and batch from the config (command-line values win)."""
     from kl_autoencoder.config import load_config
@@ -169,7 +76,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
         architecture = dict(cfg.model.architecture)
         resolution, batch_size, kl_weight = cfg.data.resolution, cfg.train.batch_size, cfg.loss.kl_weight
     architecture = with_block_types(architecture)
-    device = torch.device(args.device)
+    device = checked_device(args.device)
     overrides = dict(fast_override(item) for item in args.fast)
     if args.no_compile:
         overrides["compile"] = False
@@ -244,13 +151,7 @@ class Row:
     @property
     def ratio(self) -> float | None:
         """ours / reference from the values as printed, so the table's arithmetic checks out by eye."""
-        if self.reference is None or float(format_value(self.reference)) == 0:
-            return None
-        return float(format_value(self.ours)) / float(format_value(self.reference))
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+        return printed_ratio(self.ours, self.reference)
 
 
 def training_config(s: Setup, base: Any) -> Any:
@@ -468,10 +369,7 @@ def bench_data(s: Setup, batches: int, rows: list[Row]) -> None:
     loader = build_dataloader(dataset, s.batch_size, shuffle=True, seed=0)
     iterator = iter(loader)
     next(iterator)  # worker start-up excluded
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(iterator)["pixel_values"].shape[0]
-    rows.append(Row("data pipeline", "images/s", images / (time.perf_counter() - start), None))
+    rows.append(Row("data pipeline", "images/s", images_per_second(iterator, batches), None))
 
 
 def bench_checkpointing(device: torch.device, rows: list[Row], sizes: tuple[int, ...] = (512, 1024),
@@ -508,35 +406,16 @@ def bench_checkpointing(device: torch.device, rows: list[Row], sizes: tuple[int,
 # ------------------------------------------------------------------------------------------------ report
 
 
-def format_value(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-
-
 def markdown_table(rows: list[Row]) -> str:
     """One line per measurement: ours, reference and ours/reference from exactly the numbers shown."""
-    lines = ["| measurement | unit | ours | reference | ours / reference |", "|---|---|---|---|---|"]
-    for row in rows:
-        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
-        lines.append(f"| {row.name} | {row.unit} | {format_value(row.ours)} | {format_value(row.reference)} | {ratio} |")
-    return "\n".join(lines)
+    return table(["measurement", "unit", "ours", "reference", "ours / reference"],
+                 [[row.name, row.unit, format_value(row.ours), format_value(row.reference),
+                   "-" if row.ratio is None else f"{row.ratio:.2f}x"] for row in rows])
 
 
 def ratio_line(rows: list[Row]) -> str:
     parts = [f"{row.name}: {row.ratio:.2f}x" for row in rows if row.ratio is not None]
     return "ratio ours/reference (speed: higher is better; memory: lower is better) -- " + ", ".join(parts)
-
-
-def machine_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        what = torch.cuda.get_device_name(device)
-    else:
-        what = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = ", load average %.1f/%.1f/%.1f" % os.getloadavg()
-    return f"{what}{load}; torch {torch.__version__}"
 
 
 def gan_note(s: Setup) -> str:
@@ -549,13 +428,13 @@ def gan_note(s: Setup) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    p = harness.parser(__doc__)
+    add_device(p)
+    add_config(p)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=None, help="also write the results here")
+    add_json(p)
     p.add_argument("--tiny", action="store_true", help="a tiny model on noise (harness self-test)")
     p.add_argument("--only", default="train,encode,data", help="comma list of: train, encode (encode/decode/tiled), data")
     p.add_argument("--lpips-net", default=None, choices=["vgg", "alex", "squeeze"],
@@ -581,11 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    check_repeats(args.repeats)
     s = load_setup(args)
-    if s.device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
     x = sample_batch(s.resolution, s.batch_size, args.tiny)
     rows: list[Row] = []
     extras: dict[str, Any] = {"skip_memory": args.no_memory, "peak_flops": args.peak_flops,
@@ -600,29 +476,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench_data(s, 2 if args.tiny else 10, rows)
     if args.checkpointing:
         bench_checkpointing(s.device, rows)
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(s.device)}\n"
-              f"command: python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-              f"architecture {s.architecture['block_out_channels']}, {s.resolution}x{s.resolution}, batch "
-              f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}{gan_note(s)}"
-              f"\nfast path, training: {s.train_fast}"
-              f"\nfast path, inference: {s.fast}")
+    text = (f"{header('run.py', argv, s.device)}\n"
+            f"architecture {s.architecture['block_out_channels']}, {s.resolution}x{s.resolution}, batch "
+            f"{s.batch_size}, LPIPS {s.lpips_net}, repeats {args.repeats}{gan_note(s)}"
+            f"\nfast path, training: {s.train_fast}"
+            f"\nfast path, inference: {s.fast}")
     flops = extras.get("train_flops_per_image")
     if flops:
-        header += f"\ntrain FLOPs per image: {flops / 1e9:.3g} GFLOP"
+        text += f"\ntrain FLOPs per image: {flops / 1e9:.3g} GFLOP"
         if s.device.type != "cuda":
-            header += " (MFU reported on GPU only)"
-    table = markdown_table(rows)
-    print(header, table, "", ratio_line(rows), sep="\n", flush=True)
+            text += " (MFU reported on GPU only)"
+    print(text, markdown_table(rows), "", ratio_line(rows), sep="\n", flush=True)
     result = {
-        "header": header,
+        "header": text,
         "rows": [dict(name=r.name, unit=r.unit, ours=r.ours, reference=r.reference, ratio=r.ratio) for r in rows],
         "seconds": {k: v for k, v in extras.items() if k.endswith("_seconds")},
         "train_flops_per_image": flops,
     }
     if args.json:
-        from kl_autoencoder.durable import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

@@ -18,9 +18,7 @@ time each process prints: reading, encoding and writing its shards; interpreter 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
-import json
 import os
 import re
 import socket
@@ -28,18 +26,17 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+from harness import ROOT, header, rate_table, write_json
+from measure import images_per_second, training_rate
 
-from kl_autoencoder.data import build_dataset, sample_images, training_batches  # noqa: E402
+from kl_autoencoder.data import build_dataset, sample_images, training_batches
 
 
 def write_shards(folder: Path, shards: int, per_shard: int) -> str:
@@ -63,10 +60,7 @@ def stream_rate(cfg: Any, workers: int, batches: int) -> float:
     stream = training_batches(build_dataset(cfg.data, split="train"), cfg.train.batch_size, seed=0,
                               num_workers=workers)
     next(stream)
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += next(stream)["pixel_values"].shape[0]
-    return images / (time.perf_counter() - start)
+    return images_per_second(stream, batches)
 
 
 def free_port() -> int:
@@ -93,23 +87,24 @@ def encode_rate(model: Path, pattern: str, out: Path, processes: int, resolution
     return sum(int(n) for n, _ in found) / max(float(s) for _, s in found)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
+    harness.add_config(p)
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--per-shard", type=int, default=16, help="photos per shard")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--batches", type=int, default=20, help="batches timed per data row")
     p.add_argument("--encode-resolution", type=int, default=256)
-    p.add_argument("--json", default=None)
+    harness.add_json(p)
     p.add_argument("--shuffle-buffer", type=int, default=None, help="data.shuffle_buffer (default: the config's)")
     p.add_argument("--data-only", action="store_true", help="the stream rows only (no training step, no encode)")
     p.add_argument("--tiny", action="store_true", help="2 shards x 4 photos, 2 batches: a harness self-test")
-    args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from data_speed import training_rate  # benchmarks/data_speed.py
-    from run import machine_line  # benchmarks/run.py
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
     from kl_autoencoder.config import load_config, resolved_architecture
     from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
 
@@ -124,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append((f"training stream from shards, {workers} DataLoader worker(s), shuffle buffer "
                          f"{cfg.data.shuffle_buffer}", stream_rate(cfg, workers, args.batches)))
         if args.data_only:
-            print("\n".join(f"| {name} | {value:.1f} |" for name, value in rows))
+            print(rate_table("path", rows))
             return {"rows": [{"name": n, "images_per_second": v} for n, v in rows]}
         rows.append(("training step of the config (for reference)", training_rate(cfg, 2 if args.tiny else 10)))
         torch.manual_seed(0)
@@ -135,20 +130,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rates[processes] = encode_rate(model, pattern, Path(tmp) / f"latents{processes}", processes,
                                            args.encode_resolution, 8)
             rows.append((f"encode {args.encode_resolution}px, {processes} process(es)", rates[processes]))
-    now = datetime.datetime.now(datetime.timezone.utc)
-    header = (f"{now:%Y-%m-%d %H:%M} UTC | {machine_line(torch.device('cpu'))}\n"
-              f"command: python benchmarks/shard_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-              f"{args.shards} shards x {args.per_shard} photos; {Path(args.config).name} data section: "
-              f"{cfg.data.resolution}x{cfg.data.resolution} crops, batch {cfg.train.batch_size}, "
-              f"{args.batches} batches per data row; encode ratio 2 / 1 processes: {rates[2] / rates[1]:.2f}")
-    table = "\n".join(["| path | images/s |", "| --- | --- |"] + [f"| {name} | {value:.1f} |" for name, value in rows])
-    print(header, table, sep="\n", flush=True)
-    result = {"header": header, "rows": [{"name": n, "images_per_second": v} for n, v in rows],
+    text = (f"{header('shard_speed.py', argv, torch.device('cpu'))}\n"
+            f"{args.shards} shards x {args.per_shard} photos; {Path(args.config).name} data section: "
+            f"{cfg.data.resolution}x{cfg.data.resolution} crops, batch {cfg.train.batch_size}, "
+            f"{args.batches} batches per data row; encode ratio 2 / 1 processes: {rates[2] / rates[1]:.2f}")
+    print(text, rate_table("path", rows), sep="\n", flush=True)
+    result = {"header": text, "rows": [{"name": n, "images_per_second": v} for n, v in rows],
               "encode_ratio": rates[2] / rates[1]}
     if args.json:
-        from kl_autoencoder.durable import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

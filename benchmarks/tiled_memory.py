@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+from harness import write_json
+from measure import peak_rss_bytes, run_child
+from reference import build_reference_vae, with_block_types
+
 METHODS = ("ours", "ours-plain", "diffusers")
 
 
 def measure(config: str, size: int, tile: int, method: str, device_name: str) -> dict:
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from run import with_block_types  # benchmarks/run.py
-
     from kl_autoencoder.config import load_config
     from kl_autoencoder.fastpath import prepare_for_inference
     from kl_autoencoder.inference import autocast_for
@@ -42,9 +39,7 @@ def measure(config: str, size: int, tile: int, method: str, device_name: str) ->
     architecture = with_block_types(dict(load_config(config).model.architecture))
     torch.manual_seed(0)
     if method == "diffusers":
-        from diffusers import AutoencoderKL
-
-        model = AutoencoderKL(**architecture).to(device).eval()
+        model = build_reference_vae(architecture).to(device).eval()
         f = 2 ** (len(model.config.block_out_channels) - 1)
         model.enable_tiling()
         model.tile_sample_min_size, model.tile_latent_min_size = tile, tile // f
@@ -59,7 +54,7 @@ def measure(config: str, size: int, tile: int, method: str, device_name: str) ->
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        baseline = peak_rss_bytes()
     start = time.perf_counter()
     with torch.inference_mode(), autocast_for(device):
         if method == "diffusers":
@@ -70,43 +65,41 @@ def measure(config: str, size: int, tile: int, method: str, device_name: str) ->
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        peak = peak_rss_bytes() - baseline
     seconds = time.perf_counter() - start
     assert image.shape[-2:] == (size, size), image.shape
     return {"method": method, "size": size, "tile": tile, "device": device_name, "peak_mib": peak / 2**20,
             "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "kl-f8.yaml"))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = harness.parser(__doc__)
+    harness.add_config(p, "kl-f8")
     p.add_argument("--sizes", type=int, nargs="+", default=[1024])
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", default=None)
+    harness.add_device(p, default="cpu")
+    harness.add_json(p)
     p.add_argument("--one", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)  # the subprocess side
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.config, int(args.one[0]), args.tile, args.one[1], args.device)))
         return []
     results = []
-    print(f"| size | method | peak MiB | seconds |\n|---|---|---|---|", flush=True)
+    print("| size | method | peak MiB | seconds |\n|---|---|---|---|", flush=True)
     for size in args.sizes:
         for method in args.methods:
             command = [sys.executable, __file__, "--config", args.config, "--tile", str(args.tile), "--device",
                        args.device, "--one", str(size), method]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{size} {method} failed:\n{done.stderr[-2000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = run_child(command, f"{size} {method}")
             results.append(result)
             print(f"| {size}x{size} | {method} | {result['peak_mib']:.0f} | {result['seconds']:.1f} |", flush=True)
     if args.json:
-        sys.path.insert(0, str(ROOT))
-        from kl_autoencoder.durable import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(results, indent=2))
+        write_json(args.json, results)
     return results
 
 

@@ -10,32 +10,27 @@ memory do not depend on the values. Both run as the library runs inference (`fas
 NHWC, under inference_mode).
   decode   teacher: latents z -> image;  student: teacher.to_diffusion_latents(z) -> image (what a pipeline hands it)
   encode   teacher: posterior mean;      student: its latents
-Times: teacher and student interleaved round by round (benchmarks/run.py `interleaved_times`), medians, images/s.
-Peak memory: benchmarks/run.py `peak_memory_bytes` (CUDA: max_memory_allocated above the baseline; CPU: the profiler's
+Times: teacher and student interleaved round by round (benchmarks/measure.py `interleaved_times`), medians, images/s.
+Peak memory: benchmarks/measure.py `peak_memory_bytes` (CUDA: max_memory_allocated above the baseline; CPU: the profiler's
 high-water mark of tensors the call creates), at --memory-resolution (default: the resolution).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness  # benchmarks/harness.py, first: this checkout on sys.path
+from harness import format_value, header, printed_ratio, write_json
+from measure import interleaved_times, median, peak_memory_bytes
 
-from kl_autoencoder.fastpath import FastPath, prepare_for_inference, to_model_input  # noqa: E402
-from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder  # noqa: E402
-from kl_autoencoder.tiny import TinyAutoencoder, build_student  # noqa: E402
-
-from run import format_value, interleaved_times, machine_line, median, peak_memory_bytes  # noqa: E402
+from kl_autoencoder.fastpath import FastPath, prepare_for_inference, to_model_input
+from kl_autoencoder.model import AutoencoderConfig, KLAutoencoder
+from kl_autoencoder.tiny import TinyAutoencoder, build_student
 
 
 def build_pair(config_path: str, device: torch.device) -> tuple[KLAutoencoder, TinyAutoencoder]:
@@ -68,35 +63,35 @@ def calls(teacher: KLAutoencoder, student: TinyAutoencoder, resolution: int, bat
 
 
 def markdown_table(rows: list[tuple[str, str, float, float]]) -> str:
-    lines = ["| measurement | unit | student | teacher | student / teacher |", "|---|---|---|---|---|"]
-    for name, unit, student, teacher in rows:
-        ratio = float(format_value(student)) / float(format_value(teacher))
-        lines.append(f"| {name} | {unit} | {format_value(student)} | {format_value(teacher)} | {ratio:.3g}x |")
-    return "\n".join(lines)
+    """student / teacher from the numbers as printed."""
+    def ratio(student: float, teacher: float) -> str:
+        value = printed_ratio(student, teacher)
+        return "-" if value is None else f"{value:.3g}x"
+
+    return harness.markdown_table(["measurement", "unit", "student", "teacher", "student / teacher"],
+                                  [[name, unit, format_value(student), format_value(teacher), ratio(student, teacher)]
+                                   for name, unit, student, teacher in rows])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--config", default=str(ROOT / "configs" / "kl-f8.yaml"), help="the teacher's architecture")
+    p = harness.parser(__doc__)
+    harness.add_device(p)
+    harness.add_config(p, "kl-f8", help="the teacher's architecture")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side before the rounds")
     p.add_argument("--memory-resolution", type=int, default=None, help="resolution of the peak-memory rows")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--json", default=None, help="also write the results here")
+    harness.add_json(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    harness.check_repeats(args.repeats)
+    device = harness.checked_device(args.device)
     teacher, student = build_pair(args.config, device)
     f = teacher.config.downsampling_factor
     if args.resolution % f:
@@ -115,20 +110,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for job, fns in calls(teacher, student, size, b, device).items():
             rows.append((f"{job} {size}^2 peak memory", "MiB", peak_memory_bytes(fns["student"], device) / 2**20,
                          peak_memory_bytes(fns["teacher"], device) / 2**20))
-    header = (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {machine_line(device)}\n"
-              f"command: python benchmarks/tiny.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-              f"teacher {Path(args.config).name} {list(teacher.config.block_out_channels)}, student "
-              f"{list(student.config.num_encoder_blocks)}/{list(student.config.num_decoder_blocks)} x "
-              f"{student.config.encoder_block_out_channels[0]}, batch {b}, repeats {args.repeats}, "
-              f"warm-up {args.warmup}")
-    table = markdown_table(rows)
-    print(header, table, sep="\n", flush=True)
-    result = {"header": header, "rows": [dict(name=n, unit=u, student=s, teacher=t) for n, u, s, t in rows],
+    text = (f"{header('tiny.py', argv, device)}\n"
+            f"teacher {Path(args.config).name} {list(teacher.config.block_out_channels)}, student "
+            f"{list(student.config.num_encoder_blocks)}/{list(student.config.num_decoder_blocks)} x "
+            f"{student.config.encoder_block_out_channels[0]}, batch {b}, repeats {args.repeats}, "
+            f"warm-up {args.warmup}")
+    print(text, markdown_table(rows), sep="\n", flush=True)
+    result = {"header": text, "rows": [dict(name=n, unit=u, student=s, teacher=t) for n, u, s, t in rows],
               "seconds": seconds}
     if args.json:
-        from kl_autoencoder.durable import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        write_json(args.json, result)
     return result
 
 

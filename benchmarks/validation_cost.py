@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, read_jsonl  # benchmarks/harness.py, first: this checkout on sys.path
 
-from kl_autoencoder.config import load_config  # noqa: E402
-from kl_autoencoder.trainer import train  # noqa: E402
+from kl_autoencoder.config import load_config
+from kl_autoencoder.trainer import train
 
 
 def measure(config: Path, steps: int, every: int, out: Path) -> dict:
@@ -32,7 +30,7 @@ def measure(config: Path, steps: int, every: int, out: Path) -> dict:
     cfg = load_config(config, [f"train.max_steps={steps}", f"validation.every={every}", f"train.output_dir={out}",
                                "train.checkpoint_every=0"])
     train(cfg)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_jsonl(out / "metrics.jsonl")
     passes = {m["step"]: m["val/seconds"] for m in lines if "val/seconds" in m}
     logged = [m for m in lines if "images_per_second" in m]
     per_step = []
@@ -49,12 +47,16 @@ def measure(config: Path, steps: int, every: int, out: Path) -> dict:
             "main_job_cost_percent": round(100 * job_passes * pass_s / (job_steps * step_s), 3)}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=20)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         print(json.dumps(measure(args.config, args.steps, args.every, Path(folder) / "run")))
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import harness  # noqa: E402  (benchmarks/harness.py)
+import measure  # noqa: E402  (benchmarks/measure.py)
 import run as bench  # noqa: E402  (benchmarks/run.py)
 
 
 def test_interleaved_times_alternate_order_and_exclude_warmup():
     calls = []
     fns = {"ours": lambda: calls.append("ours"), "reference": lambda: calls.append("reference")}
-    times = bench.interleaved_times(fns, repeats=3, device=torch.device("cpu"), warmup=1)
+    times = measure.interleaved_times(fns, repeats=3, device=torch.device("cpu"), warmup=1)
     assert calls == ["ours", "reference",  # warm-up
                      "ours", "reference", "reference", "ours", "ours", "reference"]
     assert [len(v) for v in times.values()] == [3, 3]
@@ -31,7 +33,7 @@ def test_peak_memory_counts_the_high_water_mark_of_new_tensors():
         c = torch.ones(1 << 18)  # 1 MiB after both are freed
         return c.sum() + held[0]
 
-    peak = bench.peak_memory_bytes(step, torch.device("cpu"))
+    peak = measure.peak_memory_bytes(step, torch.device("cpu"))
     assert 3 * 2**20 <= peak < 3 * 2**20 + 64 * 1024
 
 
@@ -102,7 +104,7 @@ def test_reference_step_skips_lpips_at_weight_zero_and_uses_it_otherwise():
     import reference as ref
 
     torch.manual_seed(0)
-    vae = ref.build_reference_vae(dict(bench.TINY_ARCHITECTURE,
+    vae = ref.build_reference_vae(dict(harness.TINY_ARCHITECTURE,
                                        down_block_types=["DownEncoderBlock2D"] * 2,
                                        up_block_types=["UpDecoderBlock2D"] * 2))
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -218,7 +220,7 @@ def test_reference_gan_step_adds_the_adaptive_adversarial_term_and_trains_the_di
     from kl_autoencoder.losses import PatchDiscriminator
 
     torch.manual_seed(0)
-    vae = ref.build_reference_vae(bench.with_block_types(bench.TINY_ARCHITECTURE))
+    vae = ref.build_reference_vae(ref.with_block_types(harness.TINY_ARCHITECTURE))
     disc = PatchDiscriminator(3, 8, 3, "group")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
 
@@ -268,7 +270,7 @@ def test_interleaved_times_repeat_short_calls_to_min_seconds():
             time.sleep(0.002)
         return fn
 
-    times = bench.interleaved_times({k: call(k) for k in calls}, repeats=2, device=torch.device("cpu"), warmup=1,
+    times = measure.interleaved_times({k: call(k) for k in calls}, repeats=2, device=torch.device("cpu"), warmup=1,
                                     min_seconds=0.02)
     assert calls["ours"] == calls["reference"] >= 1 + 2 * 5  # the same number of calls per sample for both
     assert all(0.002 <= t < 0.02 for ts in times.values() for t in ts)  # seconds per call, not per sample
@@ -291,3 +293,90 @@ def test_gpu_session_script_parses_and_its_run_arguments_are_valid():
     for command in commands:
         argv = [a.strip('"') for a in command.split()]
         bench.parse_args(["cpu" if a == "$DEV" else "2" if a.startswith("$") else a for a in argv])
+
+
+# ---------------------------------------------------------------------------------------------- the shared harness
+
+
+def test_header_names_the_time_the_machine_and_the_command_that_reproduces_it():
+    text = harness.header("tiny.py", ["--repeats", "1"], torch.device("cpu"))
+    first, second = text.splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC \| .+, \d+ cores, \d+ threads(, load average [\d./]+)?; "
+                        r"torch \S+", first), first
+    assert second == "command: python benchmarks/tiny.py --repeats 1"
+
+
+def test_tables_print_ratios_from_the_numbers_shown():
+    assert harness.printed_ratio(12.3456, 9.87654) == 12.3 / 9.88 and harness.printed_ratio(1.0, None) is None
+    assert harness.printed_ratio(1.0, 0.0001) == 1.0 / 0.0001 and harness.printed_ratio(1.0, 0.0) is None
+    assert harness.rate_table("path", [("a", 12.345)]).splitlines() == ["| path | images/s |", "|---|---|",
+                                                                       "| a | 12.3 |"]
+
+
+def test_result_files_are_written_whole_and_read_back(tmp_path):
+    harness.write_json(tmp_path / "r.json", {"rows": [1.5]}, indent=1)
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1.5]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left beside it
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert harness.read_jsonl(tmp_path / "m.jsonl") == [{"step": 1}, {"step": 2}]
+    assert harness.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_a_child_measurement_is_its_last_line_and_a_failure_stops_with_its_error():
+    import pytest
+
+    printed = "print('loading...'); print('{\"peak_mib\": 3.5}')"
+    assert measure.run_child([sys.executable, "-c", printed], "child") == {"peak_mib": 3.5}
+    with pytest.raises(SystemExit, match=r"(?s)1024 ours failed:.*ValueError: out of memory"):
+        measure.run_child([sys.executable, "-c", "raise ValueError('out of memory')"], "1024 ours")
+
+
+def test_images_per_second_counts_the_timed_batches_only():
+    drawn = []
+
+    def stream():
+        while True:
+            drawn.append(1)
+            time.sleep(0.01)
+            yield {"pixel_values": torch.zeros(40, 3, 2, 2)}
+
+    batches = stream()
+    next(batches)  # e.g. worker start-up: not timed
+    rate = measure.images_per_second(batches, 3)  # images, not batches: 3 x 40 over at least 3 x 10 ms
+    assert len(drawn) == 4 and 40 * 3 / (3 * 0.01 + 0.5) < rate <= 40 * 3 / (3 * 0.01)
+
+
+def test_checked_device_stops_clearly_without_cuda(monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        harness.checked_device("cuda")
+    assert harness.checked_device("cpu") == torch.device("cpu")
+
+
+def documented_benchmark_lines() -> list[tuple[str, str, str]]:
+    """(document, script, arguments) of every `python benchmarks/SCRIPT.py ...` line of the documents, except
+    synopses with [optional] parts."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in [root / "BENCHMARKS.md", root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for script, args in re.findall(r"python benchmarks/(\w+)\.py([^`\n]*)", path.read_text(encoding="utf-8")):
+            if "[" not in args:
+                found.append((path.name, script, args.split("  #")[0].strip()))
+    return found
+
+
+def test_every_documented_benchmark_line_parses_with_its_script():
+    """The commands that give BENCHMARKS.md's figures keep working with the same flags: each parses with its script's
+    own `parse_args` (a placeholder such as VAL or PATH... stands for a folder)."""
+    import importlib
+    import shlex
+
+    lines = documented_benchmark_lines()
+    assert len({script for _, script, _ in lines}) >= 15
+    for where, script, args in lines:
+        try:
+            importlib.import_module(script).parse_args(shlex.split(args))
+        except SystemExit as stop:
+            raise AssertionError(f"{where}: python benchmarks/{script}.py {args} does not parse ({stop})") from None

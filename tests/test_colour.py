@@ -3,12 +3,16 @@ scikit-image's colour module and Sharma, Wu and Dalal's published CIEDE2000 test
 per-image, per-split colour report built on them."""
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from kl_autoencoder import metrics as M
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 color = pytest.importorskip("skimage.color")
 
@@ -183,7 +187,7 @@ def test_the_quickstart_turns_hues_of_the_sample_photos_only(tmp_path):
 
 
 def test_the_hue_chart_is_twelve_saturated_hsv_bars():
-    from benchmarks.colour_axes import hue_chart
+    from colour_axes import hue_chart
 
     chart = hue_chart(96).double()
     columns = torch.arange(96)
@@ -205,9 +209,7 @@ def test_the_quickstart_recipe_carries_every_hue(tmp_path):
     degrees on the colour wheel and the hue chart, BENCHMARKS.md). Its recipe, here on a 600-step schedule instead of
     the main job's 1500, brings every hue back within 15 degrees on both (measured: 5.3 and 6.3; 300 steps are too few,
     37 and 28; the full run 3-5)."""
-    from pathlib import Path
-
-    from benchmarks.colour_axes import colour_wheel, hue_chart, measure
+    from colour_axes import colour_wheel, hue_chart, measure
     from kl_autoencoder.config import load_config
     from kl_autoencoder.model import KLAutoencoder
     from kl_autoencoder.trainer import train
