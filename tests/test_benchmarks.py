@@ -291,3 +291,12 @@ def test_gpu_session_script_parses_and_its_run_arguments_are_valid():
     for command in commands:
         argv = [a.strip('"') for a in command.split()]
         bench.parse_args(["cpu" if a == "$DEV" else "2" if a.startswith("$") else a for a in argv])
+
+
+def test_model_section_times_the_model_as_loaded_and_with_the_lean_pair(capsys):
+    result = bench.main(["--tiny", "--repeats", "1", "--only", "model"])
+    table = parse_table(capsys.readouterr().out)
+    for name in ("model step as loaded", "model step, lean pair on"):
+        unit, ours, reference, ratio = table[name]
+        assert unit == "images/s" and float(ours) > 0 and float(reference) > 0
+    assert sorted(result["seconds"]["model_step_seconds"]) == ["ours", "ours_lean", "reference"]
