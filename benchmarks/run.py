@@ -368,11 +368,12 @@ def bench_model_step(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], e
     fns = {"ours": step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)),
            "ours_lean": step(lean, torch.optim.AdamW(lean.parameters(), lr=1e-4)),
            "reference": lambda: ref.reference_training_step(ref_vae, None, ref_opt, x, s.kl_weight, 0.0, generator)}
-    times = interleaved_times(fns, repeats, s.device)
+    cpu_times: dict[str, list[float]] = {}
+    times = interleaved_times(fns, repeats, s.device, cpu=cpu_times)
     b = x.shape[0]
     for label, key in (("model step as loaded", "ours"), ("model step, lean pair on", "ours_lean")):
         rows.append(Row(label, "images/s", b / median(times[key]), b / median(times["reference"])))
-    extras["model_step_seconds"] = times
+    extras["model_step_seconds"], extras["model_step_cpu_seconds"] = times, cpu_times  # CPU seconds: --json only
 
 
 def bench_breakdown(s: Setup, x: torch.Tensor, steps: Callable[[float], tuple[Callable[[], None], Callable[[], None]]],
