@@ -6,6 +6,7 @@
     python benchmarks/run.py --fast channels_last=true         # one fast-path switch flipped (before/after)
     python benchmarks/run.py --only train --breakdown          # + the step without LPIPS, and LPIPS alone
     python benchmarks/run.py --only train --gan                # the step past disc_start, both sides with a PatchGAN
+    python benchmarks/run.py --only model --resolution 128     # the model as loaded on the plain step, vs diffusers
     python benchmarks/run.py --device cuda --config configs/kl-f8.yaml --only encode --tiled-size 4096 --tile-size 512
 
 Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alternating who goes first; medians):
@@ -14,6 +15,9 @@ Measured (warm-up excluded; ours and reference INTERLEAVED round by round, alter
            benchmarks/reference.py (plain diffusers + lpips). --gan: both sides past disc_start (ours: loss.gan on,
            disc_start 0, hinge, adaptive weight; reference: reference_gan_training_step), the same PatchDiscriminator
            (ours, with the config's channels / layers / norm, weights copied) on both sides, so it costs the same
+  model    the model as loaded (KLAutoencoder.from_pretrained of the reference's export: no fast path, lean pair
+           off), and the same with the lean pair on, against diffusers, on the same plain step (L1 + KL, backward,
+           AdamW step, no LPIPS), written alike for both
   encode   posterior mode under inference_mode;  decode: latents -> images
   tiled    decode of a latent 4x the training resolution per side, ours tiling.decode_tiled vs diffusers
            enable_tiling() with the same tile (config sample_size = resolution) and 25% overlap
@@ -236,6 +240,43 @@ def bench_training(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], ext
     del ref_opt, ref_d_opt, ours
 
 
+def bench_model_step(s: Setup, x: torch.Tensor, repeats: int, rows: list[Row], extras: dict[str, Any]) -> None:
+    """The model as a user loads it vs diffusers on one plain training step (see the module docstring)."""
+    import tempfile
+
+    from kl_autoencoder.fastpath import LEAN_NORM_ACT_CPU_BYTES
+
+    torch.manual_seed(0)
+    ref_vae = ref.build_reference_vae(s.architecture).to(s.device).train()
+    with tempfile.TemporaryDirectory() as folder:
+        ref_vae.save_pretrained(folder)
+        plain, lean = (KLAutoencoder.from_pretrained(folder).to(s.device).train() for _ in range(2))
+    lean.set_lean_norm_act(LEAN_NORM_ACT_CPU_BYTES)
+    x = x.to(s.device)
+    generator = torch.Generator(device=s.device).manual_seed(0)
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+        def call() -> None:  # reference.reference_training_step without LPIPS, in our model's API
+            posterior = model.encode(x)
+            reconstruction = model.decode(posterior.sample(generator))
+            loss = torch.nn.functional.l1_loss(reconstruction, x) + s.kl_weight * posterior.kl().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return call
+
+    ref_opt = torch.optim.AdamW(ref_vae.parameters(), lr=1e-4)
+    fns = {"ours": step(plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)),
+           "ours_lean": step(lean, torch.optim.AdamW(lean.parameters(), lr=1e-4)),
+           "reference": lambda: ref.reference_training_step(ref_vae, None, ref_opt, x, s.kl_weight, 0.0, generator)}
+    cpu_times: dict[str, list[float]] = {}
+    times = interleaved_times(fns, repeats, s.device, cpu=cpu_times)
+    b = x.shape[0]
+    for label, key in (("model step as loaded", "ours"), ("model step, lean pair on", "ours_lean")):
+        rows.append(Row(label, "images/s", b / median(times[key]), b / median(times["reference"])))
+    extras["model_step_seconds"], extras["model_step_cpu_seconds"] = times, cpu_times  # CPU seconds: --json only
+
+
 def bench_breakdown(s: Setup, x: torch.Tensor, steps: Callable[[float], tuple[Callable[[], None], Callable[[], None]]],
                     perceptual: torch.nn.Module, ref_lpips: torch.nn.Module, repeats: int, warmup: int,
                     rows: list[Row], extras: dict[str, Any]) -> None:
@@ -436,7 +477,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     add_json(p)
     p.add_argument("--tiny", action="store_true", help="a tiny model on noise (harness self-test)")
-    p.add_argument("--only", default="train,encode,data", help="comma list of: train, encode (encode/decode/tiled), data")
+    p.add_argument("--only", default="train,encode,data", help="comma list of: train, model, encode (encode/decode/tiled), data")
     p.add_argument("--lpips-net", default=None, choices=["vgg", "alex", "squeeze"],
                    help="LPIPS backbone (default vgg; alex with --tiny)")
     p.add_argument("--no-memory", action="store_true")
@@ -469,6 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sections = {part.strip() for part in args.only.split(",") if part.strip()}
     if "train" in sections:
         bench_training(s, x, args.repeats, rows, extras)
+    if "model" in sections:
+        bench_model_step(s, x, args.repeats, rows, extras)
     if "encode" in sections:
         bench_inference(s, x, args.repeats, rows, extras, tiled=not args.no_tiled, tiled_size=args.tiled_size,
                         tile_size=args.tile_size)

@@ -58,7 +58,8 @@ class FastPath:
             # (minutes) outweighs its gain in short runs. NHWC pays for inference and for VGG's wide convs, but not
             # for training the VAE: GroupNorm's backward is 1.5-3x slower in NHWC on CPU. So the model is NHWC for
             # inference and NCHW for training; LPIPS is NHWC; fused AdamW. The lean GroupNorm+SiLU from 8 MiB
-            # activations: faster from 16 MiB (fewer fresh pages), neutral at 4 MiB, slower at 2 MiB.
+            # activations in training: faster from 16 MiB (fewer fresh pages), neutral at 4 MiB, slower at 2 MiB;
+            # in inference (no autograd) it is the SiLU in place, whatever the size.
             fast = cls(channels_last=not training, loss_channels_last=True,
                        fused_adamw=fused_adamw_supported(device), lean_norm_act_bytes=LEAN_NORM_ACT_CPU_BYTES)
         return replace(fast, **overrides)
@@ -153,13 +154,17 @@ def apply_fast_path(model: nn.Module, fast: FastPath, device: torch.device | str
 
 
 def prepare_for_inference(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """`model` on `device`, in eval mode and the measured inference layout (NHWC on CPU and CUDA), in place.
+    """`model` on `device`, in eval mode, the measured inference layout (NHWC on CPU and CUDA) and, on CPU, the lean
+    GroupNorm+SiLU (without autograd: the SiLU in place, one activation-sized tensor less per pair), in place.
 
     Not compiled: inductor's minutes of compile time outweigh its gain on a folder of images.
     """
+    fast = FastPath.for_device(device)
     model.to(device).eval()
-    if FastPath.for_device(device).channels_last:
+    if fast.channels_last:
         model.to(memory_format=torch.channels_last)
+    if fast.lean_norm_act_bytes is not None and hasattr(model, "set_lean_norm_act"):
+        model.set_lean_norm_act(fast.lean_norm_act_bytes)  # the SiLU in place (norm_act.py)
     return model
 
 

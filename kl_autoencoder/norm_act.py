@@ -1,5 +1,6 @@
 """GroupNorm followed by SiLU, the pair that opens every ResNet branch, with less memory held for backward.
 
+    model.set_lean_norm_act(8 * 2**20)   # decided once per model; None (the default) keeps the plain modules
     y = norm_act(block.norm1, block.act, x, lean_from_bytes)   # == block.act(block.norm1(x)), same bits forward
 
 Autograd on the plain pair keeps two activations per pair for backward: GroupNorm's input (for its own backward)
@@ -9,6 +10,10 @@ ResNet block's saved activations. On CPU it is also faster for large activations
 glibc's mmap threshold is fresh zeroed pages from the kernel, and the pair then allocates one instead of two
 (BENCHMARKS.md: +7-13 % per step at 128-256 px on kl-f8; neutral at 4 MiB activations, -3 % at the 2 MiB
 of the quickstart, hence the size threshold). Without autograd the SiLU simply runs in place.
+
+Only a block whose lean pair is on calls `norm_act`: with it off (the model as built or loaded) a block calls its
+two modules as diffusers' blocks do, with no check per call (model.py). With it on, `norm_act` first takes the
+cheapest exit (autograd on and an input under the threshold: the modules), then the checks below.
 
 The fused paths run only where they cannot change what a caller sees: the activation is exactly `nn.SiLU`, neither
 module has hooks or a replaced `forward` (tiling's whole-image GroupNorm, the fp16 activation probes), no autocast
@@ -80,11 +85,13 @@ def can_fuse(norm: nn.Module, act: nn.Module, x: torch.Tensor) -> bool:
 
 
 def norm_act(norm: nn.Module, act: nn.Module, x: torch.Tensor, lean_from_bytes: int | None = None) -> torch.Tensor:
-    """act(norm(x)); with autograd, the lean `GroupNormSiLU` for inputs of at least `lean_from_bytes` (None: never)."""
+    """act(norm(x)) the lean way: with autograd, `GroupNormSiLU` for inputs of at least `lean_from_bytes` (None:
+    never); without, the SiLU in place."""
+    grad = torch.is_grad_enabled()
+    if grad and (lean_from_bytes is None or x.numel() * x.element_size() < lean_from_bytes):
+        return act(norm(x))  # the common case under the threshold: no further check
     if not can_fuse(norm, act, x):
         return act(norm(x))
-    if not torch.is_grad_enabled():
+    if not grad:
         return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps), inplace=True)
-    if lean_from_bytes is not None and x.numel() * x.element_size() >= lean_from_bytes:
-        return GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return act(norm(x))
+    return GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)

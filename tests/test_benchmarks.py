@@ -380,3 +380,12 @@ def test_every_documented_benchmark_line_parses_with_its_script():
             importlib.import_module(script).parse_args(shlex.split(args))
         except SystemExit as stop:
             raise AssertionError(f"{where}: python benchmarks/{script}.py {args} does not parse ({stop})") from None
+
+
+def test_model_section_times_the_model_as_loaded_and_with_the_lean_pair(capsys):
+    result = bench.main(["--tiny", "--repeats", "1", "--only", "model"])
+    table = parse_table(capsys.readouterr().out)
+    for name in ("model step as loaded", "model step, lean pair on"):
+        unit, ours, reference, ratio = table[name]
+        assert unit == "images/s" and float(ours) > 0 and float(reference) > 0
+    assert sorted(result["seconds"]["model_step_seconds"]) == ["ours", "ours_lean", "reference"]

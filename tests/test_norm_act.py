@@ -1,12 +1,15 @@
-"""The lean GroupNorm+SiLU (norm_act.py): the same math as the two modules, less memory kept for backward, and the
-plain modules wherever a caller watches or replaces them."""
+"""The lean GroupNorm+SiLU (norm_act.py): the same math as the two modules, less memory kept for backward, the
+plain modules wherever a caller watches or replaces them, and nothing of it on the plain path."""
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import kl_autoencoder
 from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.norm_act import GroupNormSiLU, norm_act
 from tests.conftest import tiny_config
@@ -126,3 +129,48 @@ def test_the_trainer_and_apply_fast_path_set_the_device_threshold():
     assert {m.lean_from_bytes for m in model.modules() if hasattr(m, "lean_from_bytes")} == {expected}
     apply_fast_path(model, FastPath(lean_norm_act_bytes=5), "cpu")
     assert model.decoder.up_blocks[0].resnets[0].lean_from_bytes == 5 and model.encoder.lean_from_bytes == 5
+
+
+def python_calls(fn):
+    """The package's files whose Python functions `fn` runs."""
+    files, package = set(), str(Path(kl_autoencoder.__file__).parent)
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            files.add(Path(frame.f_code.co_filename).name)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return files
+
+
+def test_the_plain_path_runs_the_modules_and_nothing_else():
+    """As built or loaded (lean pair off) a training step and an inference pass run the blocks' forwards and torch's
+    modules, and no check of norm_act.py per pair: the plain path costs what the modules cost."""
+    torch.manual_seed(0)
+    model = KLAutoencoder(tiny_config())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def step():
+        model(x, sample=False)[0].square().mean().backward()
+
+    def inference():
+        with torch.no_grad():
+            model.decode(model.encode(x).mode())
+
+    for fn in (step, inference):
+        assert python_calls(fn) <= {"vae_blocks.py", "model.py"}, python_calls(fn)
+    model.set_lean_norm_act(2**40)  # on, but no input reaches the threshold: the pairs ask norm_act
+    assert "norm_act.py" in python_calls(step)
+    model.set_lean_norm_act(None)
+    assert "norm_act.py" not in python_calls(step) | python_calls(inference)
+
+
+def test_inference_preparation_turns_the_lean_pair_on_on_cpu():
+    from kl_autoencoder.fastpath import prepare_for_inference
+
+    model = prepare_for_inference(KLAutoencoder(tiny_config()), "cpu")
+    assert {m.lean_from_bytes for m in model.modules() if hasattr(m, "lean_from_bytes")} == {8 * 2**20}
