@@ -34,7 +34,7 @@ MAX_PARAMETERS = 2_000_000_000
 
 
 class AutoencoderConfigError(ValueError):
-    """An AutoencoderConfig field that cannot build a model; `field` names it (config/validation.py adds the section)."""
+    """An AutoencoderConfig field that cannot build a model; `field` names it (config/validation.py adds its section)."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)

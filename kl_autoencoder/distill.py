@@ -40,12 +40,10 @@ import torch
 
 from kl_autoencoder import losses as L
 from kl_autoencoder.config import ConfigError, TrainConfig
-from kl_autoencoder.ema import EMA
-from kl_autoencoder.fastpath import (FastPath, compile_with_fallback, make_adamw, prepare_for_inference,
-                                     prepare_loss_network, unwrap)
+from kl_autoencoder.fastpath import FastPath, prepare_for_inference, prepare_loss_network, unwrap
 from kl_autoencoder.model import KLAutoencoder
 from kl_autoencoder.tiny import TinyAutoencoder, build_student, distillation_targets, distillation_terms
-from kl_autoencoder.training_setup import make_accelerator, make_discriminator
+from kl_autoencoder.training_setup import assemble_training, make_accelerator
 from kl_autoencoder.training_step import StepResult, Training, optimizer_step
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "distill.yaml"  # the CLI's default (in a checkout)
@@ -88,21 +86,8 @@ def build_distillation(cfg: TrainConfig, fast: FastPath | None = None) -> Traini
     if cfg.loss.perceptual_weight > 0:
         perceptual = L.PerceptualLoss(cfg.loss.perceptual_net, cfg.loss.perceptual_pretrained).to(device)
         prepare_loss_network(perceptual, fast)
-    params = list(student.parameters())
-    adamw = dict(betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=fused)
-    optimizer = make_adamw(params, cfg.optim.lr, **adamw)
-    called = compile_with_fallback(student, device) if cfg.model.compile else student
-    discriminator = d_optimizer = None
-    if cfg.loss.gan.enabled:  # TAESD's decoder: adversarial, the real images against its decodes of the latents
-        discriminator, d_optimizer = make_discriminator(cfg, device, accelerator.num_processes, **adamw)
-        called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
-                                                                            d_optimizer)
-    else:
-        called, optimizer = accelerator.prepare(called, optimizer)
-    ema = EMA(student, cfg.train.ema.decay).to(device) if cfg.train.ema.enabled else None
-    return Training(cfg, accelerator, called, student, optimizer, params, perceptual, logvar=None,
-                    discriminator=discriminator, d_optimizer=d_optimizer, ema=ema, channels_last=channels_last,
-                    step_fn=distill_step, export_fn=export_student, teacher=teacher)
+    return assemble_training(cfg, accelerator, student, list(student.parameters()), perceptual, fused, channels_last,
+                             step_fn=distill_step, export_fn=export_student, teacher=teacher)
 
 
 def teacher_precision(teacher: KLAutoencoder, mixed_precision: str, device_type: str

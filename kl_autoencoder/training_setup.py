@@ -112,11 +112,21 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
         prepare_loss_network(perceptual, fast)
     logvar = L.LearnedLogVar().to(device) if cfg.loss.learned_logvar else None
     params = [p for p in model.parameters() if p.requires_grad] + ([logvar.value] if logvar is not None else [])
+    return assemble_training(cfg, accelerator, model, params, perceptual, fused, channels_last, logvar=logvar)
+
+
+def assemble_training(cfg: TrainConfig, accelerator: Accelerator, model: nn.Module, params: list[nn.Parameter],
+                      perceptual: nn.Module | None, fused: bool, channels_last: bool, logvar: nn.Module | None = None,
+                      **extra: Any) -> Training:
+    """The optimizers, the compiled and accelerate-prepared model (with loss.gan's discriminator) and the EMA around
+    a built `model` training `params`: what a KL VAE's training and a preview decoder's distillation share.
+    `extra`: the rest of `Training`'s fields (step_fn, export_fn, teacher)."""
+    device = accelerator.device
     adamw = dict(betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay, fused=fused)
     optimizer = make_adamw(params, cfg.optim.lr, **adamw)
     called = compile_with_fallback(model, device) if cfg.model.compile else model
     discriminator = d_optimizer = None
-    if cfg.loss.gan.enabled:
+    if cfg.loss.gan.enabled:  # PatchGAN on the decodes (for a preview decoder: TAESD's adversarial decoder)
         discriminator, d_optimizer = make_discriminator(cfg, device, accelerator.num_processes, **adamw)
         called, optimizer, discriminator, d_optimizer = accelerator.prepare(called, optimizer, discriminator,
                                                                             d_optimizer)
@@ -124,7 +134,7 @@ def build_training(cfg: TrainConfig, fast: FastPath | None = None) -> Training:
         called, optimizer = accelerator.prepare(called, optimizer)
     ema = EMA(model, cfg.train.ema.decay).to(device) if cfg.train.ema.enabled else None
     return Training(cfg, accelerator, called, model, optimizer, params, perceptual, logvar, discriminator, d_optimizer,
-                    ema, channels_last)
+                    ema, channels_last, **extra)
 
 
 def make_discriminator(cfg: TrainConfig, device: torch.device, world: int, **adamw: Any) -> tuple[nn.Module, Any]:
