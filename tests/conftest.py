@@ -1,6 +1,7 @@
 """Shared fixtures: tiny model configs (CPU-sized) and an offline environment for every test."""
 
 import os
+from pathlib import Path
 
 # One thread per process: on a 2-core machine two OpenMP threads spin against each other (and against the
 # subprocesses some tests start) and make small tensor work many times slower. Set before torch is imported so
@@ -78,3 +79,18 @@ def nan_at_steps(monkeypatch):
         monkeypatch.setattr(losses, "autoencoder_loss", autoencoder_loss)
 
     return install
+
+
+# The slowest test files, slowest first (`python -m pytest -q --durations=60`, summed per file). Under `-n 2 --dist
+# loadfile` (the README's test command) whole files go to whichever worker is free, in collection order: handing out
+# the long ones first keeps both workers busy to the end instead of one finishing a long file alone.
+SLOWEST_FIRST = ("test_colour", "test_released_vaes", "test_rehearsal", "test_reliability", "test_finetune_journey",
+                 "test_quality", "test_benchmarks", "test_evaluate", "test_attacks_blocking", "test_examples",
+                 "test_newcomer", "test_pipeline", "test_validation", "test_fp16", "test_gan_ddp", "test_shards")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # only xdist's workers: a plain run keeps the files' order
+        return
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.nodeid.split("::")[0]).stem, len(rank)))  # stable: files stay whole

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -219,18 +221,19 @@ def test_array_cells_are_held_to_the_pixel_limit_in_every_form(tmp_path, low_pix
 @pytest.fixture
 def path_cells(tmp_path):
     """A 'secret' image on this machine and a parquet whose cells name it ({"bytes": None, "path"} and a plain
-    string), and one that names a file that does not exist."""
+    string), and one that names a file that does not exist. The two sit in a short folder of their own: the skip
+    message cuts a long path, and under a longer pytest temp root (xdist's popen-gwN) the cut fell inside the names."""
     import pyarrow as pa
 
-    secret = tmp_path / "home" / "secret.png"
-    secret.parent.mkdir()
+    home = Path(tempfile.mkdtemp(prefix="home-"))
+    secret, missing = home / "secret.png", home / "missing.png"
     secret.write_bytes(png(32, 7))
-    missing = tmp_path / "home" / "missing.png"
     struct = pa.array([{"bytes": None, "path": str(secret)}, {"bytes": None, "path": str(missing)}],
                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     _parquet(tmp_path / "struct.parquet", {"image": struct, "key": ["secret", "missing"]})
     _parquet(tmp_path / "plain.parquet", {"image": [str(secret), str(missing)], "key": ["secret", "missing"]})
-    return tmp_path
+    yield tmp_path
+    shutil.rmtree(home)
 
 
 @pytest.mark.parametrize("kind", ["struct", "plain"])
