@@ -38,6 +38,9 @@ def measure(config: Path, steps: int, every: int, out: Path) -> dict:
         if before["step"] not in passes:  # a pass after the log at `before` falls into this interval
             images = (after["step"] - before["step"]) * cfg.train.batch_size
             per_step.append(images / after["images_per_second"] / (after["step"] - before["step"]))
+    if not passes or not per_step:
+        raise SystemExit(f"--steps {steps} --every {every}: the run needs at least one validation pass and one log "
+                         f"interval without one (train.log_every is {cfg.train.log_every}); give more steps")
     pass_s, step_s = statistics.median(passes.values()), statistics.median(per_step)
     job_steps, job_every = main_job.train.max_steps, main_job.validation.every
     job_passes = (job_steps // job_every + (job_steps % job_every != 0)) if job_every else 0
