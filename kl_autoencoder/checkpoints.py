@@ -62,7 +62,8 @@ class TrainingState:
     nonfinite_run: int = 0  # consecutive non-finite steps at the end
     skipped_images: int = 0
     processes: int = 0  # the data layout the position is exact for (0: not recorded): processes ...
-    data_workers: int = 0  # ... and the DataLoader workers a stream is split among (0: not a stream)
+    data_workers: int = 0  # ... the DataLoader workers a stream is split among (0: not a stream) ...
+    batch_size: int = 0  # ... and the images per micro-batch and process that batches_seen counts
     shard_counts: dict[str, int] = dataclasses.field(default_factory=dict)  # tar shard URL -> samples, for resume
 
 

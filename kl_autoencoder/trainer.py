@@ -164,7 +164,7 @@ def resumed_state(t: Training, run: RunFolder, resume_from: Path | None, dataset
         state = run.load_checkpoint(resume_from, *t.checkpoint_parts())
         acc.print(f"resumed from {resume_from} at step {state.step}")
     if dataset is not None and state.step < t.cfg.train.max_steps:  # before anything is written
-        keep_data_layout(state, dataset, acc.num_processes, workers, resume_from)
+        keep_data_layout(state, dataset, acc.num_processes, workers, resume_from, t.cfg.train.batch_size)
     if acc.is_main_process:
         save_config(t.cfg, run.config_file)
         run.start_metrics(state.step)
@@ -293,7 +293,8 @@ def next_readable_batch(batches: Iterator[dict], state: TrainingState, skip_log:
             return batch["pixel_values"]
 
 
-def keep_data_layout(state: TrainingState, dataset: Any, world: int, workers: int, resume_from: Path | None) -> None:
+def keep_data_layout(state: TrainingState, dataset: Any, world: int, workers: int, resume_from: Path | None,
+                     batch_size: int = 0) -> None:
     """Refuse to resume a data position on another layout (it would silently read other samples than an uninterrupted
     run), record this run's layout in `state`, and give a shard stream the sample counts the checkpoint holds."""
     streams = order_workers(dataset, world, workers)
@@ -304,7 +305,10 @@ def keep_data_layout(state: TrainingState, dataset: Any, world: int, workers: in
     if state.data_workers and streams and state.data_workers != streams:
         raise RunFolderError(f"{where} read its data stream with {state.data_workers} DataLoader worker(s) per process "
                              f"and this run would use {streams}: set data.num_workers={state.data_workers}")
-    state.processes, state.data_workers = world, streams
+    if state.batch_size and batch_size and state.batch_size != batch_size:
+        raise RunFolderError(f"{where} counted its data position in batches of {state.batch_size} images per process "
+                             f"and this run uses {batch_size}: set train.batch_size={state.batch_size}")
+    state.processes, state.data_workers, state.batch_size = world, streams, batch_size
     if hasattr(dataset, "shards"):  # shards.ShardStream: the recorded counts spare reading consumed shards again
         dataset.shards.record(state.shard_counts)
 

@@ -470,8 +470,8 @@ def test_resume_on_remote_shards_reads_no_consumed_shard(tmp_path):
 
 
 def test_resume_with_another_layout_is_refused_before_anything_is_written(numbered, tmp_path):
-    """The data position is exact only for the processes and stream workers that wrote it: another count is refused
-    in one line naming the value to set, and the run folder is left as it was."""
+    """The data position is exact only for the processes, stream workers and batch size that wrote it: another count
+    is refused in one line naming the value to set, and the run folder is left as it was."""
     from kl_autoencoder.run_folder import RunFolderError
     from kl_autoencoder.trainer import train
     from tests.conftest import TINY_TRAINING
@@ -487,10 +487,13 @@ def test_resume_with_another_layout_is_refused_before_anything_is_written(number
                                              r"data.num_workers=2") as err:
         train(load_config(None, resume + ["data.num_workers=1"]))
     assert "\n" not in str(err.value)
+    with pytest.raises(RunFolderError, match=r"batches of 2 images per process and this run uses 4: set "
+                                             r"train.batch_size=2"):
+        train(load_config(None, resume + ["data.num_workers=2", "train.batch_size=4"]))
     state_file = out / "checkpoints" / "step_0000002" / "trainer_state.json"
     saved = state_file.read_text()
     state = json.loads(saved)
-    assert (state["processes"], state["data_workers"]) == (1, 2)
+    assert (state["processes"], state["data_workers"], state["batch_size"]) == (1, 2, 2)
     state_file.write_text(json.dumps({**state, "processes": 2}))  # as if written by 2 processes
     with pytest.raises(RunFolderError, match=r"written by 2 process\(es\) and this run has 1: .*--num_processes 2"):
         train(load_config(None, resume + ["data.num_workers=2"]))
