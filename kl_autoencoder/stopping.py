@@ -2,7 +2,7 @@
 
 A stop signal (SIGINT/SIGTERM: `stop_signals`) ends the run after the step in flight, or drops that step where no
 weight has changed yet (`StepGuard`, `StepAborted`); either way the loop checkpoints and raises
-`TrainingInterrupted`. Too many consecutive non-finite steps (`NonFiniteCounter`) raise `NonFiniteLossError`.
+`TrainingInterrupted`. Several processes stop together, one step later, by `StopVote`. Too many consecutive non-finite steps (`NonFiniteCounter`) raise `NonFiniteLossError`.
 Below the loop, above the step (the guard watches the step's optimizers).
 """
 
@@ -58,6 +58,42 @@ def stop_signals() -> Iterator[dict]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+class StopVote:
+    """Several processes agree to stop together, at most two steps after any of them was signalled, without a step
+    waiting on the agreement: each step's vote is an asynchronous all-reduce (max) that is read at the end of the
+    next step. A single process needs no vote. Leaving the `with` block normally waits for the vote in flight; an
+    exception leaves it (a peer may be gone)."""
+
+    def __init__(self, t: Training):
+        self.world, self.device = t.accelerator.num_processes, t.device
+        self.pending: tuple[torch.Tensor, Any] | None = None
+
+    def __call__(self, requested: bool) -> bool:
+        """Whether every process stops after this step; every process calls it once per step."""
+        if self.world == 1:
+            return requested
+        agreed = self._read()
+        if not agreed:  # every process read the same vote, so all issue the next one or none does
+            flag = torch.tensor([float(requested)], device=self.device)
+            self.pending = flag, torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, async_op=True)
+        return agreed
+
+    def _read(self) -> bool:
+        if self.pending is None:
+            return False
+        flag, work = self.pending
+        self.pending = None
+        work.wait()
+        return bool(flag.item())
+
+    def __enter__(self) -> "StopVote":
+        return self
+
+    def __exit__(self, error_type: Any, *_: Any) -> None:
+        if error_type is None:
+            self._read()
 
 
 class StepAborted(Exception):

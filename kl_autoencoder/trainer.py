@@ -51,7 +51,7 @@ from kl_autoencoder.run_folder import (STATE_FILE, RunFolder, RunFolderError, Tr
                                        check_run_inputs, is_complete_checkpoint, list_checkpoints,
                                        read_training_state)
 from kl_autoencoder.stopping import (NonFiniteCounter, NonFiniteLossError, StepAborted, StepGuard,  # noqa: F401
-                                     TrainingInterrupted, stop_signals)
+                                     StopVote, TrainingInterrupted, stop_signals)
 from kl_autoencoder.trackers import image_grid, init_trackers, log_images, log_text, log_with  # noqa: F401
 from kl_autoencoder.training_export import export_model, remeasure_latent_scale  # noqa: F401
 from kl_autoencoder.training_setup import (build_model, build_training, make_accelerator,  # noqa: F401
@@ -110,7 +110,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
     validation = validation or Validation.start(t, run)
     nonfinite, progress = NonFiniteCounter(state, device), Progress(t, state)
 
-    with stop_signals() as stop, StepGuard(t, stop, state) as guard:
+    with stop_signals() as stop, StepGuard(t, stop, state) as guard, StopVote(t) as stop_vote:
         while state.step < cfg.train.max_steps:
             set_learning_rates(t, state.step)
             guard.begin()
@@ -144,7 +144,7 @@ def _train_in(t: Training, run: RunFolder, resume_from: Path | None, dataset: An
                 nonfinite.read(state)  # the best checkpoint's counters
                 validation.run(state, progress.bar)
 
-            stop_requested = stop_agreed(t, stop["signal"] is not None, log_now)
+            stop_requested = stop_vote(stop["signal"] is not None)
             if skip_log is not None:
                 state.skipped_images = skip_log.count
             checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
@@ -208,14 +208,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def stop_agreed(t: Training, requested: bool, log_now: bool) -> bool:
-    """Whether the run stops after this step: a signal here, and with several processes any process's signal (they
-    agree by a collective, so only at log steps)."""
-    if t.accelerator.num_processes == 1:
-        return requested
-    return log_now and bool(t.accelerator.reduce(torch.tensor(float(requested), device=t.device), "max").item())
 
 
 def _checkpoint(t: Training, run: RunFolder, state: TrainingState, nonfinite: NonFiniteCounter, dataset: Any) -> Path:

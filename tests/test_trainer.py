@@ -152,6 +152,23 @@ def test_two_processes_train_and_export(tmp_path):
     assert logged[-1]["images_per_second"] > 0
 
 
+def test_two_processes_stop_together_soon_after_one_is_signalled(tmp_path):
+    """SIGTERM reaching one rank stops both at the same step, within two steps of the signal (not at the next log
+    step, 50 here), with one checkpoint, of that step."""
+    out = tmp_path / "stop"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(ROOT / "tests" / "stop_ddp_train.py"), "3", *TINY, "train.max_steps=20",
+           "train.log_every=50", "train.checkpoint_every=0", f"train.output_dir={out}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] and 4 <= ranks[0]["step"] <= 5, ranks
+    assert ranks[1]["signal"] == "SIGTERM"
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"step_{ranks[0]['step']:07d}"]
+
+
 def test_gan_with_adaptive_weight_stays_finite(tmp_path):
     out = tmp_path / "gan"
     train(tiny_config(out, "train.max_steps=4", "loss.gan.enabled=true", "loss.gan.disc_start=1",
