@@ -63,12 +63,13 @@ def stop_signals() -> Iterator[dict]:
 class StopVote:
     """Several processes agree to stop together, at most two steps after any of them was signalled, without a step
     waiting on the agreement: each step's vote is an asynchronous all-reduce (max) that is read at the end of the
-    next step. A single process needs no vote. Leaving the `with` block normally waits for the vote in flight; an
-    exception leaves it (a peer may be gone)."""
+    next step. On a GPU the result is copied to pinned memory behind an event, so reading it waits for that copy
+    only, never for the step queued after it. A single process needs no vote. Leaving the `with` block normally
+    waits for the vote in flight; an exception leaves it (a peer may be gone)."""
 
     def __init__(self, t: Training):
         self.world, self.device = t.accelerator.num_processes, t.device
-        self.pending: tuple[torch.Tensor, Any] | None = None
+        self.pending: tuple[torch.Tensor, Any] | None = None  # (the vote on the host, what to wait for)
 
     def __call__(self, requested: bool) -> bool:
         """Whether every process stops after this step; every process calls it once per step."""
@@ -76,16 +77,30 @@ class StopVote:
             return requested
         agreed = self._read()
         if not agreed:  # every process read the same vote, so all issue the next one or none does
-            flag = torch.tensor([float(requested)], device=self.device)
-            self.pending = flag, torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, async_op=True)
+            self.pending = self._issue(requested)
         return agreed
+
+    def _issue(self, requested: bool) -> tuple[torch.Tensor, Any]:
+        flag = torch.tensor([float(requested)], device=self.device)
+        work = torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX, async_op=True)
+        if self.device.type != "cuda":
+            return flag, work
+        work.wait()  # NCCL: orders the current stream after the all-reduce; the host goes on
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def _read(self) -> bool:
         if self.pending is None:
             return False
-        flag, work = self.pending
+        flag, waitable = self.pending
         self.pending = None
-        work.wait()
+        if isinstance(waitable, torch.cuda.Event):
+            waitable.synchronize()
+        else:
+            waitable.wait()
         return bool(flag.item())
 
     def __enter__(self) -> "StopVote":
