@@ -286,7 +286,7 @@ def next_readable_batch(batches: Iterator[dict], state: TrainingState, skip_log:
 
 
 def keep_data_layout(state: TrainingState, dataset: Any, world: int, workers: int, resume_from: Path | None,
-                     batch_size: int = 0) -> None:
+                     batch_size: int) -> None:
     """Refuse to resume a data position on another layout (it would silently read other samples than an uninterrupted
     run), record this run's layout in `state`, and give a shard stream the sample counts the checkpoint holds."""
     streams = order_workers(dataset, world, workers)
@@ -297,7 +297,7 @@ def keep_data_layout(state: TrainingState, dataset: Any, world: int, workers: in
     if state.data_workers and streams and state.data_workers != streams:
         raise RunFolderError(f"{where} read its data stream with {state.data_workers} DataLoader worker(s) per process "
                              f"and this run would use {streams}: set data.num_workers={state.data_workers}")
-    if state.batch_size and batch_size and state.batch_size != batch_size:
+    if state.batch_size and state.batch_size != batch_size:
         raise RunFolderError(f"{where} counted its data position in batches of {state.batch_size} images per process "
                              f"and this run uses {batch_size}: set train.batch_size={state.batch_size}")
     state.processes, state.data_workers, state.batch_size = world, streams, batch_size

@@ -194,7 +194,6 @@ class ShardSet:
             self._counts[index] = count
             self._learned[self.files[index]] = count
 
-
     def take_learned(self) -> dict[str, int]:
         """The counts learned since the last call (by URL): they travel in the batches to the main process."""
         learned, self._learned = self._learned, {}
@@ -202,7 +201,7 @@ class ShardSet:
 
     def known_counts(self) -> dict[str, int]:
         """Every tar shard's count known here, by URL (saved in checkpoints: `record` them to resume reading none)."""
-        return {self.files[i]: n for i, n in self._counts.items()} if self.kind == "webdataset" else {}
+        return {self.files[i]: n for i, n in self._counts.items()} if self.reader.counted_by_reading else {}
 
     def record(self, counts: dict[str, int] | None) -> None:
         """Counts found elsewhere (a worker's batches, a checkpoint); URLs not in this set are ignored."""
